@@ -1,0 +1,791 @@
+/* _core.c - the CPython / NumPy binding hvae._core: parse, convert, validate (naming the argument,
+ * expected vs got), release the GIL, call the C core, map status codes to exceptions, clean up.
+ * The only file that includes Python.h. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pythread.h>
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#include <math.h>
+#include <string.h>
+
+#include "hvae.h"
+
+/* ------------------------------------------------------------------------------------------ */
+/* argument helpers                                                                             */
+
+static int set_status_error(hvae_status st) {
+    if (st == HVAE_ENOMEM)
+        PyErr_SetString(PyExc_MemoryError, "hvae core: could not allocate the workspace");
+    else
+        PyErr_Format(PyExc_ValueError, "hvae core: invalid arguments (status %d)", (int)st);
+    return -1;
+}
+
+static const char *kind_name(char kind) {
+    switch (kind) {
+    case 'c': return "complex";
+    case 'O': return "object";
+    case 'U': case 'S': return "string";
+    case 'M': case 'm': return "datetime";
+    case 'V': return "void/structured";
+    default: return "non-numeric";
+    }
+}
+
+/* Convert obj to a C-contiguous, aligned, native-order array of typenum (a read-only input).
+ * Booleans, integers and floats are cast; anything else is a TypeError. New reference or NULL. */
+static PyArrayObject *input_array(PyObject *obj, const char *name, int typenum) {
+    PyArrayObject *raw = (PyArrayObject *)PyArray_FROM_O(obj);
+    if (!raw) {
+        if (PyErr_ExceptionMatches(PyExc_ValueError) || PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: expected a numeric array, got %R", name,
+                         (PyObject *)Py_TYPE(obj));
+        }
+        return NULL;
+    }
+    char kind = PyArray_DESCR(raw)->kind;
+    if (kind != 'b' && kind != 'i' && kind != 'u' && kind != 'f') {
+        PyErr_Format(PyExc_TypeError, "%s: expected a real (float, integer or bool) array, got %s dtype %R",
+                     name, kind_name(kind), (PyObject *)PyArray_DESCR(raw));
+        Py_DECREF(raw);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)PyArray_FROM_OTF(
+        (PyObject *)raw, typenum, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    Py_DECREF(raw);
+    return arr;
+}
+
+/* An array the core writes into: exactly typenum, C-contiguous, aligned, writeable, not
+ * byte-swapped, 1-D of length n. Borrowed check; returns 0 or -1 with an exception. */
+static int check_output(PyObject *obj, const char *name, int typenum, npy_intp n) {
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a numpy.ndarray, got %R", name,
+                     (PyObject *)Py_TYPE(obj));
+        return -1;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != typenum || !PyArray_ISNBO(PyArray_DESCR(a)->byteorder)) {
+        PyArray_Descr *want = PyArray_DescrFromType(typenum);
+        PyErr_Format(PyExc_TypeError, "%s: expected dtype %R (native byte order), got %R", name,
+                     (PyObject *)want, (PyObject *)PyArray_DESCR(a));
+        Py_DECREF(want);
+        return -1;
+    }
+    if (PyArray_NDIM(a) != 1 || PyArray_DIM(a, 0) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: expected shape (%zd,), got an array of %d dimensions "
+                     "and %zd elements", name, (Py_ssize_t)n, PyArray_NDIM(a),
+                     (Py_ssize_t)PyArray_SIZE(a));
+        return -1;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISALIGNED(a) || !PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous, aligned, writeable array",
+                     name);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_2d(PyArrayObject *a, const char *name, npy_intp rows, npy_intp cols) {
+    if (PyArray_NDIM(a) != 2) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a 2-D array (batch, %zd), got %d dimensions",
+                     name, (Py_ssize_t)cols, PyArray_NDIM(a));
+        return -1;
+    }
+    npy_intp r = PyArray_DIM(a, 0), c = PyArray_DIM(a, 1);
+    if (c != cols || (rows >= 0 && r != rows)) {
+        if (rows >= 0)
+            PyErr_Format(PyExc_ValueError, "%s: expected shape (%zd, %zd), got (%zd, %zd)", name,
+                         (Py_ssize_t)rows, (Py_ssize_t)cols, (Py_ssize_t)r, (Py_ssize_t)c);
+        else
+            PyErr_Format(PyExc_ValueError, "%s: expected shape (batch, %zd), got (%zd, %zd)", name,
+                         (Py_ssize_t)cols, (Py_ssize_t)r, (Py_ssize_t)c);
+        return -1;
+    }
+    if (r < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected at least one row, got an empty batch", name);
+        return -1;
+    }
+    if (r > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: batch of %zd rows is too large (at most %d)", name,
+                     (Py_ssize_t)r, INT_MAX);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_finite(PyArrayObject *a, const char *name) {
+    npy_intp n = PyArray_SIZE(a), cols = PyArray_NDIM(a) == 2 ? PyArray_DIM(a, 1) : 1;
+    if (PyArray_TYPE(a) == NPY_FLOAT32) {
+        const float *p = (const float *)PyArray_DATA(a);
+        for (npy_intp k = 0; k < n; k++)
+            if (!isfinite(p[k])) goto bad;
+    } else {
+        const double *p = (const double *)PyArray_DATA(a);
+        for (npy_intp k = 0; k < n; k++)
+            if (!isfinite(p[k])) goto bad;
+    }
+    return 0;
+bad:;
+    /* find the first row again for the message */
+    npy_intp k = 0;
+    if (PyArray_TYPE(a) == NPY_FLOAT32) {
+        const float *p = (const float *)PyArray_DATA(a);
+        while (isfinite(p[k])) k++;
+    } else {
+        const double *p = (const double *)PyArray_DATA(a);
+        while (isfinite(p[k])) k++;
+    }
+    PyErr_Format(PyExc_ValueError, "%s: expected finite values, got NaN or infinity in row %zd",
+                 name, (Py_ssize_t)(k / cols));
+    return -1;
+}
+
+/* A 2-D input of `cols` columns (and `rows` rows unless rows < 0), finite. New ref or NULL. */
+static PyArrayObject *input_2d(PyObject *obj, const char *name, int typenum, npy_intp rows,
+                               npy_intp cols) {
+    PyArrayObject *a = input_array(obj, name, typenum);
+    if (!a) return NULL;
+    if (check_2d(a, name, rows, cols) < 0 || check_finite(a, name) < 0) {
+        Py_DECREF(a);
+        return NULL;
+    }
+    return a;
+}
+
+static int as_int(PyObject *obj, const char *name, long lo, long hi, int *out) {
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected an integer, got %R", name,
+                     (PyObject *)Py_TYPE(obj));
+        return -1;
+    }
+    long v = PyLong_AsLong(obj);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: expected an integer in [%ld, %ld], got %R", name, lo,
+                     hi, obj);
+        return -1;
+    }
+    if (v < lo || v > hi) {
+        PyErr_Format(PyExc_ValueError, "%s: expected an integer in [%ld, %ld], got %ld", name, lo,
+                     hi, v);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int pick(const char *value, const char *name, const char *const *choices, int *out) {
+    char expected[160] = "";
+    for (int k = 0; choices[k]; k++) {
+        if (strcmp(value, choices[k]) == 0) {
+            *out = k;
+            return 0;
+        }
+        size_t len = strlen(expected);
+        snprintf(expected + len, sizeof expected - len, "%s'%s'", k ? ", " : "", choices[k]);
+    }
+    PyErr_Format(PyExc_ValueError, "%s: expected one of %s, got '%s'", name, expected, value);
+    return -1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the Model type: a validated description, its parameter table and a reusable workspace        */
+
+typedef struct {
+    PyObject_HEAD
+    hvae_model model;
+    hvae_workspace ws;
+    int typenum; /* NPY_FLOAT32 or NPY_FLOAT64 */
+    PyThread_type_lock lock; /* one core call at a time on ws */
+    int ready;               /* __init__ succeeded */
+} ModelObject;
+
+static const char *const LIKELIHOODS[] = {"bernoulli", "gaussian", "gaussian_learned", NULL};
+static const char *const ACTIVATIONS[] = {"tanh", "relu", "leaky_relu", NULL};
+static const char *const KLS[] = {"analytic", "mc", NULL};
+static const char *const DTYPES[] = {"float32", "float64", NULL};
+
+static int parse_dims(PyObject *seq, const char *name, int *out, int max, int *n) {
+    PyObject *fast = PySequence_Fast(seq, "");
+    if (!fast) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a sequence of integers, got %R", name,
+                     (PyObject *)Py_TYPE(seq));
+        return -1;
+    }
+    Py_ssize_t len = PySequence_Fast_GET_SIZE(fast);
+    if (len > max) {
+        PyErr_Format(PyExc_ValueError, "%s: expected at most %d entries, got %zd", name, max, len);
+        Py_DECREF(fast);
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < len; k++) {
+        char item[96];
+        snprintf(item, sizeof item, "%s[%zd]", name, k);
+        if (as_int(PySequence_Fast_GET_ITEM(fast, k), item, 1, HVAE_MAX_WIDTH, &out[k]) < 0) {
+            Py_DECREF(fast);
+            return -1;
+        }
+    }
+    *n = (int)len;
+    Py_DECREF(fast);
+    return 0;
+}
+
+static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"x_dim", "latent_dims", "hidden_dims", "likelihood", "activation",
+                             "kl", "deterministic", "dtype", NULL};
+    PyObject *x_dim_obj, *latent_obj, *hidden_obj;
+    const char *lik = "bernoulli", *act = "tanh", *kl = "analytic", *dtype = "float32";
+    int deterministic = 0;
+    if (self->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Model: already initialised; create a new Model");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|sssps", kwlist, &x_dim_obj, &latent_obj,
+                                     &hidden_obj, &lik, &act, &kl, &deterministic, &dtype))
+        return -1;
+    hvae_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    int v, n;
+    if (as_int(x_dim_obj, "x_dim", 1, HVAE_MAX_WIDTH, &cfg.x_dim) < 0) return -1;
+    if (parse_dims(latent_obj, "latent_dims", cfg.z_dim, HVAE_MAX_LEVELS, &cfg.n_levels) < 0)
+        return -1;
+    if (cfg.n_levels < 1) {
+        PyErr_SetString(PyExc_ValueError, "latent_dims: expected at least one level, got none");
+        return -1;
+    }
+    PyObject *fast = PySequence_Fast(hidden_obj, "");
+    if (!fast) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "hidden_dims: expected a sequence of sequences, got %R",
+                     (PyObject *)Py_TYPE(hidden_obj));
+        return -1;
+    }
+    if (PySequence_Fast_GET_SIZE(fast) != cfg.n_levels) {
+        PyErr_Format(PyExc_ValueError, "hidden_dims: expected %d lists (one per level), got %zd",
+                     cfg.n_levels, PySequence_Fast_GET_SIZE(fast));
+        Py_DECREF(fast);
+        return -1;
+    }
+    for (int i = 0; i < cfg.n_levels; i++) {
+        char name[48];
+        snprintf(name, sizeof name, "hidden_dims[%d]", i);
+        if (parse_dims(PySequence_Fast_GET_ITEM(fast, i), name, cfg.hidden[i], HVAE_MAX_HIDDEN,
+                       &n) < 0) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        cfg.n_hidden[i] = n;
+    }
+    Py_DECREF(fast);
+    if (pick(lik, "likelihood", LIKELIHOODS, &v) < 0) return -1;
+    cfg.likelihood = (hvae_likelihood)v;
+    if (pick(act, "activation", ACTIVATIONS, &v) < 0) return -1;
+    cfg.activation = (hvae_activation)v;
+    if (pick(kl, "kl", KLS, &v) < 0) return -1;
+    cfg.kl = (hvae_kl)v;
+    if (pick(dtype, "dtype", DTYPES, &v) < 0) return -1;
+    self->typenum = v == 0 ? NPY_FLOAT32 : NPY_FLOAT64;
+    cfg.deterministic = deterministic;
+    hvae_status st = hvae_model_init(&self->model, &cfg);
+    if (st != HVAE_OK) return set_status_error(st);
+    if (!self->lock) {
+        self->lock = PyThread_allocate_lock();
+        if (!self->lock) {
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
+    self->ready = 1;
+    return 0;
+}
+
+static int not_ready(ModelObject *self) {
+    if (self->ready) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "Model: not initialised (call Model(...))");
+    return 1;
+}
+
+static void Model_dealloc(ModelObject *self) {
+    hvae_workspace_free(&self->ws);
+    if (self->lock) PyThread_free_lock(self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Take the model's lock with the GIL released; the caller releases it after the core call. */
+#define CORE_CALL(self, stmt)                                 \
+    do {                                                      \
+        Py_BEGIN_ALLOW_THREADS                                \
+        PyThread_acquire_lock((self)->lock, WAIT_LOCK);       \
+        stmt;                                                 \
+        PyThread_release_lock((self)->lock);                  \
+        Py_END_ALLOW_THREADS                                  \
+    } while (0)
+
+static PyArrayObject *params_arg(ModelObject *self, PyObject *obj) {
+    PyArrayObject *p = input_array(obj, "params", self->typenum);
+    if (!p) return NULL;
+    if (PyArray_NDIM(p) != 1 || (size_t)PyArray_DIM(p, 0) != self->model.n_params) {
+        PyErr_Format(PyExc_ValueError, "params: expected shape (%zu,), got an array of %d "
+                     "dimensions and %zd elements", self->model.n_params, PyArray_NDIM(p),
+                     (Py_ssize_t)PyArray_SIZE(p));
+        Py_DECREF(p);
+        return NULL;
+    }
+    return p;
+}
+
+/* eps: a list of T arrays (B, d_i), converted into arrs[0..T-1]. 0 or -1. */
+static int eps_arg(ModelObject *self, PyObject *obj, const char *name, int count,
+                   npy_intp B, PyArrayObject **arrs) {
+    if (!PyList_Check(obj) && !PyTuple_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a list of %d arrays, got %R", name, count,
+                     (PyObject *)Py_TYPE(obj));
+        return -1;
+    }
+    if (PySequence_Size(obj) != count) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a list of %d arrays (one per level), got %zd",
+                     name, count, PySequence_Size(obj));
+        return -1;
+    }
+    for (int i = 0; i < count; i++) {
+        char item[64];
+        snprintf(item, sizeof item, "%s[%d]", name, i);
+        PyObject *o = PySequence_GetItem(obj, i);
+        if (!o) return -1;
+        arrs[i] = input_2d(o, item, self->typenum, B, self->model.cfg.z_dim[i]);
+        Py_DECREF(o);
+        if (!arrs[i]) return -1;
+    }
+    return 0;
+}
+
+static void release_all(PyArrayObject **arrs, int n) {
+    for (int i = 0; i < n; i++) Py_XDECREF(arrs[i]);
+}
+
+PyDoc_STRVAR(forward_doc,
+"forward(params, x, target=None, eps=None, beta=1.0, grad=None, log_weight=False)\n"
+"--\n\n"
+"Loss terms of a batch, and optionally the gradient and the log importance weights.\n\n"
+"params: (P,); x: (B, D) encoder input; target: (B, D) what the likelihood scores (default x);\n"
+"eps: list of T arrays (B, d_i) of standard normal noise (required unless deterministic);\n"
+"beta: weight of the KL terms; grad: None or a (P,) array of the model's dtype, overwritten\n"
+"with the gradient of the loss; log_weight: when true, also return log p(x,z) - log q(z|x).\n\n"
+"Returns (loss, terms, log_weight): loss the batch mean of rec + beta * sum(kl), terms (T+1, B)\n"
+"with row 0 the reconstruction term -log p(x|z_1) and row i the KL term of level i, log_weight\n"
+"(B,) or None.");
+
+static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"params", "x", "target", "eps", "beta", "grad", "log_weight", NULL};
+    PyObject *params_obj, *x_obj, *target_obj = Py_None, *eps_obj = Py_None, *grad_obj = Py_None;
+    double beta = 1.0;
+    int want_lw = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOdOp", kwlist, &params_obj, &x_obj,
+                                     &target_obj, &eps_obj, &beta, &grad_obj, &want_lw))
+        return NULL;
+    if (not_ready(self)) return NULL;
+    const hvae_model *m = &self->model;
+    const int T = m->cfg.n_levels, tn = self->typenum;
+    PyArrayObject *params = NULL, *x = NULL, *target = NULL, *eps[HVAE_MAX_LEVELS] = {0};
+    PyArrayObject *terms = NULL, *lw = NULL;
+    PyObject *result = NULL;
+    hvae_status st = HVAE_OK;
+
+    if (!isfinite(beta) || beta < 0) {
+        PyErr_Format(PyExc_ValueError, "beta: expected a finite number >= 0, got %g", beta);
+        return NULL;
+    }
+    if (!(params = params_arg(self, params_obj))) goto done;
+    if (!(x = input_2d(x_obj, "x", tn, -1, m->cfg.x_dim))) goto done;
+    npy_intp B = PyArray_DIM(x, 0);
+    if (target_obj == Py_None) {
+        Py_INCREF(x);
+        target = x;
+    } else if (!(target = input_2d(target_obj, "target", tn, B, m->cfg.x_dim))) {
+        goto done;
+    }
+    if (m->cfg.deterministic) {
+        if (want_lw) {
+            PyErr_SetString(PyExc_ValueError,
+                            "log_weight: not defined for a deterministic autoencoder");
+            goto done;
+        }
+    } else if (eps_obj == Py_None) {
+        PyErr_Format(PyExc_ValueError, "eps: expected a list of %d noise arrays, got None", T);
+        goto done;
+    } else if (eps_arg(self, eps_obj, "eps", T, B, eps) < 0) {
+        goto done;
+    }
+    if (grad_obj != Py_None && check_output(grad_obj, "grad", tn, (npy_intp)m->n_params) < 0)
+        goto done;
+    if (grad_obj != Py_None && PyArray_DATA((PyArrayObject *)grad_obj) == PyArray_DATA(params)) {
+        PyErr_SetString(PyExc_ValueError, "grad: must not share memory with params");
+        goto done;
+    }
+    npy_intp tdims[2] = {T + 1, B};
+    if (!(terms = (PyArrayObject *)PyArray_SimpleNew(2, tdims, tn))) goto done;
+    if (want_lw && !(lw = (PyArrayObject *)PyArray_SimpleNew(1, &B, tn))) goto done;
+
+    const void *eps_ptr[HVAE_MAX_LEVELS];
+    for (int i = 0; i < T; i++) eps_ptr[i] = eps[i] ? PyArray_DATA(eps[i]) : NULL;
+    const void *const *ep = m->cfg.deterministic ? NULL : eps_ptr;
+    void *gp = grad_obj == Py_None ? NULL : PyArray_DATA((PyArrayObject *)grad_obj);
+    size_t P = m->n_params;
+    double loss = 0;
+    if (tn == NPY_FLOAT32) {
+        float lossf = 0;
+        CORE_CALL(self, {
+            st = hvae_forward_f32(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &lossf,
+                                  &self->ws, m, PyArray_DATA(params), PyArray_DATA(x),
+                                  PyArray_DATA(target), (const float *const *)ep, (int)B,
+                                  (float)beta);
+            if (st == HVAE_OK && gp) {
+                memset(gp, 0, P * sizeof(float));
+                st = hvae_backward_f32(gp, &self->ws, m, PyArray_DATA(params), PyArray_DATA(x),
+                                       PyArray_DATA(target), (const float *const *)ep, (int)B,
+                                       (float)beta);
+            }
+        });
+        loss = lossf;
+    } else {
+        CORE_CALL(self, {
+            st = hvae_forward_f64(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &loss,
+                                  &self->ws, m, PyArray_DATA(params), PyArray_DATA(x),
+                                  PyArray_DATA(target), (const double *const *)ep, (int)B, beta);
+            if (st == HVAE_OK && gp) {
+                memset(gp, 0, P * sizeof(double));
+                st = hvae_backward_f64(gp, &self->ws, m, PyArray_DATA(params), PyArray_DATA(x),
+                                       PyArray_DATA(target), (const double *const *)ep, (int)B,
+                                       beta);
+            }
+        });
+    }
+    if (st != HVAE_OK) {
+        set_status_error(st);
+        goto done;
+    }
+    result = Py_BuildValue("dOO", loss, (PyObject *)terms, lw ? (PyObject *)lw : Py_None);
+done:
+    Py_XDECREF(params);
+    Py_XDECREF(x);
+    Py_XDECREF(target);
+    release_all(eps, T);
+    Py_XDECREF(terms);
+    Py_XDECREF(lw);
+    return result;
+}
+
+/* A Python list of the n arrays (steals the references in arrs, which are set to NULL). */
+static PyObject *list_of(PyArrayObject **arrs, int n) {
+    PyObject *list = PyList_New(n);
+    if (!list) return NULL;
+    for (int i = 0; i < n; i++) {
+        PyList_SET_ITEM(list, i, (PyObject *)arrs[i]);
+        arrs[i] = NULL;
+    }
+    return list;
+}
+
+PyDoc_STRVAR(encode_doc,
+"encode(params, x, eps=None)\n"
+"--\n\n"
+"The encoder chain alone. x: (B, D); eps: list of T arrays (B, d_i), or None for z_i = mu_i.\n"
+"Returns (mulv, z): lists of T arrays, mulv[i-1] (B, 2 d_i) = [mu_i, logvar_i], z[i-1] (B, d_i).");
+
+static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"params", "x", "eps", NULL};
+    PyObject *params_obj, *x_obj, *eps_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O", kwlist, &params_obj, &x_obj, &eps_obj))
+        return NULL;
+    if (not_ready(self)) return NULL;
+    const hvae_model *m = &self->model;
+    const int T = m->cfg.n_levels, tn = self->typenum;
+    PyArrayObject *params = NULL, *x = NULL, *eps[HVAE_MAX_LEVELS] = {0};
+    PyArrayObject *mulv[HVAE_MAX_LEVELS] = {0}, *z[HVAE_MAX_LEVELS] = {0};
+    PyObject *result = NULL, *l1 = NULL, *l2 = NULL;
+    hvae_status st;
+
+    if (!(params = params_arg(self, params_obj))) goto done;
+    if (!(x = input_2d(x_obj, "x", tn, -1, m->cfg.x_dim))) goto done;
+    npy_intp B = PyArray_DIM(x, 0);
+    if (eps_obj != Py_None && eps_arg(self, eps_obj, "eps", T, B, eps) < 0) goto done;
+    void *mp[HVAE_MAX_LEVELS], *zp[HVAE_MAX_LEVELS];
+    const void *ep[HVAE_MAX_LEVELS];
+    for (int i = 0; i < T; i++) {
+        npy_intp d1[2] = {B, 2 * m->cfg.z_dim[i]}, d2[2] = {B, m->cfg.z_dim[i]};
+        if (!(mulv[i] = (PyArrayObject *)PyArray_SimpleNew(2, d1, tn))) goto done;
+        if (!(z[i] = (PyArrayObject *)PyArray_SimpleNew(2, d2, tn))) goto done;
+        mp[i] = PyArray_DATA(mulv[i]);
+        zp[i] = PyArray_DATA(z[i]);
+        ep[i] = eps[i] ? PyArray_DATA(eps[i]) : NULL;
+    }
+    const void *const *epp = eps_obj == Py_None ? NULL : ep;
+    if (tn == NPY_FLOAT32)
+        CORE_CALL(self, st = hvae_encode_f32((float *const *)mp, (float *const *)zp, &self->ws, m,
+                                             PyArray_DATA(params), PyArray_DATA(x),
+                                             (const float *const *)epp, (int)B));
+    else
+        CORE_CALL(self, st = hvae_encode_f64((double *const *)mp, (double *const *)zp, &self->ws,
+                                             m, PyArray_DATA(params), PyArray_DATA(x),
+                                             (const double *const *)epp, (int)B));
+    if (st != HVAE_OK) {
+        set_status_error(st);
+        goto done;
+    }
+    if (!(l1 = list_of(mulv, T)) || !(l2 = list_of(z, T))) goto done;
+    result = PyTuple_Pack(2, l1, l2);
+done:
+    Py_XDECREF(l1);
+    Py_XDECREF(l2);
+    Py_XDECREF(params);
+    Py_XDECREF(x);
+    release_all(eps, T);
+    release_all(mulv, T);
+    release_all(z, T);
+    return result;
+}
+
+PyDoc_STRVAR(decode_doc,
+"decode(params, z, level=T, eps=None, temperature=1.0)\n"
+"--\n\n"
+"The decoder chain from z_level (B, d_level) down to x. eps: None (means of p(z_{i-1}|z_i))\n"
+"or a list of level-1 arrays (B, d_i) for i = 1..level-1 of unit noise, scaled by temperature.\n"
+"Returns (x_params, zs): decoder 1's output (B, D) or (B, 2D) (logits, mean, or [mean, logvar])\n"
+"and the list of level-1 arrays z_1..z_{level-1}.");
+
+static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"params", "z", "level", "eps", "temperature", NULL};
+    PyObject *params_obj, *z_obj, *level_obj = Py_None, *eps_obj = Py_None;
+    double temperature = 1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOd", kwlist, &params_obj, &z_obj,
+                                     &level_obj, &eps_obj, &temperature))
+        return NULL;
+    if (not_ready(self)) return NULL;
+    const hvae_model *m = &self->model;
+    const int T = m->cfg.n_levels, tn = self->typenum;
+    int level = T;
+    PyArrayObject *params = NULL, *ztop = NULL, *xp = NULL;
+    PyArrayObject *eps[HVAE_MAX_LEVELS] = {0}, *zs[HVAE_MAX_LEVELS] = {0};
+    PyObject *result = NULL, *zl = NULL;
+    hvae_status st;
+
+    if (level_obj != Py_None && as_int(level_obj, "level", 1, T, &level) < 0) return NULL;
+    if (!isfinite(temperature) || temperature < 0) {
+        PyErr_Format(PyExc_ValueError, "temperature: expected a finite number >= 0, got %g",
+                     temperature);
+        return NULL;
+    }
+    if (!(params = params_arg(self, params_obj))) goto done;
+    if (!(ztop = input_2d(z_obj, "z", tn, -1, m->cfg.z_dim[level - 1]))) goto done;
+    npy_intp B = PyArray_DIM(ztop, 0);
+    if (eps_obj != Py_None && eps_arg(self, eps_obj, "eps", level - 1, B, eps) < 0) goto done;
+    npy_intp xd[2] = {B, hvae_x_params_dim(&m->cfg)};
+    if (!(xp = (PyArrayObject *)PyArray_SimpleNew(2, xd, tn))) goto done;
+    void *zp[HVAE_MAX_LEVELS];
+    const void *ep[HVAE_MAX_LEVELS];
+    for (int i = 0; i < level - 1; i++) {
+        npy_intp d[2] = {B, m->cfg.z_dim[i]};
+        if (!(zs[i] = (PyArrayObject *)PyArray_SimpleNew(2, d, tn))) goto done;
+        zp[i] = PyArray_DATA(zs[i]);
+        ep[i] = eps[i] ? PyArray_DATA(eps[i]) : NULL;
+    }
+    const void *const *epp = eps_obj == Py_None ? NULL : ep;
+    if (tn == NPY_FLOAT32)
+        CORE_CALL(self, st = hvae_decode_f32(PyArray_DATA(xp), (float *const *)zp, &self->ws, m,
+                                             PyArray_DATA(params), PyArray_DATA(ztop), level,
+                                             (const float *const *)epp, (float)temperature,
+                                             (int)B));
+    else
+        CORE_CALL(self, st = hvae_decode_f64(PyArray_DATA(xp), (double *const *)zp, &self->ws, m,
+                                             PyArray_DATA(params), PyArray_DATA(ztop), level,
+                                             (const double *const *)epp, temperature, (int)B));
+    if (st != HVAE_OK) {
+        set_status_error(st);
+        goto done;
+    }
+    if (!(zl = list_of(zs, level - 1))) goto done;
+    result = PyTuple_Pack(2, (PyObject *)xp, zl);
+done:
+    Py_XDECREF(zl);
+    Py_XDECREF(params);
+    Py_XDECREF(ztop);
+    Py_XDECREF(xp);
+    release_all(eps, T);
+    release_all(zs, T);
+    return result;
+}
+
+PyDoc_STRVAR(param_table_doc,
+"param_table()\n"
+"--\n\n"
+"The layout of the flat parameter buffer: a list of (name, offset, shape) in buffer order,\n"
+"names enc{i}.{j}.weight / .bias then dec{i}.{j}.weight / .bias (DESIGN.md §4).");
+
+static PyObject *Model_param_table(ModelObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (not_ready(self)) return NULL;
+    const hvae_model *m = &self->model;
+    PyObject *list = PyList_New(0);
+    if (!list) return NULL;
+    for (int side = 0; side < 2; side++)
+        for (int i = 0; i < m->cfg.n_levels; i++) {
+            const hvae_mlp *mlp = side == 0 ? &m->enc[i] : &m->dec[i];
+            for (int j = 0; j < mlp->n_layers; j++) {
+                const hvae_linear *l = &mlp->layer[j];
+                const char *s = side == 0 ? "enc" : "dec";
+                PyObject *w = Py_BuildValue("(Nn(ii))", PyUnicode_FromFormat("%s%d.%d.weight", s, i + 1, j),
+                                            (Py_ssize_t)l->weight, l->out, l->in);
+                PyObject *b = Py_BuildValue("(Nn(i))", PyUnicode_FromFormat("%s%d.%d.bias", s, i + 1, j),
+                                            (Py_ssize_t)l->bias, l->out);
+                if (!w || !b || PyList_Append(list, w) < 0 || PyList_Append(list, b) < 0) {
+                    Py_XDECREF(w);
+                    Py_XDECREF(b);
+                    Py_DECREF(list);
+                    return NULL;
+                }
+                Py_DECREF(w);
+                Py_DECREF(b);
+            }
+        }
+    return list;
+}
+
+static PyObject *Model_get_n_params(ModelObject *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromSize_t(self->model.n_params);
+}
+
+static PyObject *Model_get_dtype(ModelObject *self, void *Py_UNUSED(closure)) {
+    return (PyObject *)PyArray_DescrFromType(self->typenum);
+}
+
+static PyObject *Model_get_x_params_dim(ModelObject *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromLong(hvae_x_params_dim(&self->model.cfg));
+}
+
+static PyMethodDef Model_methods[] = {
+    {"forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS, forward_doc},
+    {"encode", (PyCFunction)(void (*)(void))Model_encode, METH_VARARGS | METH_KEYWORDS, encode_doc},
+    {"decode", (PyCFunction)(void (*)(void))Model_decode, METH_VARARGS | METH_KEYWORDS, decode_doc},
+    {"param_table", (PyCFunction)Model_param_table, METH_NOARGS, param_table_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Model_getset[] = {
+    {"n_params", (getter)Model_get_n_params, NULL, "length of the flat parameter buffer", NULL},
+    {"dtype", (getter)Model_get_dtype, NULL, "the numpy dtype of every array of the model", NULL},
+    {"x_params_dim", (getter)Model_get_x_params_dim, NULL, "width of decoder 1's output", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyDoc_STRVAR(Model_doc,
+"Model(x_dim, latent_dims, hidden_dims, likelihood='bernoulli', activation='tanh', kl='analytic',\n"
+"      deterministic=False, dtype='float32')\n"
+"--\n\n"
+"A validated model description with its parameter table and a reusable workspace. Calls on one\n"
+"Model are serialised; different Models run in parallel (the GIL is released).");
+
+static PyTypeObject ModelType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "hvae._core.Model",
+    .tp_basicsize = sizeof(ModelObject),
+    .tp_dealloc = (destructor)Model_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = Model_doc,
+    .tp_methods = Model_methods,
+    .tp_getset = Model_getset,
+    .tp_init = (initproc)Model_init,
+    .tp_new = PyType_GenericNew,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* module functions                                                                             */
+
+PyDoc_STRVAR(adam_doc,
+"adam_update(params, m, v, grad, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)\n"
+"--\n\n"
+"One bias-corrected Adam step in place on params, m, v (1-D, same length and float dtype,\n"
+"C-contiguous, writeable); grad of the same length and dtype; step >= 1 counts this update.");
+
+static PyObject *adam_update(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"params", "m", "v", "grad", "step", "lr", "beta1", "beta2", "eps", NULL};
+    PyObject *p, *m1, *m2, *g;
+    long step;
+    double lr = 1e-3, b1 = 0.9, b2 = 0.999, eps = 1e-8;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOl|dddd", kwlist, &p, &m1, &m2, &g, &step,
+                                     &lr, &b1, &b2, &eps))
+        return NULL;
+    if (!PyArray_Check(p)) {
+        PyErr_Format(PyExc_TypeError, "params: expected a numpy.ndarray, got %R",
+                     (PyObject *)Py_TYPE(p));
+        return NULL;
+    }
+    int tn = PyArray_TYPE((PyArrayObject *)p);
+    if (tn != NPY_FLOAT32 && tn != NPY_FLOAT64) {
+        PyErr_Format(PyExc_TypeError, "params: expected dtype float32 or float64, got %R",
+                     (PyObject *)PyArray_DESCR((PyArrayObject *)p));
+        return NULL;
+    }
+    npy_intp n = PyArray_SIZE((PyArrayObject *)p);
+    if (check_output(p, "params", tn, n) < 0 || check_output(m1, "m", tn, n) < 0 ||
+        check_output(m2, "v", tn, n) < 0)
+        return NULL;
+    PyArrayObject *grad = input_array(g, "grad", tn);
+    if (!grad) return NULL;
+    if (PyArray_NDIM(grad) != 1 || PyArray_DIM(grad, 0) != n) {
+        PyErr_Format(PyExc_ValueError, "grad: expected shape (%zd,), got %zd elements in %d "
+                     "dimensions", (Py_ssize_t)n, (Py_ssize_t)PyArray_SIZE(grad), PyArray_NDIM(grad));
+        Py_DECREF(grad);
+        return NULL;
+    }
+    if (step < 1 || !(lr >= 0) || !isfinite(lr) || !(b1 >= 0 && b1 < 1) || !(b2 >= 0 && b2 < 1) ||
+        !(eps > 0) || !isfinite(eps)) {
+        PyErr_Format(PyExc_ValueError, "adam_update: expected step >= 1, finite lr >= 0, beta1 and "
+                     "beta2 in [0, 1), eps > 0; got step=%ld lr=%g beta1=%g beta2=%g eps=%g",
+                     step, lr, b1, b2, eps);
+        Py_DECREF(grad);
+        return NULL;
+    }
+    void *pp = PyArray_DATA((PyArrayObject *)p), *a = PyArray_DATA((PyArrayObject *)m1),
+         *b = PyArray_DATA((PyArrayObject *)m2), *gp = PyArray_DATA(grad);
+    Py_BEGIN_ALLOW_THREADS
+    if (tn == NPY_FLOAT32)
+        adam_update_f32(pp, a, b, gp, (size_t)n, (float)lr, (float)b1, (float)b2, (float)eps, step);
+    else
+        adam_update_f64(pp, a, b, gp, (size_t)n, lr, b1, b2, eps, step);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(grad);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"adam_update", (PyCFunction)(void (*)(void))adam_update, METH_VARARGS | METH_KEYWORDS, adam_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "hvae._core",
+    "The C core of hvae: loss, exact gradients, encoder and decoder chains, Adam.", -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    import_array();
+    if (PyType_Ready(&ModelType) < 0) return NULL;
+    PyObject *mod = PyModule_Create(&module);
+    if (!mod) return NULL;
+    Py_INCREF(&ModelType);
+    if (PyModule_AddObject(mod, "Model", (PyObject *)&ModelType) < 0 ||
+        PyModule_AddIntConstant(mod, "MAX_LEVELS", HVAE_MAX_LEVELS) < 0 ||
+        PyModule_AddIntConstant(mod, "MAX_HIDDEN", HVAE_MAX_HIDDEN) < 0 ||
+        PyModule_AddIntConstant(mod, "MAX_WIDTH", HVAE_MAX_WIDTH) < 0) {
+        Py_DECREF(&ModelType);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}

@@ -1,0 +1,116 @@
+/* hvae.h - the public C API of the hierarchical VAE core: model description, parameter table,
+ * status codes, and the float32 / float64 entry points. Pure C11, no Python.
+ *
+ * Notation (DESIGN.md §1): T levels, x in R^D, z_i in R^{d_i}, batch B.
+ * Encoder i maps z_{i-1} -> hidden -> [mu_i, logvar_i] (width 2*d_i), z_0 = x.
+ * Decoder i maps z_i -> reversed hidden -> parameters of p(z_{i-1} | z_i):
+ *   i >= 2: zhat_{i-1} (width d_{i-1}); i = 1: logits or mean (D), or [mean, logvar] (2D).
+ */
+#ifndef HVAE_H
+#define HVAE_H
+
+#include <stddef.h>
+
+#define HVAE_MAX_LEVELS 16 /* T at most */
+#define HVAE_MAX_HIDDEN 8  /* hidden layers in one MLP at most */
+#define HVAE_MAX_WIDTH (1 << 24)
+
+typedef enum {
+    HVAE_OK = 0,
+    HVAE_EINVAL = 1, /* a size or option out of range */
+    HVAE_ENOMEM = 2, /* an allocation failed */
+} hvae_status;
+
+typedef enum { HVAE_BERNOULLI = 0, HVAE_GAUSSIAN = 1, HVAE_GAUSSIAN_LEARNED = 2 } hvae_likelihood;
+typedef enum { HVAE_TANH = 0, HVAE_RELU = 1, HVAE_LEAKY_RELU = 2 } hvae_activation;
+typedef enum { HVAE_KL_ANALYTIC = 0, HVAE_KL_MC = 1 } hvae_kl;
+
+/* What the user chooses. */
+typedef struct {
+    int n_levels;                                  /* T, 1..HVAE_MAX_LEVELS */
+    int x_dim;                                     /* D */
+    int z_dim[HVAE_MAX_LEVELS];                    /* d_i at [i-1] */
+    int n_hidden[HVAE_MAX_LEVELS];                 /* hidden layers of level i's MLPs at [i-1] */
+    int hidden[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN];  /* encoder widths; the decoder reverses them */
+    hvae_likelihood likelihood;
+    hvae_activation activation;
+    hvae_kl kl;
+    int deterministic; /* 1: autoencoder, z_i = mu_i, no sampling and no KL */
+} hvae_config;
+
+/* One dense layer inside the flat parameter buffer: weight (out, in) then bias (out,). */
+typedef struct {
+    int in, out;
+    size_t weight, bias; /* offsets into the flat buffer, in elements */
+} hvae_linear;
+
+typedef struct {
+    int n_layers; /* hidden layers + the output layer */
+    hvae_linear layer[HVAE_MAX_HIDDEN + 1];
+} hvae_mlp;
+
+/* The parameter table: enc[0..T-1] first, then dec[0..T-1], layers in order. */
+typedef struct {
+    hvae_config cfg;
+    hvae_mlp enc[HVAE_MAX_LEVELS];
+    hvae_mlp dec[HVAE_MAX_LEVELS];
+    size_t n_params;
+    size_t act_per_example; /* reals of activations one example needs in the workspace */
+} hvae_model;
+
+/* A grow-only scratch buffer for one model, reused between calls (no allocation on the hot
+ * path). Not thread safe: one workspace serves one call at a time. */
+typedef struct {
+    void *buf;
+    size_t bytes;
+} hvae_workspace;
+
+/* Validate cfg and build the parameter table. HVAE_EINVAL on any size or option out of range. */
+hvae_status hvae_model_init(hvae_model *m, const hvae_config *cfg);
+
+/* Bytes of workspace a call with this batch needs, for reals of real_size bytes; 0 on overflow. */
+size_t hvae_workspace_bytes(const hvae_model *m, int batch, size_t real_size);
+
+/* Make ws hold at least `bytes` (keeps the buffer when large enough). */
+hvae_status hvae_workspace_reserve(hvae_workspace *ws, size_t bytes);
+void hvae_workspace_free(hvae_workspace *ws);
+
+/* Width of decoder 1's output: D, or 2D for the learned-variance Gaussian. */
+int hvae_x_params_dim(const hvae_config *cfg);
+
+#define HVAE_DECLARE(real, sfx)                                                                   \
+    /* Forward pass. terms (T+1, B): row 0 the reconstruction term -log p(x|z_1), row i the   \
+     * KL term of level i; log_weight (B,) or NULL: log p(x,z) - log q(z|x) at the samples (stochastic     \
+     * only); loss: mean over the batch of rec + beta * sum_i kl_i. x (B, D) is the encoder      \
+     * input, target (B, D) what the likelihood scores; eps: T pointers to (B, d_i), ignored when \
+     * deterministic. Keeps the activations in ws for hvae_backward. */                          \
+    hvae_status hvae_forward_##sfx(real *terms, real *log_weight, real *loss, hvae_workspace *ws, \
+                                   const hvae_model *m, const real *params, const real *x,        \
+                                   const real *target, const real *const *eps, int batch,         \
+                                   real beta);                                                    \
+    /* Backward pass after hvae_forward with the same arguments: ADDS the gradient of the loss   \
+     * to grad (P,). */                                                                           \
+    hvae_status hvae_backward_##sfx(real *grad, hvae_workspace *ws, const hvae_model *m,          \
+                                    const real *params, const real *x, const real *target,        \
+                                    const real *const *eps, int batch, real beta);                \
+    /* Encoder chain only. mulv: T pointers to (B, 2 d_i) outputs [mu_i, logvar_i]; z: T         \
+     * pointers to (B, d_i) outputs; eps as in forward, or NULL for z_i = mu_i. */                \
+    hvae_status hvae_encode_##sfx(real *const *mulv, real *const *z, hvae_workspace *ws,          \
+                                  const hvae_model *m, const real *params, const real *x,         \
+                                  const real *const *eps, int batch);                             \
+    /* Decoder chain from level `level` (1..T) down to x. z_top (B, d_level) is z_level; z: the   \
+     * outputs z_{level-1}..z_1 at z[level-2]..z[0] (entries may be NULL); eps: pointers at the   \
+     * same indices (B, d_i) of unit noise, or NULL for the means; the noise is scaled by          \
+     * temperature. x_params (B, hvae_x_params_dim): decoder 1's output (logits or mean(s)). */   \
+    hvae_status hvae_decode_##sfx(real *x_params, real *const *z, hvae_workspace *ws,             \
+                                  const hvae_model *m, const real *params, const real *z_top,     \
+                                  int level, const real *const *eps, real temperature, int batch); \
+    /* One bias-corrected Adam step (Kingma & Ba) on n parameters, step t >= 1. */               \
+    void adam_update_##sfx(real *params, real *m1, real *m2, const real *grad, size_t n,          \
+                           real lr, real beta1, real beta2, real eps, long t);
+
+HVAE_DECLARE(float, f32)
+HVAE_DECLARE(double, f64)
+#undef HVAE_DECLARE
+
+#endif /* HVAE_H */

@@ -1,0 +1,262 @@
+/* model.c - the T-level chain over one flat parameter buffer: forward (per-example loss terms,
+ * log-weights), backward (exact gradient of the batch-mean loss), the encoder and decoder
+ * chains alone. Generic in `real`; compiled through f32.c and f64.c after layers.c.
+ *
+ * Levels are 1-based in the math and 0-based in arrays: level i lives at index i-1.
+ */
+#include <string.h>
+
+#include "hvae.h"
+#include "real.h"
+
+/* The workspace carved into named activation buffers (all row-major, batch first). */
+typedef struct {
+    real *enc[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN + 1];  /* layer outputs of encoder i, (B, out) */
+    real *dec[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN + 1];  /* layer outputs of decoder i, (B, out) */
+    real *z[HVAE_MAX_LEVELS];                         /* (B, d_i) */
+    real *denc[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN + 1]; /* their gradients, same shapes */
+    real *ddec[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN + 1];
+    real *dz[HVAE_MAX_LEVELS];
+    real *grads;       /* start of the gradient half */
+    size_t grads_len;  /* its length in reals */
+} F(buffers);
+
+static hvae_status F(carve)(F(buffers) *bf, hvae_workspace *ws, const hvae_model *m, int B) {
+    hvae_status st = hvae_workspace_reserve(ws, hvae_workspace_bytes(m, B, sizeof(real)));
+    if (st != HVAE_OK) return st;
+    real *p = (real *)ws->buf;
+    size_t half = m->act_per_example * (size_t)B;
+    for (int i = 0; i < m->cfg.n_levels; i++) {
+        for (int j = 0; j < m->enc[i].n_layers; j++) {
+            bf->enc[i][j] = p;
+            bf->denc[i][j] = p + half;
+            p += (size_t)B * m->enc[i].layer[j].out;
+        }
+        for (int j = 0; j < m->dec[i].n_layers; j++) {
+            bf->dec[i][j] = p;
+            bf->ddec[i][j] = p + half;
+            p += (size_t)B * m->dec[i].layer[j].out;
+        }
+        bf->z[i] = p;
+        bf->dz[i] = p + half;
+        p += (size_t)B * m->cfg.z_dim[i];
+    }
+    bf->grads = (real *)ws->buf + half;
+    bf->grads_len = half;
+    return HVAE_OK;
+}
+
+static const real *F(last)(real *const *outs, const hvae_mlp *mlp) { return outs[mlp->n_layers - 1]; }
+
+/* ------------------------------------------------------------------------------------------ */
+/* an MLP: linear layers, the activation after every hidden one                                 */
+
+/* outs[j] (B, out_j); in (B, in_0) */
+static void F(mlp_forward)(real *const *outs, const hvae_mlp *mlp, const real *params,
+                           const real *in, int B, int act) {
+    for (int j = 0; j < mlp->n_layers; j++) {
+        const hvae_linear *l = &mlp->layer[j];
+        F(linear_forward)(outs[j], in, params + l->weight, params + l->bias, B, l->in, l->out);
+        if (j < mlp->n_layers - 1) F(act_forward)(outs[j], (size_t)B * l->out, act);
+        in = outs[j];
+    }
+}
+
+/* grad (P,) +=, din (B, in_0) += or NULL; douts[last] holds d output, the rest start at zero
+ * and are used as scratch; outs, in as in the forward */
+static void F(mlp_backward)(real *grad, real *din, real *const *douts, real *const *outs,
+                            const hvae_mlp *mlp, const real *params, const real *in, int B,
+                            int act) {
+    for (int j = mlp->n_layers - 1; j >= 0; j--) {
+        const hvae_linear *l = &mlp->layer[j];
+        if (j < mlp->n_layers - 1) F(act_backward)(douts[j], outs[j], (size_t)B * l->out, act);
+        F(linear_backward)(j > 0 ? douts[j - 1] : din, grad + l->weight, grad + l->bias, douts[j],
+                           j > 0 ? outs[j - 1] : in, params + l->weight, B, l->in, l->out);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* the chains                                                                                   */
+
+/* Encoders 1..T with reparameterization; eps NULL (or a NULL entry) means z_i = mu_i. */
+static void F(encode_pass)(F(buffers) *bf, const hvae_model *m, const real *params, const real *x,
+                           const real *const *eps, int B) {
+    const hvae_config *c = &m->cfg;
+    const real *in = x;
+    for (int i = 0; i < c->n_levels; i++) {
+        F(mlp_forward)(bf->enc[i], &m->enc[i], params, in, B, c->activation);
+        F(reparam_forward)(bf->z[i], F(last)(bf->enc[i], &m->enc[i]), eps ? eps[i] : NULL, B,
+                           c->z_dim[i]);
+        in = bf->z[i];
+    }
+}
+
+/* Decoder i (0-based) on z_i: gives zhat_{i-1} (or x's parameters for i = 0). */
+static const real *F(decoder)(F(buffers) *bf, const hvae_model *m, const real *params, int i,
+                              const real *z, int B) {
+    F(mlp_forward)(bf->dec[i], &m->dec[i], params, z, B, m->cfg.activation);
+    return F(last)(bf->dec[i], &m->dec[i]);
+}
+
+static void F(likelihood_forward)(real *acc, const hvae_config *c, const real *xp,
+                                  const real *target, int B) {
+    switch (c->likelihood) {
+    case HVAE_BERNOULLI: F(bernoulli_nll_forward)(acc, xp, target, B, c->x_dim); break;
+    case HVAE_GAUSSIAN: F(gaussian_nll_forward)(acc, xp, target, B, c->x_dim); break;
+    default: F(gaussian_learned_nll_forward)(acc, xp, target, B, c->x_dim); break;
+    }
+}
+
+static void F(likelihood_backward)(real *dxp, const hvae_config *c, const real *xp,
+                                   const real *target, real scale, int B) {
+    switch (c->likelihood) {
+    case HVAE_BERNOULLI: F(bernoulli_nll_backward)(dxp, xp, target, scale, B, c->x_dim); break;
+    case HVAE_GAUSSIAN: F(gaussian_nll_backward)(dxp, NULL, xp, target, scale, B, c->x_dim); break;
+    default: F(gaussian_learned_nll_backward)(dxp, xp, target, scale, B, c->x_dim); break;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* public entry points                                                                          */
+
+hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_workspace *ws,
+                            const hvae_model *m, const real *params, const real *x,
+                            const real *target, const real *const *eps, int B, real beta) {
+    const hvae_config *c = &m->cfg;
+    const int T = c->n_levels;
+    F(buffers) bf;
+    if (B < 1 || (log_weight && c->deterministic) || (!eps && !c->deterministic))
+        return HVAE_EINVAL;
+    hvae_status st = F(carve)(&bf, ws, m, B);
+    if (st != HVAE_OK) return st;
+    if (c->deterministic) eps = NULL;
+
+    /* q: z_1 .. z_T */
+    F(encode_pass)(&bf, m, params, x, eps, B);
+    /* p: zhat_{i-1} = dec_i(z_i), x's parameters from dec_1(z_1) */
+    const real *zhat[HVAE_MAX_LEVELS + 1]; /* zhat[i]: the mean of p(z_i | z_{i+1}), 1-based */
+    for (int i = 0; i < T; i++) zhat[i] = F(decoder)(&bf, m, params, i, bf.z[i], B);
+    zhat[T] = NULL; /* p(z_T) = N(0, I) */
+
+    memset(terms, 0, sizeof(real) * (size_t)B * (T + 1));
+    F(likelihood_forward)(terms, c, zhat[0], target, B);
+    for (int i = 1; i <= T; i++) {
+        real *kl = terms + (size_t)i * B;
+        const real *mulv = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
+        int d = c->z_dim[i - 1];
+        if (c->deterministic) {
+            if (i < T) F(gaussian_nll_forward)(kl, zhat[i], bf.z[i - 1], B, d);
+        } else if (c->kl == HVAE_KL_ANALYTIC || i == T) {
+            F(gauss_kl_forward)(kl, mulv, zhat[i], B, d);
+        } else { /* mc: -log p(z_i | z_{i+1}) at the sample, minus the entropy of q */
+            F(gaussian_nll_forward)(kl, zhat[i], bf.z[i - 1], B, d);
+            F(gauss_negentropy_forward)(kl, mulv, B, d);
+        }
+    }
+    double sum = 0;
+    for (int b = 0; b < B; b++) {
+        double klsum = 0;
+        for (int i = 1; i <= T; i++) klsum += terms[(size_t)i * B + b];
+        sum += terms[b] + (double)beta * klsum;
+    }
+    *loss = (real)(sum / B);
+
+    if (log_weight) { /* -(log p(x,z) - log q(z|x)) accumulated, then negated */
+        memcpy(log_weight, terms, sizeof(real) * (size_t)B);
+        for (int i = 1; i <= T; i++) {
+            const real *mulv = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
+            F(gaussian_nll_forward)(log_weight, zhat[i], bf.z[i - 1], B, c->z_dim[i - 1]);
+            F(gauss_logq_forward)(log_weight, mulv, eps[i - 1], B, c->z_dim[i - 1]);
+        }
+        for (int b = 0; b < B; b++) log_weight[b] = -log_weight[b];
+    }
+    return HVAE_OK;
+}
+
+hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m,
+                             const real *params, const real *x, const real *target,
+                             const real *const *eps, int B, real beta) {
+    const hvae_config *c = &m->cfg;
+    const int T = c->n_levels;
+    F(buffers) bf;
+    if (B < 1 || (!eps && !c->deterministic)) return HVAE_EINVAL;
+    /* the forward already reserved this size: carving does not reallocate */
+    hvae_status st = F(carve)(&bf, ws, m, B);
+    if (st != HVAE_OK) return st;
+    if (c->deterministic) eps = NULL;
+    memset(bf.grads, 0, sizeof(real) * bf.grads_len);
+    const real rs = (real)1 / (real)B, ks = beta / (real)B;
+
+    /* likelihood -> d decoder-1 output */
+    F(likelihood_backward)(bf.ddec[0][m->dec[0].n_layers - 1], c, F(last)(bf.dec[0], &m->dec[0]),
+                           target, rs, B);
+    /* KL terms -> d mulv_i, d zhat_i, d z_i */
+    for (int i = 1; i <= T; i++) {
+        const hvae_mlp *enc = &m->enc[i - 1];
+        const real *mulv = F(last)(bf.enc[i - 1], enc);
+        real *dmulv = bf.denc[i - 1][enc->n_layers - 1];
+        const real *zhat = i < T ? F(last)(bf.dec[i], &m->dec[i]) : NULL;
+        real *dzhat = i < T ? bf.ddec[i][m->dec[i].n_layers - 1] : NULL;
+        int d = c->z_dim[i - 1];
+        if (c->deterministic) {
+            if (i < T) F(gaussian_nll_backward)(dzhat, bf.dz[i - 1], zhat, bf.z[i - 1], ks, B, d);
+        } else if (c->kl == HVAE_KL_ANALYTIC || i == T) {
+            F(gauss_kl_backward)(dmulv, dzhat, mulv, zhat, ks, B, d);
+        } else {
+            F(gaussian_nll_backward)(dzhat, bf.dz[i - 1], zhat, bf.z[i - 1], ks, B, d);
+            F(gauss_negentropy_backward)(dmulv, ks, B, d);
+        }
+    }
+    /* decoders: d z_i from dec_i's input */
+    for (int i = T - 1; i >= 0; i--)
+        F(mlp_backward)(grad, bf.dz[i], bf.ddec[i], bf.dec[i], &m->dec[i], params, bf.z[i], B,
+                        c->activation);
+    /* encoders top down: d z_i is complete once encoder i+1 has passed it back */
+    for (int i = T - 1; i >= 0; i--) {
+        const hvae_mlp *enc = &m->enc[i];
+        F(reparam_backward)(bf.denc[i][enc->n_layers - 1], bf.dz[i], F(last)(bf.enc[i], enc),
+                            eps ? eps[i] : NULL, B, c->z_dim[i]);
+        F(mlp_backward)(grad, i > 0 ? bf.dz[i - 1] : NULL, bf.denc[i], bf.enc[i], enc, params,
+                        i > 0 ? bf.z[i - 1] : x, B, c->activation);
+    }
+    return HVAE_OK;
+}
+
+hvae_status F(hvae_encode)(real *const *mulv, real *const *z, hvae_workspace *ws,
+                           const hvae_model *m, const real *params, const real *x,
+                           const real *const *eps, int B) {
+    F(buffers) bf;
+    if (B < 1) return HVAE_EINVAL;
+    hvae_status st = F(carve)(&bf, ws, m, B);
+    if (st != HVAE_OK) return st;
+    F(encode_pass)(&bf, m, params, x, eps, B);
+    for (int i = 0; i < m->cfg.n_levels; i++) {
+        size_t d = (size_t)m->cfg.z_dim[i];
+        if (mulv && mulv[i])
+            memcpy(mulv[i], F(last)(bf.enc[i], &m->enc[i]), sizeof(real) * (size_t)B * 2 * d);
+        if (z && z[i]) memcpy(z[i], bf.z[i], sizeof(real) * (size_t)B * d);
+    }
+    return HVAE_OK;
+}
+
+hvae_status F(hvae_decode)(real *x_params, real *const *z, hvae_workspace *ws,
+                           const hvae_model *m, const real *params, const real *z_top, int level,
+                           const real *const *eps, real temperature, int B) {
+    F(buffers) bf;
+    if (B < 1 || level < 1 || level > m->cfg.n_levels) return HVAE_EINVAL;
+    hvae_status st = F(carve)(&bf, ws, m, B);
+    if (st != HVAE_OK) return st;
+    const real *zi = z_top;
+    for (int i = level - 1; i >= 1; i--) { /* z_{i} from p(z_i | z_{i+1}), 0-based i */
+        const real *zhat = F(decoder)(&bf, m, params, i, zi, B);
+        size_t n = (size_t)B * m->cfg.z_dim[i - 1];
+        real *out = bf.z[i - 1];
+        const real *e = eps ? eps[i - 1] : NULL;
+        for (size_t k = 0; k < n; k++) out[k] = e ? zhat[k] + temperature * e[k] : zhat[k];
+        if (z && z[i - 1]) memcpy(z[i - 1], out, sizeof(real) * n);
+        zi = out;
+    }
+    const real *xp = F(decoder)(&bf, m, params, 0, zi, B);
+    memcpy(x_params, xp, sizeof(real) * (size_t)B * hvae_x_params_dim(&m->cfg));
+    return HVAE_OK;
+}

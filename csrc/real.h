@@ -1,0 +1,33 @@
+/* real.h - precision selection for the generic kernels: layers.c and model.c are written once
+ * in terms of `real` and F(name), and compiled twice, by f32.c and f64.c. */
+#ifndef HVAE_REAL_H
+#define HVAE_REAL_H
+
+#include <math.h>
+#include <cblas.h>
+
+#if defined(HVAE_DOUBLE)
+typedef double real;
+#define F(name) name##_f64
+#define GEMM cblas_dgemm
+#define EXP exp
+#define LOG log
+#define LOG1P log1p
+#define TANH tanh
+#define SQRT sqrt
+#define POW pow
+#else
+typedef float real;
+#define F(name) name##_f32
+#define GEMM cblas_sgemm
+#define EXP expf
+#define LOG logf
+#define LOG1P log1pf
+#define TANH tanhf
+#define SQRT sqrtf
+#define POW powf
+#endif
+
+#define LOG_2PI ((real)1.8378770664093454835606594728112)
+
+#endif /* HVAE_REAL_H */

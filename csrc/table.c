@@ -1,0 +1,84 @@
+/* table.c - precision-independent bookkeeping: validating a model description, laying the
+ * parameter table over the flat buffer, and sizing / owning the workspace. */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "hvae.h"
+
+int hvae_x_params_dim(const hvae_config *cfg) {
+    return cfg->likelihood == HVAE_GAUSSIAN_LEARNED ? 2 * cfg->x_dim : cfg->x_dim;
+}
+
+static int width_ok(int w) { return w >= 1 && w <= HVAE_MAX_WIDTH; }
+
+/* Lay out one MLP in -> widths[0..n-1] (reversed when `reverse`) -> out, starting at *offset. */
+static void mlp_init(hvae_mlp *mlp, size_t *offset, int in, const int *widths, int n, int reverse,
+                     int out) {
+    mlp->n_layers = n + 1;
+    for (int j = 0; j <= n; j++) {
+        hvae_linear *l = &mlp->layer[j];
+        l->in = in;
+        l->out = j < n ? widths[reverse ? n - 1 - j : j] : out;
+        l->weight = *offset;
+        l->bias = *offset + (size_t)l->out * (size_t)l->in;
+        *offset = l->bias + (size_t)l->out;
+        in = l->out;
+    }
+}
+
+hvae_status hvae_model_init(hvae_model *m, const hvae_config *cfg) {
+    int T = cfg->n_levels;
+    if (T < 1 || T > HVAE_MAX_LEVELS || !width_ok(cfg->x_dim)) return HVAE_EINVAL;
+    if ((unsigned)cfg->likelihood > HVAE_GAUSSIAN_LEARNED || (unsigned)cfg->activation > HVAE_LEAKY_RELU ||
+        (unsigned)cfg->kl > HVAE_KL_MC)
+        return HVAE_EINVAL;
+    for (int i = 0; i < T; i++) {
+        if (!width_ok(cfg->z_dim[i]) || cfg->n_hidden[i] < 0 || cfg->n_hidden[i] > HVAE_MAX_HIDDEN)
+            return HVAE_EINVAL;
+        for (int j = 0; j < cfg->n_hidden[i]; j++)
+            if (!width_ok(cfg->hidden[i][j])) return HVAE_EINVAL;
+    }
+    m->cfg = *cfg;
+    size_t offset = 0, acts = 0;
+    for (int i = 0; i < T; i++) {
+        int in = i == 0 ? cfg->x_dim : cfg->z_dim[i - 1];
+        mlp_init(&m->enc[i], &offset, in, cfg->hidden[i], cfg->n_hidden[i], 0, 2 * cfg->z_dim[i]);
+    }
+    for (int i = 0; i < T; i++) {
+        int out = i == 0 ? hvae_x_params_dim(cfg) : cfg->z_dim[i - 1];
+        mlp_init(&m->dec[i], &offset, cfg->z_dim[i], cfg->hidden[i], cfg->n_hidden[i], 1, out);
+    }
+    for (int i = 0; i < T; i++) {
+        for (int j = 0; j < m->enc[i].n_layers; j++) acts += (size_t)m->enc[i].layer[j].out;
+        for (int j = 0; j < m->dec[i].n_layers; j++) acts += (size_t)m->dec[i].layer[j].out;
+        acts += (size_t)cfg->z_dim[i];
+    }
+    m->n_params = offset;
+    m->act_per_example = acts;
+    return HVAE_OK;
+}
+
+size_t hvae_workspace_bytes(const hvae_model *m, int batch, size_t real_size) {
+    if (batch < 1) return 0;
+    /* activations and their gradients */
+    size_t per = 2 * m->act_per_example * real_size;
+    if ((size_t)batch > SIZE_MAX / per) return 0;
+    return per * (size_t)batch;
+}
+
+hvae_status hvae_workspace_reserve(hvae_workspace *ws, size_t bytes) {
+    if (bytes == 0) return HVAE_ENOMEM;
+    if (ws->bytes >= bytes) return HVAE_OK;
+    void *buf = malloc(bytes);
+    if (!buf) return HVAE_ENOMEM;
+    free(ws->buf);
+    ws->buf = buf;
+    ws->bytes = bytes;
+    return HVAE_OK;
+}
+
+void hvae_workspace_free(hvae_workspace *ws) {
+    free(ws->buf);
+    ws->buf = NULL;
+    ws->bytes = 0;
+}

@@ -1,0 +1,54 @@
+"""Build of the C extension hvae._core: finds OpenBLAS with pkg-config, compiles with -O3 -std=c11
+-Wall -Wextra and never with fast-math.
+
+Override the BLAS with environment variables:
+  HVAE_BLAS_PKG      pkg-config package name to ask for (default: openblas)
+  HVAE_BLAS_CFLAGS   compiler flags, e.g. "-I/opt/openblas/include" (skips pkg-config)
+  HVAE_BLAS_LIBS     linker flags, e.g. "-L/opt/openblas/lib -lopenblas"
+  HVAE_EXTRA_CFLAGS  more compiler flags (the sanitizer build uses this)
+"""
+import os
+import shlex
+import subprocess
+
+import numpy
+from setuptools import Extension, setup
+
+
+def pkg_config(*args):
+    """Output of pkg-config split into flags, or None where pkg-config or the package is absent."""
+    try:
+        out = subprocess.run(["pkg-config", *args], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return shlex.split(out.stdout)
+
+
+def blas_flags():
+    """(compile flags, link flags) for CBLAS."""
+    cflags, libs = os.environ.get("HVAE_BLAS_CFLAGS"), os.environ.get("HVAE_BLAS_LIBS")
+    if cflags is not None or libs is not None:
+        return shlex.split(cflags or ""), shlex.split(libs or "-lopenblas")
+    pkg = os.environ.get("HVAE_BLAS_PKG", "openblas")
+    found_c, found_l = pkg_config("--cflags", pkg), pkg_config("--libs", pkg)
+    if found_c is None or found_l is None:
+        raise SystemExit(
+            f"hvae: pkg-config could not find '{pkg}'. Install OpenBLAS (Debian: "
+            "apt-get install libopenblas-dev pkg-config) or set HVAE_BLAS_CFLAGS / HVAE_BLAS_LIBS."
+        )
+    return found_c, found_l
+
+
+blas_c, blas_l = blas_flags()
+extra = shlex.split(os.environ.get("HVAE_EXTRA_CFLAGS", ""))
+
+core = Extension(
+    "hvae._core",
+    sources=["csrc/_core.c", "csrc/f32.c", "csrc/f64.c", "csrc/table.c"],
+    depends=["csrc/hvae.h", "csrc/real.h", "csrc/layers.c", "csrc/model.c"],
+    include_dirs=["csrc", numpy.get_include()],
+    extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-fno-fast-math", *blas_c, *extra],
+    extra_link_args=[*blas_l, *extra],
+)
+
+setup(ext_modules=[core])

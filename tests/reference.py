@@ -1,0 +1,642 @@
+"""Pure-NumPy float64 reference for the hierarchical VAE loss and its exact, hand-derived gradient.
+
+This module is written from the mathematical specification only and is meant
+to be used by the test-suite to check an independent (C) implementation.  It
+favours clarity over speed: loops over levels and layers, no vectorisation
+tricks, every intermediate kept in float64.
+
+Model summary
+-------------
+``T`` levels, data ``x`` in ``R^D`` and latents ``z_i`` in ``R^{d_i}``,
+``i = 1..T``, with ``z_0 = x_in``.
+
+* Encoder ``i``: MLP ``z_{i-1} -> hidden_dims[i-1] -> 2*d_i`` giving
+  ``(mu_i, logvar_i)``; ``z_i = mu_i + exp(0.5*logvar_i) * eps_i``
+  (or ``z_i = mu_i`` in deterministic mode).
+* Decoder ``i``: MLP ``z_i -> reversed(hidden_dims[i-1]) -> out`` where
+  ``out`` is ``zhat_{i-1}`` (width ``d_{i-1}``) for ``i >= 2`` and the
+  likelihood parameters of ``x`` (width ``D`` or ``2*D``) for ``i = 1``.
+* Loss ``= mean_b(rec_b + beta * sum_i kl_{i,b})``.
+
+Parameters live in one flat vector: all encoders (level 1..T, layer by layer,
+weight then bias) followed by all decoders in the same order; weights have
+the ``torch.nn.Linear`` shape ``(out, in)`` and are stored row-major.
+"""
+
+import numpy as np
+
+LOG2PI = float(np.log(2.0 * np.pi))
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+ACTIVATIONS = ("tanh", "relu", "leaky_relu")
+KL_ESTIMATORS = ("analytic", "mc")
+LEAKY_SLOPE = 0.01
+
+
+# ---------------------------------------------------------------------------
+# Parameter layout
+# ---------------------------------------------------------------------------
+
+def _encoder_widths(level, x_dim, latent_dims, hidden_dims):
+    """Layer widths of encoder ``level`` (1-based), input first.
+
+    Parameters
+    ----------
+    level : int
+        Level index ``i`` in ``1..T``.
+    x_dim : int
+        Data dimension ``D``.
+    latent_dims : sequence of int, length T
+        Latent dimensions ``d_1..d_T``.
+    hidden_dims : sequence of sequence of int, length T
+        Hidden widths per level.
+
+    Returns
+    -------
+    list of int
+        ``[in_dim, *hidden_dims[i-1], 2*d_i]``.
+    """
+    in_dim = x_dim if level == 1 else latent_dims[level - 2]
+    return [in_dim] + [int(h) for h in hidden_dims[level - 1]] + [2 * latent_dims[level - 1]]
+
+
+def _decoder_widths(level, x_dim, latent_dims, hidden_dims, likelihood):
+    """Layer widths of decoder ``level`` (1-based), input first.
+
+    Parameters
+    ----------
+    level : int
+        Level index ``i`` in ``1..T``.
+    x_dim : int
+        Data dimension ``D``.
+    latent_dims : sequence of int, length T
+        Latent dimensions ``d_1..d_T``.
+    hidden_dims : sequence of sequence of int, length T
+        Hidden widths per level (used reversed).
+    likelihood : str
+        One of ``LIKELIHOODS``; sets the output width of decoder 1.
+
+    Returns
+    -------
+    list of int
+        ``[d_i, *reversed(hidden_dims[i-1]), out_dim]``.
+    """
+    if level == 1:
+        out_dim = 2 * x_dim if likelihood == "gaussian_learned" else x_dim
+    else:
+        out_dim = latent_dims[level - 2]
+    hidden = [int(h) for h in hidden_dims[level - 1]][::-1]
+    return [latent_dims[level - 1]] + hidden + [out_dim]
+
+
+def _check_config(x_dim, latent_dims, hidden_dims, likelihood, activation=None, kl=None):
+    """Validate the model configuration, raising ``ValueError`` if inconsistent."""
+    if len(latent_dims) < 1:
+        raise ValueError("need at least one level (latent_dims non-empty)")
+    if len(hidden_dims) != len(latent_dims):
+        raise ValueError("hidden_dims must have one entry per level")
+    if x_dim < 1 or any(d < 1 for d in latent_dims):
+        raise ValueError("dimensions must be positive")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {likelihood!r}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}")
+    if kl is not None and kl not in KL_ESTIMATORS:
+        raise ValueError(f"unknown kl estimator {kl!r}")
+
+
+def param_shapes(x_dim, latent_dims, hidden_dims, likelihood):
+    """Names and shapes of all parameters, in flat-vector layout order.
+
+    Parameters
+    ----------
+    x_dim : int
+        Data dimension ``D``.
+    latent_dims : sequence of int, length T
+        Latent dimensions ``d_1..d_T``.
+    hidden_dims : sequence of sequence of int, length T
+        ``hidden_dims[i-1]`` are the hidden widths of level ``i`` (may be empty).
+    likelihood : {"bernoulli", "gaussian", "gaussian_learned"}
+        Observation model; decoder 1 outputs ``2*D`` values for
+        ``"gaussian_learned"`` and ``D`` otherwise.
+
+    Returns
+    -------
+    list of (str, tuple of int)
+        ``("enc{i}.{j}.weight", (out, in))``, ``("enc{i}.{j}.bias", (out,))``
+        for every layer ``j`` of every encoder ``i = 1..T``, then the same for
+        the decoders ``"dec{i}.{j}.*"``.
+    """
+    _check_config(x_dim, latent_dims, hidden_dims, likelihood)
+    T = len(latent_dims)
+    shapes = []
+    for i in range(1, T + 1):
+        w = _encoder_widths(i, x_dim, latent_dims, hidden_dims)
+        for j in range(len(w) - 1):
+            shapes.append((f"enc{i}.{j}.weight", (w[j + 1], w[j])))
+            shapes.append((f"enc{i}.{j}.bias", (w[j + 1],)))
+    for i in range(1, T + 1):
+        w = _decoder_widths(i, x_dim, latent_dims, hidden_dims, likelihood)
+        for j in range(len(w) - 1):
+            shapes.append((f"dec{i}.{j}.weight", (w[j + 1], w[j])))
+            shapes.append((f"dec{i}.{j}.bias", (w[j + 1],)))
+    return shapes
+
+
+def num_params(shapes):
+    """Total number of scalars described by ``shapes`` (list of (name, shape))."""
+    return int(sum(int(np.prod(s)) for _, s in shapes))
+
+
+def unflatten(flat, shapes):
+    """Split a flat parameter vector into named arrays.
+
+    Parameters
+    ----------
+    flat : ndarray, shape (P,)
+        Flat parameter vector; if it is a contiguous ndarray the returned
+        arrays are views into it (writing to them writes into ``flat``).
+    shapes : list of (str, tuple of int)
+        Layout as returned by :func:`param_shapes`.
+
+    Returns
+    -------
+    dict of str -> ndarray
+        ``name -> array of the given shape``.
+    """
+    flat = np.asarray(flat)
+    if flat.ndim != 1 or flat.size != num_params(shapes):
+        raise ValueError(f"flat vector has size {flat.size}, expected {num_params(shapes)}")
+    out = {}
+    offset = 0
+    for name, shape in shapes:
+        n = int(np.prod(shape))
+        out[name] = flat[offset:offset + n].reshape(shape)
+        offset += n
+    return out
+
+
+def flatten(params, shapes):
+    """Concatenate named arrays into a flat float64 vector in layout order.
+
+    Parameters
+    ----------
+    params : dict of str -> array_like
+        Arrays with the shapes given in ``shapes``.
+    shapes : list of (str, tuple of int)
+        Layout as returned by :func:`param_shapes`.
+
+    Returns
+    -------
+    ndarray, shape (P,)
+        Row-major concatenation of all arrays.
+    """
+    parts = []
+    for name, shape in shapes:
+        a = np.asarray(params[name], dtype=np.float64)
+        if a.shape != tuple(shape):
+            raise ValueError(f"{name}: shape {a.shape}, expected {tuple(shape)}")
+        parts.append(a.reshape(-1))
+    if not parts:
+        return np.zeros(0)
+    return np.concatenate(parts)
+
+
+# ---------------------------------------------------------------------------
+# Elementary pieces
+# ---------------------------------------------------------------------------
+
+def _act(a, activation):
+    """Apply the activation elementwise to pre-activations ``a`` (any shape)."""
+    if activation == "tanh":
+        return np.tanh(a)
+    if activation == "relu":
+        return np.where(a > 0, a, 0.0)
+    if activation == "leaky_relu":
+        return np.where(a > 0, a, LEAKY_SLOPE * a)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _act_grad(a, activation):
+    """Derivative of the activation w.r.t. its pre-activation ``a`` (same shape)."""
+    if activation == "tanh":
+        t = np.tanh(a)
+        return 1.0 - t * t
+    if activation == "relu":
+        return np.where(a > 0, 1.0, 0.0)
+    if activation == "leaky_relu":
+        return np.where(a > 0, 1.0, LEAKY_SLOPE)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _sigmoid(l):
+    """Numerically stable logistic function, ``exp(-softplus(-l))``."""
+    return np.exp(-np.logaddexp(0.0, -l))
+
+
+def _kl_diag_to_unit(mu, logvar, prior_mean):
+    """Analytic ``KL(N(mu, diag exp(logvar)) || N(prior_mean, I))``.
+
+    Parameters
+    ----------
+    mu, logvar : ndarray, shape (B, d)
+        Posterior mean and log-variance.
+    prior_mean : ndarray or float, broadcastable to (B, d)
+        Mean of the unit-variance prior (0 for the top level).
+
+    Returns
+    -------
+    ndarray, shape (B,)
+        ``0.5 * sum(( mu - m)^2 + exp(logvar) - 1 - logvar)``.
+    """
+    r = mu - prior_mean
+    return 0.5 * np.sum(r * r + np.exp(logvar) - 1.0 - logvar, axis=-1)
+
+
+def _log_normal_unit(z, mean):
+    """``log N(z; mean, I)`` summed over the last axis, shape (B,)."""
+    r = z - mean
+    d = z.shape[-1]
+    return -0.5 * np.sum(r * r, axis=-1) - 0.5 * d * LOG2PI
+
+
+def _log_normal_diag(z, mu, logvar):
+    """``log N(z; mu, diag exp(logvar))`` summed over the last axis, shape (B,)."""
+    r = z - mu
+    return -0.5 * np.sum(LOG2PI + logvar + r * r * np.exp(-logvar), axis=-1)
+
+
+def _mlp_forward(p, prefix, n_layers, h, activation):
+    """Run an MLP, keeping what backprop needs.
+
+    Parameters
+    ----------
+    p : dict of str -> ndarray
+        Named parameters (see :func:`unflatten`).
+    prefix : str
+        ``"enc{i}"`` or ``"dec{i}"``.
+    n_layers : int
+        Number of linear layers; all but the last are followed by the activation.
+    h : ndarray, shape (B, in)
+        Input.
+    activation : str
+        Hidden activation name.
+
+    Returns
+    -------
+    out : ndarray, shape (B, out)
+        Output of the last linear layer (no activation).
+    cache : list of (ndarray, ndarray)
+        Per layer ``(layer_input (B, in_j), pre_activation (B, out_j))``.
+    """
+    cache = []
+    for j in range(n_layers):
+        W = p[f"{prefix}.{j}.weight"]
+        b = p[f"{prefix}.{j}.bias"]
+        a = h @ W.T + b
+        cache.append((h, a))
+        h = a if j == n_layers - 1 else _act(a, activation)
+    return h, cache
+
+
+def _mlp_backward(p, g, prefix, cache, dout, activation):
+    """Backpropagate through an MLP run by :func:`_mlp_forward`.
+
+    Parameters
+    ----------
+    p : dict of str -> ndarray
+        Named parameters.
+    g : dict of str -> ndarray
+        Named gradient arrays (views of the flat gradient); accumulated into.
+    prefix : str
+        ``"enc{i}"`` or ``"dec{i}"``.
+    cache : list of (ndarray, ndarray)
+        As returned by :func:`_mlp_forward`.
+    dout : ndarray, shape (B, out)
+        Gradient of the loss w.r.t. the MLP output.
+    activation : str
+        Hidden activation name.
+
+    Returns
+    -------
+    ndarray, shape (B, in)
+        Gradient of the loss w.r.t. the MLP input.
+    """
+    n_layers = len(cache)
+    dh = dout
+    for j in reversed(range(n_layers)):
+        h_in, a = cache[j]
+        if j == n_layers - 1:
+            da = dh
+        else:
+            da = dh * _act_grad(a, activation)
+        W = p[f"{prefix}.{j}.weight"]
+        g[f"{prefix}.{j}.weight"] += da.T @ h_in
+        g[f"{prefix}.{j}.bias"] += np.sum(da, axis=0)
+        dh = da @ W
+    return dh
+
+
+def _reconstruction(x_params, target, likelihood):
+    """Per-example ``-log p(x | z_1)`` and its gradient w.r.t. ``x_params``.
+
+    Parameters
+    ----------
+    x_params : ndarray, shape (B, D) or (B, 2D)
+        Decoder-1 output: logits, mean, or ``[mean, logvar]``.
+    target : ndarray, shape (B, D)
+        Data ``x`` being reconstructed.
+    likelihood : str
+        One of ``LIKELIHOODS``.
+
+    Returns
+    -------
+    rec : ndarray, shape (B,)
+        Negative log-likelihood in nats (constants included).
+    drec : ndarray, same shape as ``x_params``
+        ``d rec_b / d x_params_b`` for each example ``b`` (not averaged).
+    """
+    D = target.shape[1]
+    if likelihood == "bernoulli":
+        l = x_params
+        rec = np.sum(np.logaddexp(0.0, l) - target * l, axis=1)
+        drec = _sigmoid(l) - target
+    elif likelihood == "gaussian":
+        r = target - x_params
+        rec = 0.5 * np.sum(r * r, axis=1) + 0.5 * D * LOG2PI
+        drec = -r
+    elif likelihood == "gaussian_learned":
+        m = x_params[:, :D]
+        s = x_params[:, D:]
+        r = target - m
+        inv_var = np.exp(-s)
+        rec = 0.5 * np.sum(LOG2PI + s + r * r * inv_var, axis=1)
+        drec = np.concatenate([-r * inv_var, 0.5 * (1.0 - r * r * inv_var)], axis=1)
+    else:
+        raise ValueError(f"unknown likelihood {likelihood!r}")
+    return rec, drec
+
+
+# ---------------------------------------------------------------------------
+# Forward pass
+# ---------------------------------------------------------------------------
+
+def _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
+                  likelihood, activation, kl, deterministic, beta):
+    """Forward pass returning the public result dict plus a backprop cache."""
+    _check_config(x_dim, latent_dims, hidden_dims, likelihood, activation, kl)
+    latent_dims = [int(d) for d in latent_dims]
+    T = len(latent_dims)
+    shapes = param_shapes(x_dim, latent_dims, hidden_dims, likelihood)
+    params = np.ascontiguousarray(np.asarray(params, dtype=np.float64))
+    p = unflatten(params, shapes)
+
+    x_in = np.asarray(x_in, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    if x_in.ndim != 2 or x_in.shape[1] != x_dim or target.shape != x_in.shape:
+        raise ValueError("x_in and target must both have shape (B, x_dim)")
+    B = x_in.shape[0]
+    if deterministic:
+        eps = [None] * T
+    else:
+        if eps is None or len(eps) != T:
+            raise ValueError("eps must be a list of T arrays")
+        eps = [np.asarray(e, dtype=np.float64) for e in eps]
+        for i in range(T):
+            if eps[i].shape != (B, latent_dims[i]):
+                raise ValueError(f"eps[{i}] has shape {eps[i].shape}, expected {(B, latent_dims[i])}")
+
+    # Encoders, bottom-up: z_0 = x_in, z_i sampled from q(z_i | z_{i-1}).
+    mus, logvars, zs, enc_caches = [], [], [], []
+    h = x_in
+    for i in range(T):
+        level = i + 1
+        d = latent_dims[i]
+        n_layers = len(_encoder_widths(level, x_dim, latent_dims, hidden_dims)) - 1
+        out, cache = _mlp_forward(p, f"enc{level}", n_layers, h, activation)
+        mu = out[:, :d].copy()
+        lv = out[:, d:].copy()
+        if deterministic:
+            z = mu.copy()
+        else:
+            z = mu + np.exp(0.5 * lv) * eps[i]
+        mus.append(mu)
+        logvars.append(lv)
+        zs.append(z)
+        enc_caches.append(cache)
+        h = z
+
+    # Decoders: decoder i maps z_i to zhat_{i-1} (i >= 2) or x_params (i = 1).
+    # zhats[i] (0-based) is the prior mean of z_{i+1} (1-based), from decoder i+2.
+    dec_outs, dec_caches = [], []
+    for i in range(T):
+        level = i + 1
+        n_layers = len(_decoder_widths(level, x_dim, latent_dims, hidden_dims, likelihood)) - 1
+        out, cache = _mlp_forward(p, f"dec{level}", n_layers, zs[i], activation)
+        dec_outs.append(out)
+        dec_caches.append(cache)
+    x_params = dec_outs[0]
+    zhats = [dec_outs[i + 1] for i in range(T - 1)]
+
+    rec, drec = _reconstruction(x_params, target, likelihood)
+
+    kls = []
+    for i in range(T):
+        d = latent_dims[i]
+        top = i == T - 1
+        if deterministic:
+            if top:
+                kls.append(np.zeros(B))
+            else:
+                r = mus[i] - zhats[i]
+                kls.append(0.5 * np.sum(r * r, axis=1) + 0.5 * d * LOG2PI)
+        elif top:
+            kls.append(_kl_diag_to_unit(mus[i], logvars[i], 0.0))
+        elif kl == "analytic":
+            kls.append(_kl_diag_to_unit(mus[i], logvars[i], zhats[i]))
+        else:  # "mc"
+            r = zs[i] - zhats[i]
+            kls.append(0.5 * np.sum(r * r - 1.0 - logvars[i], axis=1))
+
+    per_example = rec + beta * sum(kls)
+    loss = float(np.mean(per_example))
+
+    if deterministic:
+        log_weight = None
+    else:
+        log_p = -rec + _log_normal_unit(zs[T - 1], 0.0)
+        for i in range(T - 1):
+            log_p = log_p + _log_normal_unit(zs[i], zhats[i])
+        log_q = np.zeros(B)
+        for i in range(T):
+            log_q = log_q + _log_normal_diag(zs[i], mus[i], logvars[i])
+        log_weight = log_p - log_q
+
+    result = {
+        "loss": loss,
+        "reconstruction": rec,
+        "kl": kls,
+        "log_weight": log_weight,
+        "mu": mus,
+        "logvar": logvars,
+        "z": zs,
+        "x_params": x_params,
+    }
+    cache = {
+        "p": p, "shapes": shapes, "B": B, "T": T, "eps": eps, "zhats": zhats,
+        "drec": drec, "enc_caches": enc_caches, "dec_caches": dec_caches,
+        "latent_dims": latent_dims,
+    }
+    return result, cache
+
+
+def forward(params, x_in, target, eps, *, x_dim, latent_dims, hidden_dims,
+            likelihood, activation, kl, deterministic=False, beta=1.0):
+    """Hierarchical VAE forward pass and loss.
+
+    Parameters
+    ----------
+    params : ndarray, shape (P,)
+        Flat parameter vector in the :func:`param_shapes` layout.
+    x_in : ndarray, shape (B, D)
+        Encoder input ``z_0``.
+    target : ndarray, shape (B, D)
+        Reconstruction target ``x`` (equals ``x_in`` unless denoising).
+    eps : list of T ndarrays, shapes (B, d_i), or None
+        Standard-normal noise for the reparameterization; ignored (may be
+        ``None``) when ``deterministic``.
+    x_dim : int
+        ``D``.
+    latent_dims : sequence of int, length T
+        ``d_1..d_T``.
+    hidden_dims : sequence of sequence of int, length T
+        Hidden widths per level.
+    likelihood : {"bernoulli", "gaussian", "gaussian_learned"}
+    activation : {"tanh", "relu", "leaky_relu"}
+    kl : {"analytic", "mc"}
+        Estimator of the KL terms of levels ``i < T`` (level ``T`` is always
+        analytic).
+    deterministic : bool, optional
+        Autoencoder mode: ``z_i = mu_i``, logvar outputs unused.
+    beta : float, optional
+        Weight of the KL terms.
+
+    Returns
+    -------
+    dict
+        ``"loss"`` : float, ``mean_b(rec + beta * sum_i kl_i)``;
+        ``"reconstruction"`` : ndarray (B,);
+        ``"kl"`` : list of T ndarrays (B,), level 1 first;
+        ``"log_weight"`` : ndarray (B,) ``log p(x,z) - log q(z|x)``, or None
+        when ``deterministic``;
+        ``"mu"``, ``"logvar"``, ``"z"`` : lists of T ndarrays (B, d_i);
+        ``"x_params"`` : ndarray (B, D) or (B, 2D), decoder-1 output.
+    """
+    result, _ = _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
+                              likelihood, activation, kl, deterministic, float(beta))
+    return result
+
+
+# ---------------------------------------------------------------------------
+# Backward pass
+# ---------------------------------------------------------------------------
+
+def loss_and_grad(params, x_in, target, eps, *, x_dim, latent_dims, hidden_dims,
+                  likelihood, activation, kl, deterministic=False, beta=1.0):
+    """Loss and its exact gradient by manual backpropagation.
+
+    Parameters
+    ----------
+    params, x_in, target, eps, x_dim, latent_dims, hidden_dims, likelihood,
+    activation, kl, deterministic, beta
+        As in :func:`forward`.
+
+    Returns
+    -------
+    loss : float
+        Same value as ``forward(...)["loss"]``.
+    grad : ndarray, shape (P,)
+        ``d loss / d params`` in the flat layout.
+
+    Notes
+    -----
+    With ``c = beta / B`` the per-example output gradients are:
+
+    * reconstruction: ``d rec / d x_params`` divided by ``B``;
+    * top level (stochastic): ``dmu_T += c*mu_T``,
+      ``dlv_T += c*0.5*(exp(lv_T) - 1)``;
+    * level ``i < T``, analytic: ``r = mu_i - zhat_i``, ``dmu_i += c*r``,
+      ``dzhat_i -= c*r``, ``dlv_i += c*0.5*(exp(lv_i) - 1)``;
+    * level ``i < T``, mc: ``r = z_i - zhat_i``, ``dz_i += c*r``,
+      ``dzhat_i -= c*r``, ``dlv_i -= 0.5*c``;
+    * level ``i < T``, deterministic: ``r = mu_i - zhat_i`` with
+      ``z_i = mu_i``, ``dz_i += c*r``, ``dzhat_i -= c*r``.
+
+    The decoders are then backpropagated (``dzhat_{i-1}`` or ``dx_params``
+    into decoder ``i`` gives a contribution to ``dz_i``).  Finally the
+    encoders are processed top-down so that ``dz_i`` is complete (kl term,
+    decoder ``i`` and encoder ``i+1`` input) before it is pushed through the
+    reparameterization: ``dmu_i += dz_i``,
+    ``dlv_i += dz_i * eps_i * 0.5*exp(0.5*lv_i)`` (no ``dlv`` in
+    deterministic mode).
+    """
+    beta = float(beta)
+    result, cache = _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
+                                  likelihood, activation, kl, deterministic, beta)
+    p = cache["p"]
+    shapes = cache["shapes"]
+    B = cache["B"]
+    T = cache["T"]
+    eps = cache["eps"]
+    zhats = cache["zhats"]
+    mus, logvars, zs = result["mu"], result["logvar"], result["z"]
+
+    grad = np.zeros(num_params(shapes))
+    g = unflatten(grad, shapes)  # views into grad
+
+    c = beta / B
+    dmu = [np.zeros_like(m) for m in mus]
+    dlv = [np.zeros_like(m) for m in mus]
+    dz = [np.zeros_like(m) for m in mus]
+    dzhat = [np.zeros_like(zh) for zh in zhats]
+
+    # KL terms.
+    for i in range(T):
+        top = i == T - 1
+        if deterministic:
+            if not top:
+                r = mus[i] - zhats[i]
+                dz[i] += c * r
+                dzhat[i] -= c * r
+        elif top:
+            dmu[i] += c * mus[i]
+            dlv[i] += c * 0.5 * (np.exp(logvars[i]) - 1.0)
+        elif kl == "analytic":
+            r = mus[i] - zhats[i]
+            dmu[i] += c * r
+            dzhat[i] -= c * r
+            dlv[i] += c * 0.5 * (np.exp(logvars[i]) - 1.0)
+        else:  # "mc"
+            r = zs[i] - zhats[i]
+            dz[i] += c * r
+            dzhat[i] -= c * r
+            dlv[i] += -0.5 * c
+
+    # Reconstruction term.
+    dx_params = cache["drec"] / B
+
+    # Decoders: decoder level i+1 (0-based i) takes z_i.
+    for i in range(T):
+        dout = dx_params if i == 0 else dzhat[i - 1]
+        dz[i] += _mlp_backward(p, g, f"dec{i + 1}", cache["dec_caches"][i], dout, activation)
+
+    # Encoders, top-down; z_i also feeds encoder i+1 (processed before it).
+    for i in reversed(range(T)):
+        dmu[i] += dz[i]
+        if not deterministic:
+            dlv[i] += dz[i] * eps[i] * 0.5 * np.exp(0.5 * logvars[i])
+        dout = np.concatenate([dmu[i], dlv[i]], axis=1)
+        dinp = _mlp_backward(p, g, f"enc{i + 1}", cache["enc_caches"][i], dout, activation)
+        if i > 0:
+            dz[i - 1] += dinp
+
+    return result["loss"], grad
