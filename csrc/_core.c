@@ -709,7 +709,8 @@ PyDoc_STRVAR(adam_doc,
 "adam_update(params, m, v, grad, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)\n"
 "--\n\n"
 "One bias-corrected Adam step in place on params, m, v (1-D, same length and float dtype,\n"
-"C-contiguous, writeable); grad of the same length and dtype; step >= 1 counts this update.");
+"C-contiguous, writeable); grad of the same length and dtype; step >= 1 counts this update.\n"
+"Returns True, or False without changing anything when grad holds a NaN or infinity.");
 
 static PyObject *adam_update(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"params", "m", "v", "grad", "step", "lr", "beta1", "beta2", "eps", NULL};
@@ -752,14 +753,16 @@ static PyObject *adam_update(PyObject *Py_UNUSED(mod), PyObject *args, PyObject 
     }
     void *pp = PyArray_DATA((PyArrayObject *)p), *a = PyArray_DATA((PyArrayObject *)m1),
          *b = PyArray_DATA((PyArrayObject *)m2), *gp = PyArray_DATA(grad);
+    int done;
     Py_BEGIN_ALLOW_THREADS
     if (tn == NPY_FLOAT32)
-        adam_update_f32(pp, a, b, gp, (size_t)n, (float)lr, (float)b1, (float)b2, (float)eps, step);
+        done = adam_update_f32(pp, a, b, gp, (size_t)n, (float)lr, (float)b1, (float)b2,
+                               (float)eps, step);
     else
-        adam_update_f64(pp, a, b, gp, (size_t)n, lr, b1, b2, eps, step);
+        done = adam_update_f64(pp, a, b, gp, (size_t)n, lr, b1, b2, eps, step);
     Py_END_ALLOW_THREADS
     Py_DECREF(grad);
-    Py_RETURN_NONE;
+    return PyBool_FromLong(done);
 }
 
 static PyMethodDef module_methods[] = {

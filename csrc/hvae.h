@@ -105,8 +105,9 @@ int hvae_x_params_dim(const hvae_config *cfg);
     hvae_status hvae_decode_##sfx(real *x_params, real *const *z, hvae_workspace *ws,             \
                                   const hvae_model *m, const real *params, const real *z_top,     \
                                   int level, const real *const *eps, real temperature, int batch); \
-    /* One bias-corrected Adam step (Kingma & Ba) on n parameters, step t >= 1. */               \
-    void adam_update_##sfx(real *params, real *m1, real *m2, const real *grad, size_t n,          \
+    /* One bias-corrected Adam step (Kingma & Ba) on n parameters, step t >= 1. Returns 1, or 0   \
+     * without touching anything when grad holds a NaN or infinity. */                           \
+    int adam_update_##sfx(real *params, real *m1, real *m2, const real *grad, size_t n,          \
                            real lr, real beta1, real beta2, real eps, long t);
 
 HVAE_DECLARE(float, f32)

@@ -258,8 +258,11 @@ static void F(gaussian_learned_nll_backward)(real *dml, const real *ml, const re
 /* ------------------------------------------------------------------------------------------ */
 /* Adam (Kingma & Ba 2015, bias-corrected), one pass over the flat buffer; public (hvae.h)       */
 
-void F(adam_update)(real *params, real *m1, real *m2, const real *grad, size_t n, real lr,
-                            real beta1, real beta2, real eps, long t) {
+int F(adam_update)(real *params, real *m1, real *m2, const real *grad, size_t n, real lr,
+                   real beta1, real beta2, real eps, long t) {
+    /* a non-finite gradient changes nothing: the caller keeps its last finite parameters */
+    for (size_t k = 0; k < n; k++)
+        if (!isfinite(grad[k])) return 0;
     real c1 = (real)1 - POW(beta1, (real)t), c2 = (real)1 - POW(beta2, (real)t);
     for (size_t k = 0; k < n; k++) {
         real g = grad[k];
@@ -267,4 +270,5 @@ void F(adam_update)(real *params, real *m1, real *m2, const real *grad, size_t n
         m2[k] = beta2 * m2[k] + ((real)1 - beta2) * g * g;
         params[k] -= lr * (m1[k] / c1) / (SQRT(m2[k] / c2) + eps);
     }
+    return 1;
 }

@@ -1,7 +1,9 @@
 """The HVAE estimator: architecture, the flat parameter buffer, and the core's loss and gradient."""
+import os
+
 import numpy as np
 
-from . import _core
+from . import _core, checkpoint, evaluation, training
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
@@ -92,8 +94,11 @@ class HVAE:
         self.deterministic = bool(deterministic)
         self._core = _core.Model(self.x_dim, latent_dims, hidden_dims, likelihood, activation, kl,
                                  self.deterministic, self.dtype)
+        _check_memory(self._core.n_params * np.dtype(self.dtype).itemsize, "the parameters")
         self._rng = np.random.default_rng(seed)
         self.params = np.empty(self._core.n_params, dtype=self.dtype)
+        self.history_ = []
+        self.optimizer_ = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------
@@ -138,14 +143,21 @@ class HVAE:
     # ------------------------------------------------------------------------------------------
     # the loss
 
-    def _check_x(self, x, name="x"):
-        """x as a 2-D array of the model's dtype with x_dim columns (the core re-checks)."""
+    def _check_x(self, x, name="x", finite=True):
+        """x as a 2-D array of the model's dtype with x_dim columns, finite unless the caller
+        leaves that check to the core (which names the argument the same way)."""
         arr = np.asarray(x)
         if arr.dtype.kind not in "biuf":
             raise TypeError(f"{name}: expected a real-valued array, got dtype {arr.dtype}")
         if arr.ndim != 2 or arr.shape[1] != self.x_dim:
             raise ValueError(f"{name}: expected shape (batch, {self.x_dim}), got {arr.shape}")
-        return np.ascontiguousarray(arr, dtype=self.dtype)
+        arr = np.ascontiguousarray(arr, dtype=self.dtype)
+        if finite:
+            rows = np.isfinite(arr).all(axis=1)
+            if not rows.all():
+                raise ValueError(f"{name}: expected finite values, got NaN or infinity in row "
+                                 f"{int(np.argmin(rows))}")
+        return arr
 
     def draw_eps(self, batch):
         """Standard normal noise for every level, from the model's Generator.
@@ -157,10 +169,15 @@ class HVAE:
         """
         return [self._rng.standard_normal((batch, d), dtype=self.dtype) for d in self.latent_dims]
 
+    @property
+    def dtype_type(self):
+        """The NumPy scalar type of the model's dtype."""
+        return np.dtype(self.dtype).type
+
     def _forward(self, x, eps, target, beta, grad=None, log_weight=False):
-        x = self._check_x(x)
+        x = self._check_x(x, finite=False)
         if target is not None:
-            target = self._check_x(target, "target")
+            target = self._check_x(target, "target", finite=False)
         if eps is None and not self.deterministic:
             eps = self.draw_eps(len(x))
         return self._core.forward(self.params, x, target, None if self.deterministic else eps,
@@ -207,12 +224,282 @@ class HVAE:
         _, terms, lw = self._forward(x, eps, target, 1.0, log_weight=not self.deterministic)
         return {"reconstruction": terms[0], "kl": list(terms[1:]), "log_weight": lw}
 
+    # ------------------------------------------------------------------------------------------
+    # training
+
+    def _ensure_optimizer(self):
+        if self.optimizer_ is None:
+            self.optimizer_ = training.Adam(self.n_params, self.dtype)
+
+    def fit(self, X, *, epochs, batch_size=100, lr=1e-3, validation_data=None,
+            kl_warmup_epochs=0, beta=1.0, patience=None, progress=True, checkpoint=None,
+            callbacks=None):
+        """Train with Adam on shuffled minibatches, continuing from the current state.
+
+        Each call runs ``epochs`` more epochs: parameters, Adam moments, the random stream and
+        ``history_`` carry over (also through :meth:`save` / :func:`hvae.load`), so two calls of
+        2 epochs give bit for bit the parameters of one call of 4.
+
+        Parameters
+        ----------
+        X : array_like, shape (n, x_dim)
+            Training data (values in [0, 1] for the Bernoulli likelihood).
+        epochs : int
+            Epochs to run in this call.
+        batch_size : int
+        lr : float
+            Adam step size.
+        validation_data : array_like, shape (m, x_dim), optional
+            Scored after each epoch (``val_loss``: negative ELBO, k = 1, beta = 1).
+        kl_warmup_epochs : float
+            KL weight rises linearly from 0 to ``beta`` over this many epochs (Ladder VAE).
+        beta : float
+            KL weight after warm-up (beta-VAE; 1 for the ELBO).
+        patience : int, optional
+            Stop after this many epochs without a better ``val_loss`` and keep the best
+            parameters (needs ``validation_data``).
+        progress : bool
+            A tqdm progress bar with loss, reconstruction and KL per level.
+        checkpoint : str or os.PathLike, optional
+            Saved atomically after every epoch.
+        callbacks : list of callable, optional
+            ``cb(model, record)`` after every epoch; returning True stops training.
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        FloatingPointError
+            On a non-finite loss or gradient; says the epoch and step; the model keeps its last
+            finite parameters.
+        """
+        return training.fit(self, X, epochs=epochs, batch_size=batch_size, lr=lr,
+                            validation_data=validation_data, kl_warmup_epochs=kl_warmup_epochs,
+                            beta=beta, patience=patience, progress=progress,
+                            checkpoint=checkpoint, callbacks=callbacks)
+
+    def partial_fit(self, X, *, batch_size=100, lr=1e-3, beta=1.0, progress=False):
+        """One shuffled pass of minibatches over X (one epoch); see :meth:`fit`. Returns self."""
+        return training.fit(self, X, epochs=1, batch_size=batch_size, lr=lr,
+                            validation_data=None, kl_warmup_epochs=0, beta=beta, patience=None,
+                            progress=progress, checkpoint=None, callbacks=None)
+
+    # ------------------------------------------------------------------------------------------
+    # what was learned
+
+    def encode(self, x, *, sample=False):
+        """The approximate posterior of every level.
+
+        Parameters
+        ----------
+        x : array_like, shape (n, x_dim)
+        sample : bool
+            False: level i+1 sees the mean of level i (a deterministic summary). True: it sees a
+            sample z_i drawn from the model's Generator, as in training.
+
+        Returns
+        -------
+        list of (mu, logvar)
+            T pairs of arrays (n, d_i), bottom level first.
+        """
+        x = self._check_x(x)
+        eps = self.draw_eps(len(x)) if sample else None
+        mulv, _ = self._core.encode(self.params, x, eps)
+        return [(a[:, :d], a[:, d:]) for a, d in zip(mulv, self.latent_dims)]
+
+    def transform(self, x):
+        """Top-level posterior means, shape (n, d_T): the embedding to plot."""
+        return self.encode(x)[-1][0]
+
+    def _mean_of_x(self, x_params):
+        """Decoder-1 output -> expected x: probabilities (Bernoulli) or means."""
+        if self.likelihood == "bernoulli":
+            return _sigmoid(x_params)
+        return x_params[:, :self.x_dim]
+
+    def decode(self, z, *, level=None, temperature=0.0, return_latents=False):
+        """Run the decoder chain from ``z`` at ``level`` down to x.
+
+        Parameters
+        ----------
+        z : array_like, shape (n, d_level)
+        level : int, optional
+            1..T (default T, the top).
+        temperature : float
+            Scale of the unit noise added at each level below ``level`` (0: the means).
+        return_latents : bool
+            Also return the list z_1..z_{level-1}.
+
+        Returns
+        -------
+        x : ndarray, shape (n, x_dim)
+            Probabilities (Bernoulli) or means.
+        """
+        level = self.n_levels if level is None else level
+        z = np.asarray(z)
+        n = len(z) if z.ndim == 2 else 0
+        eps = self.draw_eps(n)[:level - 1] if temperature > 0 and n else None
+        xp, zs = self._core.decode(self.params, z, level=level, eps=eps,
+                                   temperature=float(temperature))
+        x = self._mean_of_x(xp)
+        return (x, zs) if return_latents else x
+
+    def reconstruct(self, x):
+        """Expected x given the posterior means, shape (n, x_dim)."""
+        mulv = self.encode(x)
+        return self.decode(mulv[0][0], level=1)
+
+    def sample(self, n, temperature=1.0, *, return_latents=False):
+        """Ancestral samples z_T ~ N(0, t^2 I), z_{i-1} ~ N(zhat_{i-1}, t^2 I), then E[x | z_1].
+
+        Parameters
+        ----------
+        n : int
+        temperature : float
+            t, the noise scale (1: the model; < 1: sharper samples).
+        return_latents : bool
+            Also return [z_1, ..., z_T].
+
+        Returns
+        -------
+        x : ndarray, shape (n, x_dim)
+            Probabilities for the Bernoulli likelihood, means otherwise.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n: expected an integer >= 1, got {n!r}")
+        if not np.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+        z_top = self._rng.standard_normal((n, self.latent_dims[-1]), dtype=self.dtype)
+        z_top *= self.dtype_type(temperature)
+        x, zs = self.decode(z_top, temperature=temperature, return_latents=True)
+        return (x, [*zs, z_top]) if return_latents else x
+
+    def interpolate(self, x_a, x_b, steps=8):
+        """Decode a straight line between the top-level means of two examples.
+
+        Returns
+        -------
+        ndarray, shape (steps, x_dim)
+        """
+        za, zb = self.transform(np.atleast_2d(x_a)), self.transform(np.atleast_2d(x_b))
+        if len(za) != 1 or len(zb) != 1:
+            raise ValueError("x_a, x_b: expected one example each")
+        t = np.linspace(0, 1, int(steps), dtype=self.dtype)[:, None]
+        return self.decode((1 - t) * za + t * zb)
+
+    def traverse(self, x, level, dim, values):
+        """Vary one latent coordinate of one level of an example, decode the rest as means.
+
+        Parameters
+        ----------
+        x : array_like, shape (x_dim,) or (1, x_dim)
+        level : int
+            1..T.
+        dim : int
+            The coordinate of z_level, 0..d_level - 1.
+        values : array_like, shape (m,)
+            Values for that coordinate (e.g. ``np.linspace(-3, 3, 9)``).
+
+        Returns
+        -------
+        ndarray, shape (m, x_dim)
+        """
+        if not 1 <= level <= self.n_levels:
+            raise ValueError(f"level: expected 1..{self.n_levels}, got {level}")
+        if not 0 <= dim < self.latent_dims[level - 1]:
+            raise ValueError(f"dim: expected 0..{self.latent_dims[level - 1] - 1}, got {dim}")
+        mu = self.encode(np.atleast_2d(x))[level - 1][0]
+        values = np.asarray(values, dtype=self.dtype).ravel()
+        z = np.repeat(mu[:1], len(values), axis=0)
+        z[:, dim] = values
+        return self.decode(z, level=level)
+
+    # ------------------------------------------------------------------------------------------
+    # evaluation
+
+    def _check_stochastic(self, what):
+        if self.deterministic:
+            raise ValueError(f"{what}: not defined for a deterministic autoencoder")
+
+    def elbo(self, x, k=1):
+        """Per-example importance-weighted ELBO with k samples (k = 1: the plain ELBO estimate).
+
+        Computed from exact densities, log p(x, z) - log q(z | x), never the analytic shortcut.
+
+        Returns
+        -------
+        ndarray, shape (n,), float64, nats
+        """
+        self._check_stochastic("elbo")
+        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"))
+
+    def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False):
+        """Importance-sampled estimate of log p(x) per example (the IWAE bound with k samples).
+
+        Parameters
+        ----------
+        x : array_like, shape (n, x_dim)
+        k : int
+            Importance samples per example (5000 for published tables).
+        batch_size : int
+            Rows (example x sample) per core call; bounds memory whatever k.
+        progress : bool
+
+        Returns
+        -------
+        ndarray, shape (n,), float64, nats
+        """
+        self._check_stochastic("log_likelihood")
+        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"),
+                                     rows=_positive_int(batch_size, "batch_size"),
+                                     progress=progress)
+
+    def score(self, X, k=100):
+        """Mean importance-sampled log-likelihood of X in nats (higher is better)."""
+        return float(np.mean(self.log_likelihood(X, k=k)))
+
+    # ------------------------------------------------------------------------------------------
+    # persistence
+
+    def save(self, path):
+        """Write the model, its optimiser state and history to ``path`` (.npz, atomic)."""
+        checkpoint.save(self, path)
+
     def __repr__(self):
         flags = ", deterministic=True" if self.deterministic else ""
         return (f"HVAE(x_dim={self.x_dim}, latent_dims={self.latent_dims}, "
                 f"hidden_dims={self.hidden_dims}, likelihood={self.likelihood!r}, "
                 f"activation={self.activation!r}, kl={self.kl!r}, dtype={self.dtype!r}, "
                 f"seed={self.seed!r}{flags})  # {self.n_params:,} parameters")
+
+
+def _sigmoid(a):
+    """Logistic function without overflow."""
+    out = np.empty_like(a)
+    pos = a >= 0
+    out[pos] = 1 / (1 + np.exp(-a[pos]))
+    e = np.exp(a[~pos])
+    out[~pos] = e / (1 + e)
+    return out
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_memory(nbytes, what):
+    """MemoryError before allocating more than the machine's physical memory."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > total:
+        raise MemoryError(f"{what} would need {nbytes / 2**30:.1f} GiB, more than this machine's "
+                          f"{total / 2**30:.1f} GiB of memory")
 
 
 def _is_dtype(value):

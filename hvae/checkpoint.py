@@ -1,0 +1,158 @@
+"""Checkpoints: an HVAE with its optimiser state, random state and history in one .npz file, the
+architecture as JSON, no pickle, written atomically (temporary file, fsync, rename)."""
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+FORMAT = "hvae-checkpoint"
+VERSION = 1
+CONFIG_KEYS = ("x_dim", "latent_dims", "hidden_dims", "likelihood", "activation", "kl", "dtype",
+               "seed", "deterministic")
+MAX_META_BYTES = 1 << 26  # the JSON block of a real checkpoint is a few hundred kB at most
+
+
+def save(model, path):
+    """Write model to path atomically: a reader sees the old file or the new one, never half.
+
+    Parameters
+    ----------
+    model : HVAE
+    path : str or os.PathLike
+        Destination; ``.npz`` is the conventional suffix (not added).
+    """
+    path = os.fspath(path)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": {k: getattr(model, k) for k in CONFIG_KEYS},
+        "rng_state": model._rng.bit_generator.state,
+        "history": getattr(model, "history_", []),
+        "optimizer": None,
+    }
+    arrays = {"params": model.params}
+    opt = getattr(model, "optimizer_", None)
+    if opt is not None:
+        meta["optimizer"] = {"step": opt.step, "lr": opt.lr, "beta1": opt.beta1,
+                             "beta2": opt.beta2, "eps": opt.eps}
+        arrays["adam_m"], arrays["adam_v"] = opt.m, opt.v
+    blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".hvae-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, meta=blob, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _bad(path, why):
+    return ValueError(f"{path}: not a valid hvae checkpoint ({why})")
+
+
+def _read_array(zf, name, path, shape, dtype):
+    """Read one member after checking its header against the expected shape and dtype, so a
+    hostile header cannot make us allocate more than the model needs."""
+    member = name + ".npy"
+    if member not in zf.namelist():
+        raise _bad(path, f"missing array '{name}'")
+    with zf.open(member) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)(f)
+        except ValueError as exc:
+            raise _bad(path, f"array '{name}': {exc}") from None
+        got_shape, fortran, got_dtype = header
+        if got_shape != shape or got_dtype != np.dtype(dtype) or fortran:
+            raise _bad(path, f"array '{name}': expected shape {shape} dtype {np.dtype(dtype)}, "
+                             f"got shape {got_shape} dtype {got_dtype}")
+        if got_dtype.hasobject:
+            raise _bad(path, f"array '{name}' holds Python objects")
+        data = f.read(int(np.prod(shape)) * got_dtype.itemsize + 1)
+    if len(data) != int(np.prod(shape)) * got_dtype.itemsize:
+        raise _bad(path, f"array '{name}' is truncated or too long")
+    return np.frombuffer(data, dtype=got_dtype).reshape(shape).copy()
+
+
+def load(path):
+    """Read a checkpoint written by :func:`save`.
+
+    Returns
+    -------
+    HVAE
+        With parameters, optimiser state, random state and ``history_`` restored, so that
+        ``fit`` continues exactly as an uninterrupted run would.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        The file is truncated, corrupted, not an hvae checkpoint, or inconsistent.
+    """
+    from .model import HVAE
+    from .training import Adam
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise _bad(path, f"not a readable .npz archive: {exc}") from None
+    with zf:
+        try:
+            info = zf.getinfo("meta.npy")
+        except KeyError:
+            raise _bad(path, "no 'meta' entry") from None
+        if info.file_size > MAX_META_BYTES:
+            raise _bad(path, f"metadata of {info.file_size} bytes")
+        try:
+            with zf.open("meta.npy") as f:
+                blob = np.lib.format.read_array(f, allow_pickle=False)
+            meta = json.loads(bytes(blob).decode("utf-8"))
+            if meta.get("format") != FORMAT:
+                raise _bad(path, f"format {meta.get('format')!r}")
+            if meta.get("version") != VERSION:
+                raise _bad(path, f"version {meta.get('version')!r}, this hvae reads {VERSION}")
+            config = meta["config"]
+            if set(config) != set(CONFIG_KEYS):
+                raise _bad(path, f"config keys {sorted(config)}")
+            model = HVAE(**config)
+            n, dtype = model.n_params, model.dtype
+            model.params[:] = _read_array(zf, "params", path, (n,), dtype)
+            model._rng.bit_generator.state = meta["rng_state"]
+            model.history_ = list(meta["history"])
+            opt = meta["optimizer"]
+            if opt is not None:
+                model.optimizer_ = Adam(n, dtype, lr=float(opt["lr"]), beta1=float(opt["beta1"]),
+                                        beta2=float(opt["beta2"]), eps=float(opt["eps"]))
+                model.optimizer_.step = int(opt["step"])
+                model.optimizer_.m[:] = _read_array(zf, "adam_m", path, (n,), dtype)
+                model.optimizer_.v[:] = _read_array(zf, "adam_v", path, (n,), dtype)
+        except ValueError as exc:
+            if str(exc).startswith(path):
+                raise
+            raise _bad(path, str(exc)) from None
+        except (KeyError, TypeError, AttributeError, zipfile.BadZipFile, EOFError,
+                UnicodeDecodeError, OSError) as exc:
+            raise _bad(path, f"{type(exc).__name__}: {exc}") from None
+    return model

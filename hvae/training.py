@@ -1,0 +1,162 @@
+"""The training loop behind HVAE.fit / partial_fit: Adam on the flat buffer, KL warm-up, early
+stopping, progress bar, per-epoch history, checkpoints, safe stops (NaN, Ctrl-C)."""
+import time
+import warnings
+
+import numpy as np
+
+from . import _core
+
+
+class Adam:
+    """Bias-corrected Adam state over a flat parameter vector (the update runs in C).
+
+    Attributes
+    ----------
+    m, v : ndarray, shape (n_params,)
+        First and second moment estimates.
+    step : int
+        Updates done so far.
+    """
+
+    def __init__(self, n, dtype, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+        self.m = np.zeros(n, dtype)
+        self.v = np.zeros(n, dtype)
+        self.step = 0
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+
+    def update(self, params, grad):
+        """One step in place; returns False (changing nothing) when grad is not finite."""
+        ok = _core.adam_update(params, self.m, self.v, grad, self.step + 1, lr=self.lr,
+                               beta1=self.beta1, beta2=self.beta2, eps=self.eps)
+        if ok:
+            self.step += 1
+        return ok
+
+
+def warmup_beta(beta, warmup_epochs, step, steps_per_epoch):
+    """KL weight at an optimiser step: linear from 0 to beta over the warm-up (Sonderby et al.)."""
+    if warmup_epochs <= 0:
+        return beta
+    return beta * min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
+
+
+class _Bar:
+    """A tqdm bar over optimiser steps, or nothing."""
+
+    def __init__(self, total, enabled, desc):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+
+    def update(self, n, **postfix):
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def set_description(self, desc):
+        if self.bar is not None:
+            self.bar.set_description(desc, refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_epoch(model, X, batch_size, beta, warmup_epochs, bar, epoch):
+    """One shuffled pass of minibatches. Returns the epoch's mean loss and terms.
+
+    Raises FloatingPointError on a non-finite loss or gradient (parameters untouched by that step).
+    """
+    n = len(X)
+    order = model._rng.permutation(n)
+    steps = (n + batch_size - 1) // batch_size
+    grad = np.empty(model.n_params, model.dtype)
+    opt = model.optimizer_
+    T = model.n_levels
+    sums = np.zeros(T + 2)  # loss, rec, kl_1..kl_T, weighted by batch size
+    for s in range(steps):
+        idx = order[s * batch_size:(s + 1) * batch_size]
+        xb = X[idx]
+        eps = model.draw_eps(len(idx))
+        b = warmup_beta(beta, warmup_epochs, opt.step, steps)
+        loss, terms, _ = model._core.forward(model.params, xb, None,
+                                             None if model.deterministic else eps, beta=b,
+                                             grad=grad)
+        if not np.isfinite(loss) or not opt.update(model.params, grad):
+            what = "loss" if not np.isfinite(loss) else "gradient"
+            raise FloatingPointError(
+                f"non-finite {what} at epoch {epoch + 1}, step {s + 1} (loss={loss}); training "
+                "stopped and the model keeps its last finite parameters. Try a lower lr, "
+                "float64, or check the data.")
+        means = terms.mean(axis=1)
+        sums += len(idx) * np.r_[loss, means]
+        bar.update(1, loss=f"{loss:.2f}", rec=f"{means[0]:.2f}",
+                   kl="/".join(f"{k:.2f}" for k in means[1:]))
+    sums /= n
+    return {"loss": float(sums[0]), "reconstruction": float(sums[1]),
+            "kl": [float(k) for k in sums[2:]], "beta": float(b)}
+
+
+def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, beta, patience,
+        progress, checkpoint, callbacks):
+    """The body of HVAE.fit (see there)."""
+    X = model._check_x(X, "X")
+    X_val = None if validation_data is None else model._check_x(validation_data,
+                                                                "validation_data")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"epochs: expected an integer >= 0, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    for name, value in (("lr", lr), ("beta", beta), ("kl_warmup_epochs", kl_warmup_epochs)):
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    if patience is not None and X_val is None:
+        raise ValueError("patience: early stopping needs validation_data")
+    if patience is not None and (not isinstance(patience, (int, np.integer)) or patience < 1):
+        raise ValueError(f"patience: expected None or an integer >= 1, got {patience!r}")
+    model._ensure_optimizer()
+    model.optimizer_.lr = float(lr)
+    batch_size = min(int(batch_size), len(X))
+    steps = (len(X) + batch_size - 1) // batch_size
+    best = (np.inf, None)
+    wait = 0
+    bar = _Bar(epochs * steps, progress, "epoch")
+    model.interrupted_ = False
+    try:
+        for e in range(epochs):
+            epoch = len(model.history_)
+            bar.set_description(f"epoch {epoch + 1}")
+            t0 = time.perf_counter()
+            record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs, bar, epoch)
+            record["epoch"] = epoch + 1
+            record["val_loss"] = None if X_val is None else float(-np.mean(model.elbo(X_val)))
+            record["seconds"] = time.perf_counter() - t0
+            model.history_.append(record)
+            stop = False
+            if patience is not None:
+                if record["val_loss"] < best[0]:
+                    best, wait = (record["val_loss"], model.params.copy()), 0
+                else:
+                    wait += 1
+                    stop = wait >= patience
+            if checkpoint is not None:
+                model.save(checkpoint)
+            for cb in callbacks or ():
+                stop = cb(model, record) is True or stop
+            if stop:
+                break
+    except KeyboardInterrupt:
+        model.interrupted_ = True
+        warnings.warn(f"fit interrupted in epoch {len(model.history_) + 1}: the model keeps the "
+                      "parameters of its last completed step", RuntimeWarning, stacklevel=3)
+    finally:
+        bar.close()
+    if best[1] is not None:
+        model.params[:] = best[1]  # early stopping keeps the best validation loss
+        if checkpoint is not None:
+            model.save(checkpoint)
+    return model

@@ -1,0 +1,167 @@
+"""HVAE.fit / partial_fit: determinism, resuming, warm-up, early stopping, safe stops."""
+import warnings
+
+import numpy as np
+import pytest
+
+import hvae
+from hvae.training import warmup_beta
+
+
+def binary_data(n=300, d=20, seed=0):
+    rng = np.random.default_rng(seed)
+    proto = rng.random((4, d)) < 0.5
+    return (proto[rng.integers(0, 4, n)] ^ (rng.random((n, d)) < 0.05)).astype(np.float32)
+
+
+def small(seed=0, **kw):
+    return hvae.HVAE(20, [6, 3], [[16], [8]], seed=seed, **kw)
+
+
+def test_fit_learns_and_records_history():
+    X = binary_data()
+    m = small(kl="mc")
+    before = -np.mean(m.elbo(X))
+    m.fit(X, epochs=8, batch_size=32, lr=3e-3, validation_data=X[:50], progress=False)
+    after = -np.mean(m.elbo(X))
+    assert after < before - 2, (before, after)
+    assert [r["epoch"] for r in m.history_] == list(range(1, 9))
+    r = m.history_[-1]
+    assert set(r) >= {"loss", "reconstruction", "kl", "val_loss", "seconds", "beta"}
+    assert len(r["kl"]) == 2 and r["val_loss"] is not None and r["seconds"] > 0
+    np.testing.assert_allclose(r["loss"], r["reconstruction"] + sum(r["kl"]), rtol=1e-5)
+
+
+def test_same_seed_same_parameters_and_resume_is_exact(tmp_path):
+    X = binary_data()
+    a = small(seed=3).fit(X, epochs=4, batch_size=50, progress=False)
+    b = small(seed=3).fit(X, epochs=4, batch_size=50, progress=False)
+    np.testing.assert_array_equal(a.params, b.params)
+    c = small(seed=3).fit(X, epochs=2, batch_size=50, progress=False)
+    c.fit(X, epochs=2, batch_size=50, progress=False)
+    np.testing.assert_array_equal(a.params, c.params)
+    d = small(seed=3).fit(X, epochs=2, batch_size=50, progress=False, checkpoint=tmp_path / "c.npz")
+    e = hvae.load(tmp_path / "c.npz").fit(X, epochs=2, batch_size=50, progress=False)
+    np.testing.assert_array_equal(a.params, e.params)
+    assert [r["epoch"] for r in e.history_] == [1, 2, 3, 4]
+    assert d.optimizer_.step * 2 == e.optimizer_.step
+    f = small(seed=4).fit(X, epochs=4, batch_size=50, progress=False)
+    assert not np.array_equal(a.params, f.params)
+
+
+def test_kl_warmup_and_beta():
+    assert warmup_beta(1.0, 0, 0, 10) == 1.0
+    assert warmup_beta(1.0, 2, 0, 10) == pytest.approx(0.05)
+    assert warmup_beta(0.5, 2, 19, 10) == pytest.approx(0.5)
+    assert warmup_beta(0.5, 2, 100, 10) == pytest.approx(0.5)
+    X = binary_data()
+    m = small().fit(X, epochs=3, batch_size=100, kl_warmup_epochs=2, progress=False)
+    assert [r["beta"] for r in m.history_] == pytest.approx([0.5, 1.0, 1.0])
+    m = small().fit(X, epochs=1, batch_size=100, beta=4.0, progress=False)
+    r = m.history_[0]
+    np.testing.assert_allclose(r["loss"], r["reconstruction"] + 4 * sum(r["kl"]), rtol=1e-5)
+
+
+def test_early_stopping_keeps_best_parameters():
+    X = binary_data()
+    seen = []
+    m = small(kl="mc")
+    m.fit(X[:100], epochs=30, batch_size=10, lr=0.05, validation_data=X[100:], patience=2,
+          progress=False, callbacks=[lambda model, rec: seen.append(model.params.copy())])
+    vals = [r["val_loss"] for r in m.history_]
+    assert len(vals) < 30  # stopped early
+    best = int(np.argmin(vals))
+    assert len(vals) == best + 3
+    np.testing.assert_array_equal(m.params, seen[best])
+
+
+def test_callback_can_stop():
+    m = small().fit(binary_data(), epochs=10, progress=False,
+                    callbacks=[lambda model, rec: rec["epoch"] == 3])
+    assert len(m.history_) == 3
+
+
+class FaultyCore:
+    """Wraps the core: makes step `at` return a NaN loss or raise KeyboardInterrupt."""
+
+    def __init__(self, core, at, fault):
+        self.core, self.at, self.fault, self.calls, self.params_before = core, at, fault, 0, None
+
+    def forward(self, params, *args, **kw):
+        if kw.get("grad") is not None:
+            self.calls += 1
+            if self.calls == self.at:
+                self.params_before = params.copy()
+                if self.fault == "interrupt":
+                    raise KeyboardInterrupt
+                loss, terms, lw = self.core.forward(params, *args, **kw)
+                return float("nan"), terms, lw
+        return self.core.forward(params, *args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.core, name)
+
+
+def test_non_finite_loss_stops_with_epoch_and_step():
+    X = binary_data()
+    m = small()
+    m._core = FaultyCore(m._core, at=8, fault="nan")  # epoch 2 (3 steps an epoch), step 2
+    with pytest.raises(FloatingPointError, match="epoch 3, step 2"):
+        m.fit(X, epochs=5, batch_size=100, progress=False)
+    np.testing.assert_array_equal(m.params, m._core.params_before)
+    assert np.isfinite(m.params).all() and len(m.history_) == 2
+
+
+def test_non_finite_gradient_changes_nothing():
+    m = small(dtype="float64")
+    m.fit(binary_data(), epochs=1, progress=False)
+    p = m.params.copy()
+    grad = np.zeros_like(p)
+    grad[5] = np.inf
+    assert not m.optimizer_.update(m.params, grad)
+    np.testing.assert_array_equal(p, m.params)
+
+
+def test_ctrl_c_leaves_model_usable():
+    X = binary_data()
+    m = small()
+    m._core = FaultyCore(m._core, at=5, fault="interrupt")
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        m.fit(X, epochs=5, batch_size=100, progress=False)
+    assert m.interrupted_ and len(m.history_) == 1
+    np.testing.assert_array_equal(m.params, m._core.params_before)
+    assert m.optimizer_.step == 4
+    m._core = m._core.core
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.fit(X, epochs=1, batch_size=100, progress=False)
+    assert not m.interrupted_ and np.isfinite(m.elbo(X[:5])).all()
+
+
+def test_partial_fit_is_one_epoch():
+    m = small().partial_fit(binary_data(), batch_size=64)
+    assert len(m.history_) == 1 and m.optimizer_.step == 5
+
+
+def test_progress_bar_shows_loss_and_kl(capsys):
+    small().fit(binary_data(), epochs=1, progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 1" in err and "loss=" in err and "kl=" in err
+
+
+def test_fit_rejects_bad_arguments():
+    m, X = small(), binary_data()
+    with pytest.raises(ValueError, match="epochs"):
+        m.fit(X, epochs=-1)
+    with pytest.raises(ValueError, match="batch_size"):
+        m.fit(X, epochs=1, batch_size=0)
+    with pytest.raises(ValueError, match="lr"):
+        m.fit(X, epochs=1, lr=np.nan)
+    with pytest.raises(ValueError, match="patience"):
+        m.fit(X, epochs=1, patience=2)
+    with pytest.raises(ValueError, match="X"):
+        m.fit(X[:, :5], epochs=1)
+    with pytest.raises(ValueError, match="validation_data"):
+        m.fit(X, epochs=1, validation_data=X[:, :3])
+    with pytest.raises(ValueError, match="X"):
+        m.fit(np.where(X > 0, np.nan, X), epochs=1, progress=False)
