@@ -139,7 +139,10 @@ def load(path):
             model = HVAE(**config)
             n, dtype = model.n_params, model.dtype
             model.params[:] = _read_array(zf, "params", path, (n,), dtype)
-            model._rng.bit_generator.state = meta["rng_state"]
+            try:
+                model._rng.bit_generator.state = meta["rng_state"]
+            except (TypeError, ValueError, KeyError) as exc:
+                raise _bad(path, f"rng_state: {exc}") from None
             model.history_ = list(meta["history"])
             opt = meta["optimizer"]
             if opt is not None:
