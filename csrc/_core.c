@@ -765,7 +765,39 @@ static PyObject *adam_update(PyObject *Py_UNUSED(mod), PyObject *args, PyObject 
     return PyBool_FromLong(done);
 }
 
+PyDoc_STRVAR(vecmath_doc,
+"_vecmath(op, x)\n"
+"--\n\n"
+"The core's elementwise math on a float32 or float64 array, for accuracy tests: op is one of\n"
+"'exp', 'expm1', 'log1p' (x in [0, 1]), 'tanh', 'softplus', 'sigmoid'.");
+
+static PyObject *vecmath(PyObject *Py_UNUSED(mod), PyObject *args) {
+    static const char *const OPS[] = {"exp", "expm1", "log1p", "tanh", "softplus", "sigmoid", NULL};
+    const char *opname;
+    PyObject *x_obj;
+    int op;
+    if (!PyArg_ParseTuple(args, "sO", &opname, &x_obj) || pick(opname, "op", OPS, &op) < 0)
+        return NULL;
+    int tn = PyArray_Check(x_obj) && PyArray_TYPE((PyArrayObject *)x_obj) == NPY_FLOAT32
+                 ? NPY_FLOAT32 : NPY_FLOAT64;
+    PyArrayObject *x = input_array(x_obj, "x", tn);
+    if (!x) return NULL;
+    PyArrayObject *out = (PyArrayObject *)PyArray_NewLikeArray(x, NPY_CORDER, NULL, 0);
+    if (!out) {
+        Py_DECREF(x);
+        return NULL;
+    }
+    size_t n = (size_t)PyArray_SIZE(x);
+    if (tn == NPY_FLOAT32)
+        hvae_vecmath_f32(PyArray_DATA(out), PyArray_DATA(x), n, op);
+    else
+        hvae_vecmath_f64(PyArray_DATA(out), PyArray_DATA(x), n, op);
+    Py_DECREF(x);
+    return (PyObject *)out;
+}
+
 static PyMethodDef module_methods[] = {
+    {"_vecmath", (PyCFunction)vecmath, METH_VARARGS, vecmath_doc},
     {"adam_update", (PyCFunction)(void (*)(void))adam_update, METH_VARARGS | METH_KEYWORDS, adam_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -1,3 +1,4 @@
-/* f32.c - the float32 build of the generic core (layers.c + model.c). */
+/* f32.c - the float32 build of the generic core (vecmath.c + layers.c + model.c). */
+#include "vecmath.c"
 #include "layers.c"
 #include "model.c"

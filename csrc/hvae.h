@@ -107,6 +107,9 @@ int hvae_x_params_dim(const hvae_config *cfg);
                                   int level, const real *const *eps, real temperature, int batch); \
     /* One bias-corrected Adam step (Kingma & Ba) on n parameters, step t >= 1. Returns 1, or 0   \
      * without touching anything when grad holds a NaN or infinity. */                           \
+    /* Elementwise math of the core, for accuracy tests: op 0 exp, 1 expm1, 2 log1p on [0, 1],    \
+     * 3 tanh, 4 softplus, 5 sigmoid. */                                                         \
+    hvae_status hvae_vecmath_##sfx(real *out, const real *in, size_t n, int op);                  \
     int adam_update_##sfx(real *params, real *m1, real *m2, const real *grad, size_t n,          \
                            real lr, real beta1, real beta2, real eps, long t);
 

@@ -8,6 +8,7 @@
  * A Gaussian parameter block `mulv` is (B, 2d): row b holds mu (d values) then logvar (d values).
  */
 #include "real.h"
+/* F(vexp), F(vtanh), ... come from vecmath.c, included before this file */
 
 /* ------------------------------------------------------------------------------------------ */
 /* dense layer: out = in @ W^T + b                                                              */
@@ -48,7 +49,7 @@ static void F(linear_backward)(real *din, real *dweight, real *dbias, const real
 static void F(act_forward)(real *y, size_t n, int act) {
     switch (act) {
     case 0: /* tanh */
-        for (size_t k = 0; k < n; k++) y[k] = TANH(y[k]);
+        for (size_t k = 0; k < n; k++) y[k] = F(vtanh)(y[k]);
         break;
     case 1: /* relu */
         for (size_t k = 0; k < n; k++) y[k] = y[k] > 0 ? y[k] : (real)0;
@@ -84,7 +85,7 @@ static void F(reparam_forward)(real *z, const real *mulv, const real *eps, int B
         real *zb = z + (size_t)b * d;
         if (eps) {
             const real *e = eps + (size_t)b * d;
-            for (int j = 0; j < d; j++) zb[j] = mu[j] + EXP((real)0.5 * lv[j]) * e[j];
+            for (int j = 0; j < d; j++) zb[j] = mu[j] + F(vexp)((real)0.5 * lv[j]) * e[j];
         } else {
             for (int j = 0; j < d; j++) zb[j] = mu[j];
         }
@@ -100,42 +101,65 @@ static void F(reparam_backward)(real *dmulv, const real *dz, const real *mulv, c
         for (int j = 0; j < d; j++) dmu[j] += dzb[j];
         if (eps) {
             const real *e = eps + (size_t)b * d;
-            for (int j = 0; j < d; j++) dlv[j] += dzb[j] * (real)0.5 * EXP((real)0.5 * lv[j]) * e[j];
+            for (int j = 0; j < d; j++)
+                dlv[j] += dzb[j] * (real)0.5 * F(vexp)((real)0.5 * lv[j]) * e[j];
         }
     }
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* per-example sums: the summands go to a scratch row (a loop that vectorises), then are added in
+ * 8 interleaved partial sums (vectorises too, in a fixed order: no reassociation by the compiler) */
+
+static real F(lane_sum)(const real *restrict v, int n) {
+    real part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) part[l] += v[j + l];
+    for (; j < n; j++) part[0] += v[j];
+    return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* closed-form KL( N(mu, diag exp(logvar)) || N(mean, I) ), mean = 0 when NULL                  */
 
-/* acc (B,) += 0.5 * sum_j (mu - mean)^2 + exp(lv) - 1 - lv; mulv (B,2d), mean (B,d) or NULL */
-static void F(gauss_kl_forward)(real *acc, const real *mulv, const real *mean, int B, int d) {
+/* acc (B,) += 0.5 * sum_j (mu - mean)^2 + exp(lv) - 1 - lv; mulv (B,2d), mean (B,d) or NULL;
+ * scratch (d,) */
+static void F(gauss_kl_forward)(real *restrict acc, real *restrict scratch,
+                                const real *restrict mulv, const real *restrict mean, int B,
+                                int d) {
     for (int b = 0; b < B; b++) {
         const real *mu = mulv + (size_t)b * 2 * d, *lv = mu + d;
-        const real *m = mean ? mean + (size_t)b * d : NULL;
-        real s = 0;
-        for (int j = 0; j < d; j++) {
-            real diff = m ? mu[j] - m[j] : mu[j];
-            s += diff * diff + EXP(lv[j]) - (real)1 - lv[j];
+        for (int j = 0; j < d; j++) scratch[j] = F(vexpm1)(lv[j]) - lv[j];
+        if (mean) {
+            const real *m = mean + (size_t)b * d;
+            for (int j = 0; j < d; j++) scratch[j] += (mu[j] - m[j]) * (mu[j] - m[j]);
+        } else {
+            for (int j = 0; j < d; j++) scratch[j] += mu[j] * mu[j];
         }
-        acc[b] += (real)0.5 * s;
+        acc[b] += (real)0.5 * F(lane_sum)(scratch, d);
     }
 }
 
 /* dmulv (B,2d) +=, dmean (B,d) += (or NULL); scale = d loss / d kl_b */
-static void F(gauss_kl_backward)(real *dmulv, real *dmean, const real *mulv, const real *mean,
-                                 real scale, int B, int d) {
+static void F(gauss_kl_backward)(real *restrict dmulv, real *restrict dmean,
+                                 const real *restrict mulv, const real *restrict mean, real scale,
+                                 int B, int d) {
     for (int b = 0; b < B; b++) {
         const real *mu = mulv + (size_t)b * 2 * d, *lv = mu + d;
-        const real *m = mean ? mean + (size_t)b * d : NULL;
         real *dmu = dmulv + (size_t)b * 2 * d, *dlv = dmu + d;
-        real *dm = dmean ? dmean + (size_t)b * d : NULL;
-        for (int j = 0; j < d; j++) {
-            real g = scale * (m ? mu[j] - m[j] : mu[j]);
-            dmu[j] += g;
-            if (dm) dm[j] -= g;
-            dlv[j] += scale * (real)0.5 * (EXP(lv[j]) - (real)1);
+        if (mean) {
+            const real *m = mean + (size_t)b * d;
+            real *dm = dmean + (size_t)b * d;
+            for (int j = 0; j < d; j++) {
+                real g = scale * (mu[j] - m[j]);
+                dmu[j] += g;
+                dm[j] -= g;
+            }
+        } else {
+            for (int j = 0; j < d; j++) dmu[j] += scale * mu[j];
         }
+        for (int j = 0; j < d; j++) dlv[j] += scale * (real)0.5 * F(vexpm1)(lv[j]);
     }
 }
 
@@ -143,12 +167,11 @@ static void F(gauss_kl_backward)(real *dmulv, real *dmean, const real *mulv, con
 /* negative entropy of N(mu, diag exp(logvar)): -H = -0.5 * sum_j (1 + log 2pi + lv)            */
 
 /* acc (B,) += -H; mulv (B,2d) */
-static void F(gauss_negentropy_forward)(real *acc, const real *mulv, int B, int d) {
+static void F(gauss_negentropy_forward)(real *restrict acc, const real *restrict mulv, int B,
+                                        int d) {
     for (int b = 0; b < B; b++) {
         const real *lv = mulv + (size_t)b * 2 * d + d;
-        real s = 0;
-        for (int j = 0; j < d; j++) s += (real)1 + LOG_2PI + lv[j];
-        acc[b] -= (real)0.5 * s;
+        acc[b] -= (real)0.5 * (F(lane_sum)(lv, d) + (real)d * ((real)1 + LOG_2PI));
     }
 }
 
@@ -160,95 +183,91 @@ static void F(gauss_negentropy_backward)(real *dmulv, real scale, int B, int d) 
     }
 }
 
-/* log q(z | .) at z = mu + exp(lv/2) eps: acc (B,) += -0.5 * sum_j (log 2pi + lv + eps^2).
- * Evaluation only (no backward). */
-static void F(gauss_logq_forward)(real *acc, const real *mulv, const real *eps, int B, int d) {
+/* log q(z | .) at z = mu + exp(lv/2) eps: acc (B,) += -0.5 * sum_j (log 2pi + lv + eps^2);
+ * scratch (d,). Evaluation only (no backward). */
+static void F(gauss_logq_forward)(real *restrict acc, real *restrict scratch,
+                                  const real *restrict mulv, const real *restrict eps, int B,
+                                  int d) {
     for (int b = 0; b < B; b++) {
         const real *lv = mulv + (size_t)b * 2 * d + d, *e = eps + (size_t)b * d;
-        real s = 0;
-        for (int j = 0; j < d; j++) s += LOG_2PI + lv[j] + e[j] * e[j];
-        acc[b] -= (real)0.5 * s;
+        for (int j = 0; j < d; j++) scratch[j] = lv[j] + e[j] * e[j];
+        acc[b] -= (real)0.5 * (F(lane_sum)(scratch, d) + (real)d * LOG_2PI);
     }
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* likelihoods: negative log-densities of a target t (B,n) given decoder outputs                */
 
-/* unit-variance Gaussian: acc (B,) += 0.5 * sum (t - mean)^2 + 0.5 n log 2pi; mean NULL = 0 */
-static void F(gaussian_nll_forward)(real *acc, const real *mean, const real *t, int B, int n) {
+/* unit-variance Gaussian: acc (B,) += 0.5 * sum (t - mean)^2 + 0.5 n log 2pi; mean NULL = 0;
+ * scratch (n,) */
+static void F(gaussian_nll_forward)(real *restrict acc, real *restrict scratch,
+                                    const real *restrict mean, const real *restrict t, int B,
+                                    int n) {
     for (int b = 0; b < B; b++) {
-        const real *m = mean ? mean + (size_t)b * n : NULL, *tb = t + (size_t)b * n;
-        real s = 0;
-        for (int j = 0; j < n; j++) {
-            real diff = m ? tb[j] - m[j] : tb[j];
-            s += diff * diff;
+        const real *tb = t + (size_t)b * n;
+        if (mean) {
+            const real *m = mean + (size_t)b * n;
+            for (int j = 0; j < n; j++) scratch[j] = (tb[j] - m[j]) * (tb[j] - m[j]);
+        } else {
+            for (int j = 0; j < n; j++) scratch[j] = tb[j] * tb[j];
         }
-        acc[b] += (real)0.5 * s + (real)0.5 * (real)n * LOG_2PI;
+        acc[b] += (real)0.5 * F(lane_sum)(scratch, n) + (real)0.5 * (real)n * LOG_2PI;
     }
 }
 
 /* dmean (B,n) += or NULL, dt (B,n) += or NULL */
-static void F(gaussian_nll_backward)(real *dmean, real *dt, const real *mean, const real *t,
+static void F(gaussian_nll_backward)(real *restrict dmean, real *restrict dt,
+                                     const real *restrict mean, const real *restrict t,
                                      real scale, int B, int n) {
-    for (size_t k = 0; k < (size_t)B * n; k++) {
-        real g = scale * (t[k] - mean[k]);
-        if (dmean) dmean[k] -= g;
-        if (dt) dt[k] += g;
-    }
+    size_t len = (size_t)B * n;
+    if (dmean)
+        for (size_t k = 0; k < len; k++) dmean[k] -= scale * (t[k] - mean[k]);
+    if (dt)
+        for (size_t k = 0; k < len; k++) dt[k] += scale * (t[k] - mean[k]);
 }
 
 /* Bernoulli with logits l: acc (B,) += sum softplus(l) - t*l, softplus stable:
- * softplus(l) = max(l,0) + log1p(exp(-|l|)) */
-static void F(bernoulli_nll_forward)(real *acc, const real *logits, const real *t, int B, int n) {
+ * softplus(l) = max(l,0) + log1p(exp(-|l|)) (vecmath.c); scratch (n,) */
+static void F(bernoulli_nll_forward)(real *restrict acc, real *restrict scratch,
+                                     const real *restrict logits, const real *restrict t, int B,
+                                     int n) {
     for (int b = 0; b < B; b++) {
         const real *l = logits + (size_t)b * n, *tb = t + (size_t)b * n;
-        real s = 0;
-        for (int j = 0; j < n; j++) {
-            real a = l[j] > 0 ? l[j] : -l[j];
-            s += (l[j] > 0 ? l[j] : (real)0) + LOG1P(EXP(-a)) - tb[j] * l[j];
-        }
-        acc[b] += s;
+        for (int j = 0; j < n; j++) scratch[j] = F(vsoftplus)(l[j]) - tb[j] * l[j];
+        acc[b] += F(lane_sum)(scratch, n);
     }
 }
 
 /* dlogits (B,n) += scale * (sigmoid(l) - t), sigmoid computed without overflow */
-static void F(bernoulli_nll_backward)(real *dlogits, const real *logits, const real *t,
-                                      real scale, int B, int n) {
-    for (size_t k = 0; k < (size_t)B * n; k++) {
-        real l = logits[k], sig;
-        if (l >= 0) {
-            sig = (real)1 / ((real)1 + EXP(-l));
-        } else {
-            real e = EXP(l);
-            sig = e / ((real)1 + e);
-        }
-        dlogits[k] += scale * (sig - t[k]);
-    }
+static void F(bernoulli_nll_backward)(real *restrict dlogits, const real *restrict logits,
+                                      const real *restrict t, real scale, int B, int n) {
+    for (size_t k = 0; k < (size_t)B * n; k++)
+        dlogits[k] += scale * (F(vsigmoid)(logits[k]) - t[k]);
 }
 
 /* learned-variance Gaussian, ml (B,2n) = [mean, logvar]:
- * acc (B,) += 0.5 * sum (log 2pi + lv + (t - mean)^2 exp(-lv)) */
-static void F(gaussian_learned_nll_forward)(real *acc, const real *ml, const real *t, int B,
-                                            int n) {
+ * acc (B,) += 0.5 * sum (log 2pi + lv + (t - mean)^2 exp(-lv)); scratch (n,) */
+static void F(gaussian_learned_nll_forward)(real *restrict acc, real *restrict scratch,
+                                            const real *restrict ml, const real *restrict t,
+                                            int B, int n) {
     for (int b = 0; b < B; b++) {
         const real *m = ml + (size_t)b * 2 * n, *lv = m + n, *tb = t + (size_t)b * n;
-        real s = 0;
         for (int j = 0; j < n; j++) {
             real diff = tb[j] - m[j];
-            s += LOG_2PI + lv[j] + diff * diff * EXP(-lv[j]);
+            scratch[j] = lv[j] + diff * diff * F(vexp)(-lv[j]);
         }
-        acc[b] += (real)0.5 * s;
+        acc[b] += (real)0.5 * (F(lane_sum)(scratch, n) + (real)n * LOG_2PI);
     }
 }
 
 /* dml (B,2n) += */
-static void F(gaussian_learned_nll_backward)(real *dml, const real *ml, const real *t, real scale,
-                                             int B, int n) {
+static void F(gaussian_learned_nll_backward)(real *restrict dml, const real *restrict ml,
+                                             const real *restrict t, real scale, int B, int n) {
     for (int b = 0; b < B; b++) {
         const real *m = ml + (size_t)b * 2 * n, *lv = m + n, *tb = t + (size_t)b * n;
         real *dm = dml + (size_t)b * 2 * n, *dlv = dm + n;
         for (int j = 0; j < n; j++) {
-            real diff = tb[j] - m[j], prec = EXP(-lv[j]);
+            real diff = tb[j] - m[j], prec = F(vexp)(-lv[j]);
             dm[j] -= scale * diff * prec;
             dlv[j] += scale * (real)0.5 * ((real)1 - diff * diff * prec);
         }
@@ -258,11 +277,11 @@ static void F(gaussian_learned_nll_backward)(real *dml, const real *ml, const re
 /* ------------------------------------------------------------------------------------------ */
 /* Adam (Kingma & Ba 2015, bias-corrected), one pass over the flat buffer; public (hvae.h)       */
 
-int F(adam_update)(real *params, real *m1, real *m2, const real *grad, size_t n, real lr,
-                   real beta1, real beta2, real eps, long t) {
+int F(adam_update)(real *restrict params, real *restrict m1, real *restrict m2,
+                   const real *restrict grad, size_t n, real lr, real beta1, real beta2, real eps,
+                   long t) {
     /* a non-finite gradient changes nothing: the caller keeps its last finite parameters */
-    for (size_t k = 0; k < n; k++)
-        if (!isfinite(grad[k])) return 0;
+    if (!F(all_finite)(grad, n)) return 0;
     real c1 = (real)1 - POW(beta1, (real)t), c2 = (real)1 - POW(beta2, (real)t);
     for (size_t k = 0; k < n; k++) {
         real g = grad[k];

@@ -98,12 +98,12 @@ static const real *F(decoder)(F(buffers) *bf, const hvae_model *m, const real *p
     return F(last)(bf->dec[i], &m->dec[i]);
 }
 
-static void F(likelihood_forward)(real *acc, const hvae_config *c, const real *xp,
+static void F(likelihood_forward)(real *acc, real *scratch, const hvae_config *c, const real *xp,
                                   const real *target, int B) {
     switch (c->likelihood) {
-    case HVAE_BERNOULLI: F(bernoulli_nll_forward)(acc, xp, target, B, c->x_dim); break;
-    case HVAE_GAUSSIAN: F(gaussian_nll_forward)(acc, xp, target, B, c->x_dim); break;
-    default: F(gaussian_learned_nll_forward)(acc, xp, target, B, c->x_dim); break;
+    case HVAE_BERNOULLI: F(bernoulli_nll_forward)(acc, scratch, xp, target, B, c->x_dim); break;
+    case HVAE_GAUSSIAN: F(gaussian_nll_forward)(acc, scratch, xp, target, B, c->x_dim); break;
+    default: F(gaussian_learned_nll_forward)(acc, scratch, xp, target, B, c->x_dim); break;
     }
 }
 
@@ -139,17 +139,18 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
     zhat[T] = NULL; /* p(z_T) = N(0, I) */
 
     memset(terms, 0, sizeof(real) * (size_t)B * (T + 1));
-    F(likelihood_forward)(terms, c, zhat[0], target, B);
+    real *scratch = bf.grads; /* (max(D, d_i),): the gradient half is free during the forward */
+    F(likelihood_forward)(terms, scratch, c, zhat[0], target, B);
     for (int i = 1; i <= T; i++) {
         real *kl = terms + (size_t)i * B;
         const real *mulv = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
         int d = c->z_dim[i - 1];
         if (c->deterministic) {
-            if (i < T) F(gaussian_nll_forward)(kl, zhat[i], bf.z[i - 1], B, d);
+            if (i < T) F(gaussian_nll_forward)(kl, scratch, zhat[i], bf.z[i - 1], B, d);
         } else if (c->kl == HVAE_KL_ANALYTIC || i == T) {
-            F(gauss_kl_forward)(kl, mulv, zhat[i], B, d);
+            F(gauss_kl_forward)(kl, scratch, mulv, zhat[i], B, d);
         } else { /* mc: -log p(z_i | z_{i+1}) at the sample, minus the entropy of q */
-            F(gaussian_nll_forward)(kl, zhat[i], bf.z[i - 1], B, d);
+            F(gaussian_nll_forward)(kl, scratch, zhat[i], bf.z[i - 1], B, d);
             F(gauss_negentropy_forward)(kl, mulv, B, d);
         }
     }
@@ -165,8 +166,8 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
         memcpy(log_weight, terms, sizeof(real) * (size_t)B);
         for (int i = 1; i <= T; i++) {
             const real *mulv = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
-            F(gaussian_nll_forward)(log_weight, zhat[i], bf.z[i - 1], B, c->z_dim[i - 1]);
-            F(gauss_logq_forward)(log_weight, mulv, eps[i - 1], B, c->z_dim[i - 1]);
+            F(gaussian_nll_forward)(log_weight, scratch, zhat[i], bf.z[i - 1], B, c->z_dim[i - 1]);
+            F(gauss_logq_forward)(log_weight, scratch, mulv, eps[i - 1], B, c->z_dim[i - 1]);
         }
         for (int b = 0; b < B; b++) log_weight[b] = -log_weight[b];
     }

@@ -1,0 +1,206 @@
+"""Reproduce the published test log-likelihoods on statically binarized MNIST (IWAE paper models).
+
+Trains each selected model with Adam (batch 100), KL warm-up, a decaying learning rate and early
+stopping on the validation split within a wall-clock budget, then estimates the test
+log-likelihood by importance sampling (k = 5000 by default) over the whole test split, and writes
+a markdown table beside the published numbers plus a small checkpoint per model.
+
+    python benchmarks/mnist.py --vae1 --budget-minutes 55
+    python benchmarks/mnist.py --hvae2-mc --hvae2-analytic --budget-minutes 100
+    python benchmarks/mnist.py --vae1 --quick          # an end-to-end smoke run in seconds
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import hvae
+from hvae import datasets
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# name -> (constructor arguments, published test log-likelihood, where it was published)
+MODELS = {
+    "vae1": (dict(latent_dims=[50], hidden_dims=[[200, 200]], kl="analytic"),
+             -88.71, "IWAE paper appendix (VAE, k=1); VampPrior paper: -88.56"),
+    "hvae2-mc": (dict(latent_dims=[100, 50], hidden_dims=[[200, 200], [100, 100]], kl="mc"),
+                 -86.05, "VampPrior paper, two levels, standard prior"),
+    "hvae2-analytic": (dict(latent_dims=[100, 50], hidden_dims=[[200, 200], [100, 100]],
+                            kl="analytic"),
+                       -86.05, "VampPrior paper, two levels, standard prior"),
+}
+TARGETS = {"vae1": -89.5, "hvae2-mc": -87.5, "hvae2-analytic": -87.5}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--vae1", action="store_true",
+                   help="one stochastic level, 784-200-200-50, tanh, Bernoulli")
+    p.add_argument("--hvae2-mc", action="store_true",
+                   help="two levels x->[200,200]->z1(100)->[100,100]->z2(50), unbiased kl='mc'")
+    p.add_argument("--hvae2-analytic", action="store_true",
+                   help="the same two-level model trained with the seed's kl='analytic'")
+    p.add_argument("--budget-minutes", type=float, default=55.0,
+                   help="wall-clock training budget per model (evaluation not included)")
+    p.add_argument("--max-epochs", type=int, default=10000, help="epochs at most")
+    p.add_argument("--lr", type=float, default=1e-3, help="initial Adam step size")
+    p.add_argument("--lr-final", type=float, default=1e-4,
+                   help="step size reached at the end of the budget (exponential decay in time)")
+    p.add_argument("--warmup-epochs", type=float, default=20, help="KL warm-up epochs")
+    p.add_argument("--patience", type=int, default=50,
+                   help="stop after this many epochs without a better validation ELBO")
+    p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
+    p.add_argument("-k", type=int, default=5000, help="importance samples for the test estimate")
+    p.add_argument("--eval-examples", type=int, default=None,
+                   help="test examples to evaluate (default: the whole test split)")
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="use only this many training examples (smoke runs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS threads (default: OpenBLAS's own choice)")
+    p.add_argument("--seed", type=int, default=0, help="model seed")
+    p.add_argument("--data-dir", default=None, help="directory of binarized_mnist.npz")
+    p.add_argument("--output", default=os.path.join(RESULTS, "mnist.md"),
+                   help="markdown table to write (rows of earlier runs of other models are kept)")
+    p.add_argument("--checkpoint-dir", default=RESULTS, help="where the trained models go")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny settings for a smoke test: 1000 examples, 2 epochs, k=20, 100 "
+                        "test examples")
+    args = p.parse_args(argv)
+    args.models = [name for name in MODELS if getattr(args, name.replace("-", "_"))]
+    if not args.models:
+        p.error("choose at least one of --vae1, --hvae2-mc, --hvae2-analytic")
+    if args.quick:
+        args.max_examples, args.max_epochs, args.k = 1000, 2, 20
+        args.eval_examples, args.warmup_epochs = 100, 1
+    return args
+
+
+def train(name, X, X_val, args, log):
+    """Train one model within the budget; returns (model, epochs run, train seconds)."""
+    kwargs, _, _ = MODELS[name]
+    m = hvae.HVAE(784, seed=args.seed, **kwargs)
+    budget = 60 * args.budget_minutes
+    t0 = time.perf_counter()
+    best_val, best_params, best_epoch, epoch = np.inf, m.params.copy(), 0, 0
+    while epoch < args.max_epochs:
+        elapsed = time.perf_counter() - t0
+        if elapsed > budget:
+            break
+        lr = args.lr * (args.lr_final / args.lr) ** min(1.0, elapsed / budget)
+        m.fit(X, epochs=1, batch_size=100, lr=lr, kl_warmup_epochs=args.warmup_epochs,
+              progress=False)
+        epoch += 1
+        rec = m.history_[-1]
+        if epoch % args.eval_every == 0 or epoch == args.max_epochs:
+            val = float(-np.mean(m.elbo(X_val)))
+            rec["val_loss"] = val
+            if val < best_val:
+                best_val, best_params, best_epoch = val, m.params.copy(), epoch
+            log(f"{name} epoch {epoch:4d}  {time.perf_counter() - t0:7.0f}s  lr {lr:.2e}  "
+                f"train {rec['loss']:.2f}  kl {'/'.join(f'{k:.1f}' for k in rec['kl'])}  "
+                f"valid {val:.2f}  best {best_val:.2f} @ {best_epoch}")
+            if epoch - best_epoch >= args.patience:
+                log(f"{name}: no better validation ELBO for {args.patience} epochs, stopping")
+                break
+    seconds = time.perf_counter() - t0
+    m.params[:] = best_params
+    return m, epoch, best_epoch, seconds
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_table(path, rows):
+    """Merge rows (by model name) into the markdown table at path."""
+    store = path + ".json"
+    data = {}
+    if os.path.exists(store):
+        with open(store) as f:
+            data = json.load(f)
+    data.update({r["model"]: r for r in rows})
+    tmp = store + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, store)
+    lines = [
+        "# Test log-likelihood on statically binarized MNIST",
+        "",
+        "Written by `benchmarks/mnist.py` (see the README). Log-likelihoods in nats, "
+        "importance-sampled with k samples over the test split; ELBO with k = 1. Adam, batch 100, "
+        "KL warm-up, early stopping on the validation split, learning rate decayed over a "
+        "wall-clock budget, on the machine named in each row.",
+        "",
+        "| model | architecture | kl | test log-lik. | k | test ELBO | published | target | "
+        "epochs (best) | train time | date | commit | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data.values():
+        met = "met" if r["test_ll"] >= r["target"] else f"missed by {r['target'] - r['test_ll']:.2f}"
+        lines.append(
+            f"| {r['model']} | {r['architecture']} | {r['kl']} | **{r['test_ll']:.2f}** "
+            f"± {r['test_ll_se']:.2f} | {r['k']} | {r['test_elbo']:.2f} | {r['published']} "
+            f"({r['source']}) | {r['target']} ({met}) | {r['epochs']} ({r['best_epoch']}) | "
+            f"{r['train_minutes']:.1f} min | {r['date']} | {r['commit']} | {r['machine']} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        try:
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(args.threads)
+        except ImportError:
+            os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    X = datasets.load_binarized_mnist("train", args.data_dir)[:args.max_examples]
+    X_val = datasets.load_binarized_mnist("valid", args.data_dir)
+    X_test = datasets.load_binarized_mnist("test", args.data_dir)[:args.eval_examples]
+    if args.quick:
+        X_val = X_val[:500]
+    os.makedirs(args.checkpoint_dir, exist_ok=True)
+    rows = []
+    for name in args.models:
+        m, epochs, best_epoch, seconds = train(name, X, X_val, args, log)
+        t0 = time.perf_counter()
+        ll = m.log_likelihood(X_test, k=args.k, progress=sys.stderr.isatty())
+        elbo = m.elbo(X_test)
+        log(f"{name}: test log-likelihood {ll.mean():.2f} (k={args.k}, {len(ll)} examples, "
+            f"{time.perf_counter() - t0:.0f}s), test ELBO {elbo.mean():.2f}")
+        m.optimizer_ = None  # a small checkpoint: parameters, architecture, history
+        ckpt = os.path.join(args.checkpoint_dir, f"{name}.npz")
+        m.save(ckpt)
+        kwargs, published, source = MODELS[name]
+        arch = " -> ".join(["784"] + [f"{h} -> {d}" for h, d in zip(kwargs["hidden_dims"],
+                                                                   kwargs["latent_dims"])])
+        rows.append(dict(
+            model=name, architecture=arch, kl=kwargs["kl"], test_ll=float(ll.mean()),
+            test_ll_se=float(ll.std() / np.sqrt(len(ll))), k=args.k,
+            test_elbo=float(elbo.mean()), published=published, source=source,
+            target=TARGETS[name], epochs=epochs, best_epoch=best_epoch,
+            train_minutes=seconds / 60, date=datetime.date.today().isoformat(),
+            commit=git_commit(), machine=f"{os.cpu_count()} cores {platform.machine()}",
+            test_examples=len(ll), checkpoint=os.path.relpath(ckpt)))
+    write_table(args.output, rows)
+    log(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,613 @@
+"""Speed of one hvae training step against peers measured in the same run.
+
+One training step is forward + backward (`HVAE.loss_and_grad`) + the optimiser update
+(`hvae._core.adam_update`). The noise eps and the batches are drawn before the timed region, for
+every implementation alike (a pool of 4 batches is cycled). Peers:
+
+- torch: the same network and loss in PyTorch on the CPU (benchmarks/torch_peer.py), the same
+  parameter values and eps, `torch.optim.Adam`; threads set with `torch.set_num_threads`.
+- numpy: the float64 NumPy reference `tests/reference.py` plus a NumPy Adam step.
+
+Before timing, a guard checks on every model and dtype that the peers compute what hvae computes
+(loss, gradient and one Adam step); the run aborts if not. BLAS threads of hvae (the OpenBLAS it
+links) and of NumPy are set with threadpoolctl. The GEMM peak is that of the OpenBLAS hvae links,
+called through ctypes. Each figure is the median over repeats of the mean time of a block of
+steps, after a warm-up. Also timed: one MNIST-sized epoch of hvae2 at batch 100 in float32.
+
+    .venv/bin/python benchmarks/speed.py            # the full run, writes benchmarks/results/speed.md
+    .venv/bin/python benchmarks/speed.py --quick    # a smoke run of a few seconds
+"""
+import argparse
+import ctypes
+import datetime
+import gc
+import itertools
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import threadpoolctl
+
+import hvae
+from hvae import _core
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import reference  # noqa: E402  (tests/reference.py, the NumPy twin)
+
+try:
+    import torch
+except ImportError:
+    torch = None
+else:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from torch_peer import TorchHVAE  # noqa: E402
+
+MODELS = {
+    "vae": dict(x_dim=784, latent_dims=[20], hidden_dims=[[400]], activation="relu"),
+    "hvae2": dict(x_dim=784, latent_dims=[100, 50], hidden_dims=[[200, 200], [100, 100]],
+                  activation="tanh"),
+    "hvae5": dict(x_dim=784, latent_dims=[64, 32, 16, 8, 4],
+                  hidden_dims=[[512, 512], [256, 256], [128, 128], [64, 64], [32, 32]],
+                  activation="tanh"),
+}
+DTYPES = ("float32", "float64")
+PEERS = ("torch", "numpy")
+LR = 1e-3
+POOL = 4  # batches cycled through by every timed loop
+EPOCH = dict(model="hvae2", batch=100, dtype="float32")
+# the project's targets (float32, best thread count of each side)
+TARGET_RATIO = {32: 3.0, 128: 2.0, 1024: 1.3}
+TARGET_PEAK = 0.75  # of the GEMM peak at batch 1024
+TARGET_EPOCH = 1.5  # seconds
+# guard tolerances: (loss relative, gradient max-abs relative to max |grad|, params after Adam)
+GUARD_TOL = {"float32": (1e-4, 1e-3, 1e-6), "float64": (1e-10, 1e-8, 1e-12)}
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Time one hvae training step (loss_and_grad + adam_update) against PyTorch "
+                    "and the NumPy reference, report GFLOP/s against the OpenBLAS GEMM peak, "
+                    "time one MNIST-sized epoch, and check the project's speed targets.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                   help="models to time: vae = 784-400-20 ReLU; hvae2 = IWAE two-level "
+                        "(100, 50), tanh; hvae5 = five levels 64-32-16-8-4, tanh")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES),
+                   help="floating-point types of hvae and torch (the NumPy reference is always "
+                        "float64)")
+    p.add_argument("--batches", nargs="+", type=int, default=[32, 128, 1024],
+                   help="batch sizes")
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2],
+                   help="BLAS threads for hvae and NumPy (threadpoolctl), intra-op threads "
+                        "for torch (torch.set_num_threads)")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="timed repeats per case; the median is reported")
+    p.add_argument("--min-time", type=float, default=0.05,
+                   help="seconds one timed repeat lasts at least (steps per repeat are "
+                        "calibrated from the warm-up)")
+    p.add_argument("--warmup", type=float, default=0.2,
+                   help="seconds of untimed warm-up steps before each case (at least 2 steps)")
+    p.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS),
+                   help="peers to time (none: hvae alone); torch is skipped with a note when "
+                        "it is not importable")
+    p.add_argument("--torch-adam", choices=("default", "foreach", "fused"), default="default",
+                   help="implementation of torch.optim.Adam: default (what "
+                        "torch.optim.Adam(params, lr) picks on the CPU), foreach=True or "
+                        "fused=True")
+    p.add_argument("--numpy-batches", nargs="*", type=int, default=[32, 128],
+                   help="batch sizes at which the (slow) NumPy reference is timed")
+    p.add_argument("--numpy-repeats", type=int, default=3,
+                   help="timed repeats of the NumPy reference (one step per repeat at least)")
+    p.add_argument("--gemm-size", type=int, default=2048,
+                   help="n of the square n x n x n GEMM that measures the BLAS peak")
+    p.add_argument("--epoch-examples", type=int, default=50000,
+                   help="examples in the timed epoch (0 skips the epoch); the first rows of "
+                        "the binarized MNIST train split, or random binary data without it")
+    p.add_argument("--epoch-repeats", type=int, default=3,
+                   help="timed epochs per implementation and thread count (median)")
+    p.add_argument("--data", type=Path,
+                   default=Path(os.environ.get("HVAE_DATA", ROOT.parent / "shared" / "data"))
+                   / "binarized_mnist.npz",
+                   help="binarized MNIST .npz (key 'train'); random binary data when absent")
+    p.add_argument("--seed", type=int, default=0, help="seed of parameters, data and noise")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run of a few seconds: float32, batch 32, 1 thread, 3 short "
+                        "repeats, a 2000-example epoch, a 512 GEMM; writes no file unless "
+                        "--output is given")
+    p.add_argument("--output", type=Path, default=None,
+                   help="markdown file for the results (default: benchmarks/results/speed.md; "
+                        "none with --quick)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.dtypes, args.batches, args.threads = ["float32"], [32], [1]
+        args.repeats, args.min_time, args.warmup = 3, 0.01, 0.02
+        args.numpy_batches, args.numpy_repeats = [32], 1
+        args.gemm_size, args.epoch_examples, args.epoch_repeats = 512, 2000, 1
+    elif args.output is None:
+        args.output = ROOT / "benchmarks" / "results" / "speed.md"
+    if torch is None and "torch" in args.peers:
+        print("note: torch is not importable; the PyTorch peer is skipped "
+              "(install: .venv/bin/pip install torch==2.13.0)")
+        args.peers = [q for q in args.peers if q != "torch"]
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# machine, libraries, GEMM peak
+
+def run(cmd):
+    """stdout of a command, stripped, or '' when it fails."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True,
+                              cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def linked_openblas():
+    """Path of the OpenBLAS that hvae._core links (ldd), else pkg-config's libdir."""
+    for line in run(["ldd", _core.__file__]).splitlines():
+        found = re.search(r"(libopenblas\S*) => (\S+)", line)
+        if found:
+            return found.group(2)
+    return str(Path(run(["pkg-config", "--variable=libdir", "openblas"])) / "libopenblas.so.0")
+
+
+def machine_info(blas):
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    blas.openblas_get_config.restype = ctypes.c_char_p
+    blas.openblas_get_corename.restype = ctypes.c_char_p
+    numpy_blas = [i for i in threadpoolctl.threadpool_info()
+                  if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+    commit = run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    if run(["git", "status", "--porcelain", "--untracked-files=no"]):
+        commit += " (working tree modified)"
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": f"{os.cpu_count()} CPUs (nproc {run(['nproc']) or '?'}), {cpu}",
+        "git commit": commit,
+        "python": platform.python_version(),
+        "hvae": hvae.__version__,
+        "hvae's BLAS": f"{blas.openblas_get_config().decode()} (core "
+                       f"{blas.openblas_get_corename().decode()}), {linked_openblas()}",
+        "numpy": np.__version__ + (f" (BLAS: {numpy_blas[0]['internal_api']} "
+                                   f"{numpy_blas[0]['version']})" if numpy_blas else ""),
+        "torch": torch.__version__ if torch is not None else "not installed",
+        "threadpoolctl": threadpoolctl.__version__,
+    }
+
+
+def gemm_peak(blas, dtype, threads, n):
+    """GFLOP/s of an n x n x n GEMM of the linked OpenBLAS at `threads` threads (median of 5)."""
+    real = ctypes.c_float if dtype == "float32" else ctypes.c_double
+    gemm = blas.cblas_sgemm if dtype == "float32" else blas.cblas_dgemm
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
+    c = np.zeros((n, n), dtype)
+    ptr = [ctypes.c_void_p(arr.ctypes.data) for arr in (a, b, c)]
+    row_major, no_trans = 101, 111
+    call = (row_major, no_trans, no_trans, n, n, n, real(1.0), ptr[0], n, ptr[1], n, real(0.0),
+            ptr[2], n)
+    blas.openblas_set_num_threads(threads)
+    gemm(*call)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        gemm(*call)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / statistics.median(times) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# models, data, FLOPs
+
+def make_model(name, dtype, seed):
+    return hvae.HVAE(**MODELS[name], likelihood="bernoulli", kl="analytic", dtype=dtype, seed=seed)
+
+
+def step_flops(m, batch):
+    """GEMM FLOPs of one forward + backward: 2*B*in*out per linear forward, twice that in the
+    backward (weight and input gradients), minus the input gradient of the first layer."""
+    total = 0
+    for name, w in m.named_params().items():
+        if name.endswith(".weight"):
+            out, inp = w.shape
+            total += 6 * batch * inp * out - (2 * batch * inp * out if name == "enc1.0.weight"
+                                              else 0)
+    return total
+
+
+def load_data(path, seed):
+    """(binary float64 rows, description): MNIST's train split, or random binary data."""
+    if path.is_file():
+        with np.load(path) as archive:
+            return archive["train"].astype(np.float64), f"binarized MNIST train split ({path})"
+    rng = np.random.default_rng(seed)
+    return ((rng.random((50000, 784)) < 0.13).astype(np.float64),
+            f"random binary data, {path} absent")
+
+
+def batch_pool(data, m, batch, seed):
+    """POOL pairs (x (B, D), eps list) in the model's dtype, drawn before any timing."""
+    rng = np.random.default_rng(seed)
+    pool = []
+    for _ in range(POOL):
+        idx = rng.choice(len(data), batch, replace=len(data) < batch)
+        eps = [rng.standard_normal((batch, d)).astype(m.dtype) for d in m.latent_dims]
+        pool.append((np.ascontiguousarray(data[idx], dtype=m.dtype), eps))
+    return pool
+
+
+# ----------------------------------------------------------------------------------------------
+# one training step of each implementation
+
+def hvae_stepper(m, pool):
+    g = np.empty_like(m.params)
+    m1, m2 = np.zeros_like(g), np.zeros_like(g)
+    batches, count = itertools.cycle(pool), itertools.count(1)
+
+    def step():
+        x, eps = next(batches)
+        m.loss_and_grad(x, eps, out=g)
+        _core.adam_update(m.params, m1, m2, g, next(count), lr=LR)
+    return step
+
+
+def torch_adam(net, variant):
+    kw = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[variant]
+    return torch.optim.Adam(net.parameters(), lr=LR, **kw)
+
+
+def torch_stepper(m, pool, adam):
+    net = TorchHVAE(m)
+    opt = torch_adam(net, adam)
+    batches = itertools.cycle([(torch.from_numpy(x), [torch.from_numpy(e) for e in eps])
+                               for x, eps in pool])
+
+    def step():
+        x, eps = next(batches)
+        opt.zero_grad(set_to_none=True)
+        net(x, eps).backward()
+        opt.step()
+    return step
+
+
+def numpy_adam(p, m1, m2, g, t):
+    """One bias-corrected Adam step in place, as hvae's and torch's."""
+    m1 *= 0.9
+    m1 += 0.1 * g
+    m2 *= 0.999
+    m2 += 0.001 * g * g
+    p -= LR * (m1 / (1 - 0.9 ** t)) / (np.sqrt(m2 / (1 - 0.999 ** t)) + 1e-8)
+
+
+def reference_loss_and_grad(m, params, x, eps):
+    return reference.loss_and_grad(
+        params, x, x, eps, x_dim=m.x_dim, latent_dims=m.latent_dims, hidden_dims=m.hidden_dims,
+        likelihood=m.likelihood, activation=m.activation, kl=m.kl, deterministic=False, beta=1.0)
+
+
+def numpy_stepper(m, pool):
+    p = m.params.astype(np.float64)
+    m1, m2 = np.zeros_like(p), np.zeros_like(p)
+    batches = itertools.cycle([(x.astype(np.float64), [e.astype(np.float64) for e in eps])
+                               for x, eps in pool])
+    count = itertools.count(1)
+
+    def step():
+        x, eps = next(batches)
+        _, g = reference_loss_and_grad(m, p, x, eps)
+        numpy_adam(p, m1, m2, g, next(count))
+    return step
+
+
+def time_steps(step, repeats, min_time, warmup):
+    """Median seconds per step over `repeats` blocks of steps, each lasting >= min_time."""
+    n, t0 = 0, time.perf_counter()
+    while n < 2 or time.perf_counter() - t0 < warmup:
+        step()
+        n += 1
+    per_block = max(1, int(np.ceil(min_time / ((time.perf_counter() - t0) / n))))
+    times = []
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(per_block):
+                step()
+            times.append((time.perf_counter() - t0) / per_block)
+    finally:
+        gc.enable()
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# the correctness guard
+
+def guard(name, dtype, data, peers, adam, seed):
+    """Abort unless torch (and, in float64, the NumPy reference) gives hvae's loss and gradient
+    for the same parameters and eps, and torch's Adam step equals hvae's."""
+    m = make_model(name, dtype, seed)
+    x, eps = batch_pool(data, m, 32, seed)[0]
+    loss, grad = m.loss_and_grad(x, eps)
+    tol_loss, tol_grad, tol_step = GUARD_TOL[dtype]
+
+    def check(what, got, want, tol):
+        err = float(np.max(np.abs(np.asarray(got, np.float64) - want)) /
+                    max(float(np.max(np.abs(want))), 1e-300))
+        if not err <= tol:
+            raise SystemExit(f"guard failed: {name} {dtype}: {what} differs from hvae's by "
+                             f"{err:.3g} (relative; tolerance {tol:g}). Not timing unequal work.")
+
+    if "torch" in peers:
+        net = TorchHVAE(m)
+        loss_t = net(torch.from_numpy(x), [torch.from_numpy(e) for e in eps])
+        loss_t.backward()
+        check("torch's loss", loss_t.item(), np.float64(loss), tol_loss)
+        check("torch's gradient", net.flat(grads=True), grad.astype(np.float64), tol_grad)
+        opt = torch_adam(net, adam)
+        shapes = [p.shape for p in m.named_params().values()]
+        pieces = np.split(grad, np.cumsum([int(np.prod(s)) for s in shapes])[:-1])
+        for p, g, s in zip(net.hvae_named().values(), pieces, shapes):
+            p.grad = torch.from_numpy(g.reshape(s).copy())
+        opt.step()
+        m1, m2 = np.zeros_like(grad), np.zeros_like(grad)
+        _core.adam_update(m.params, m1, m2, grad, 1, lr=LR)
+        check("torch's Adam step", net.flat(), m.params.astype(np.float64), tol_step)
+    if "numpy" in peers and dtype == "float64":
+        m = make_model(name, dtype, seed)
+        loss_r, grad_r = reference_loss_and_grad(m, m.params, x, eps)
+        check("the NumPy reference's loss", loss_r, np.float64(loss), tol_loss)
+        check("the NumPy reference's gradient", grad_r, grad, tol_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# one MNIST-sized epoch: gather shuffled batches, draw eps, step (all inside the timed region)
+
+def hvae_epoch(m, X, batch, rng):
+    g = np.empty_like(m.params)
+    m1, m2 = np.zeros_like(g), np.zeros_like(g)
+    order = rng.permutation(len(X))
+    for t, k in enumerate(range(0, len(X) - batch + 1, batch), start=1):
+        m.loss_and_grad(X[order[k:k + batch]], m.draw_eps(batch), out=g)
+        _core.adam_update(m.params, m1, m2, g, t, lr=LR)
+
+
+def hvae_fit_epoch(m, X, batch):
+    m.fit(X, epochs=1, batch_size=batch, lr=LR, progress=False)
+
+
+def torch_epoch(net, opt, X, batch):
+    order = torch.randperm(len(X))
+    for k in range(0, len(X) - batch + 1, batch):
+        eps = [torch.randn(batch, d, dtype=X.dtype) for d in net.latent_dims]
+        opt.zero_grad(set_to_none=True)
+        net(X[order[k:k + batch]], eps).backward()
+        opt.step()
+
+
+def time_epochs(run_epoch, X, repeats):
+    """Median seconds of run_epoch(X) over `repeats`, after a warm-up on 10% of X."""
+    run_epoch(X[:max(len(X) // 10, 1)])
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_epoch(X)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_epochs(args, data):
+    """[(implementation, threads, seconds)] for one epoch of EPOCH's model."""
+    X = np.ascontiguousarray(data[:args.epoch_examples], dtype=EPOCH["dtype"])
+    B, out = EPOCH["batch"], []
+    for th in args.threads:
+        with threadpoolctl.threadpool_limits(th, user_api="blas"):
+            m = make_model(EPOCH["model"], EPOCH["dtype"], args.seed)
+            rng = np.random.default_rng(args.seed)
+            out.append(("hvae: loss_and_grad + adam_update loop", th,
+                        time_epochs(lambda X: hvae_epoch(m, X, B, rng), X, args.epoch_repeats)))
+            m = make_model(EPOCH["model"], EPOCH["dtype"], args.seed)
+            out.append(("hvae: HVAE.fit(epochs=1)", th,
+                        time_epochs(lambda X: hvae_fit_epoch(m, X, B), X, args.epoch_repeats)))
+        if "torch" in args.peers:
+            torch.set_num_threads(th)
+            net = TorchHVAE(make_model(EPOCH["model"], EPOCH["dtype"], args.seed))
+            opt = torch_adam(net, args.torch_adam)
+            out.append(("torch: the same loop", th,
+                        time_epochs(lambda X: torch_epoch(net, opt, X, B), torch.from_numpy(X),
+                                    args.epoch_repeats)))
+        for name, threads, sec in out[-3:]:
+            if threads == th:
+                print(f"  epoch  {name:<40} {th} thr  {sec:7.3f} s", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the step benchmark
+
+def measure_steps(args, data, peaks):
+    """One row per (model, dtype, batch, threads): seconds per step of hvae and its peers."""
+    rows, numpy_cache = [], {}
+    for name in args.models:
+        for dtype in args.dtypes:
+            guard(name, dtype, data, args.peers, args.torch_adam, args.seed)
+            for B in args.batches:
+                pool = batch_pool(data, make_model(name, dtype, args.seed), B, args.seed)
+                for th in args.threads:
+                    row = dict(model=name, dtype=dtype, batch=B, threads=th)
+                    with threadpoolctl.threadpool_limits(th, user_api="blas"):
+                        m = make_model(name, dtype, args.seed)
+                        row["flops"] = step_flops(m, B)
+                        row["hvae"] = time_steps(hvae_stepper(m, pool), args.repeats,
+                                                 args.min_time, args.warmup)
+                        if "numpy" in args.peers and B in args.numpy_batches:
+                            key = (name, B, th)
+                            if key not in numpy_cache:
+                                numpy_cache[key] = time_steps(
+                                    numpy_stepper(make_model(name, "float64", args.seed), pool),
+                                    args.numpy_repeats, 0.0, 0.0)
+                            row["numpy"] = numpy_cache[key]
+                    if "torch" in args.peers:
+                        torch.set_num_threads(th)
+                        row["torch"] = time_steps(
+                            torch_stepper(make_model(name, dtype, args.seed), pool,
+                                          args.torch_adam),
+                            args.repeats, args.min_time, args.warmup)
+                    row["gflops"] = row["flops"] / row["hvae"] / 1e9
+                    row["peak"] = row["gflops"] / peaks[(dtype, th)]
+                    rows.append(row)
+                    print("  " + "  ".join(step_cells(row)), flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+STEP_HEADERS = ["model", "dtype", "batch", "threads", "hvae ms/step", "hvae GFLOP/s",
+                "% GEMM peak", "torch ms/step", "hvae speed / torch", "numpy ms/step",
+                "hvae speed / numpy"]
+
+
+def ms(sec):
+    return "-" if sec is None else f"{sec * 1e3:.3g}"
+
+
+def ratio(peer, own):
+    return "-" if peer is None else f"{peer / own:.2f}x"
+
+
+def step_cells(r):
+    return [r["model"], r["dtype"], str(r["batch"]), str(r["threads"]), ms(r["hvae"]),
+            f"{r['gflops']:.1f}", f"{100 * r['peak']:.0f}%", ms(r.get("torch")),
+            ratio(r.get("torch"), r["hvae"]), ms(r.get("numpy")),
+            ratio(r.get("numpy"), r["hvae"])]
+
+
+def text_table(headers, rows):
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line("-" * w for w in widths), *map(line, rows)])
+
+
+def md_table(headers, rows):
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def best(rows, key):
+    """(seconds, threads) of the fastest thread count among rows, or None."""
+    timed = [(r[key], r["threads"]) for r in rows if r.get(key) is not None]
+    return min(timed) if timed else None
+
+
+def summary(args, rows, epochs, peaks):
+    """[(target, measured, verdict)] for the project's targets."""
+    out = []
+    verdict = lambda ok: "MET" if ok else "NOT MET"  # noqa: E731
+    for name in args.models:
+        for B, want in TARGET_RATIO.items():
+            case = [r for r in rows if (r["model"], r["dtype"], r["batch"]) ==
+                    (name, "float32", B)]
+            if not case:
+                continue
+            (own, th_own), peer = best(case, "hvae"), best(case, "torch")
+            if peer is None:
+                out.append((f"{name} B={B}: >= {want}x torch", "torch not measured", "n/a"))
+            else:
+                out.append((f"{name} B={B}: >= {want}x torch",
+                            f"hvae {ms(own)} ms ({th_own} thr), torch {ms(peer[0])} ms "
+                            f"({peer[1]} thr): {peer[0] / own:.2f}x",
+                            verdict(peer[0] / own >= want)))
+            if B == 1024:
+                gf = next(r["gflops"] for r in case if r["threads"] == th_own)
+                frac = gf / peaks[("float32", th_own)]
+                out.append((f"{name} B=1024: >= {TARGET_PEAK:.0%} of GEMM peak",
+                            f"{gf:.1f} of {peaks[('float32', th_own)]:.1f} GFLOP/s "
+                            f"({th_own} thr): {frac:.0%}", verdict(frac >= TARGET_PEAK)))
+    hv = [(sec, th, name) for name, th, sec in epochs if name.startswith("hvae")]
+    if hv and args.epoch_examples == 50000:
+        fit = min((s, th) for s, th, name in hv if "fit" in name)
+        loop = min((s, th) for s, th, name in hv if "loop" in name)
+        out.append((f"MNIST epoch, {EPOCH['model']} B={EPOCH['batch']}: < {TARGET_EPOCH} s",
+                    f"HVAE.fit {fit[0]:.2f} s ({fit[1]} thr), bare loop {loop[0]:.2f} s "
+                    f"({loop[1]} thr)", verdict(fit[0] < TARGET_EPOCH)))
+    return out
+
+
+def report(args, info, peaks, rows, epochs, data_note):
+    """(text for stdout, markdown)."""
+    steps = [step_cells(r) for r in rows]
+    peak_rows = [[dt, th, f"{gf:.1f}"] for (dt, th), gf in sorted(peaks.items())]
+    epoch_rows = [[name, th, f"{sec:.3f}"] for name, th, sec in epochs]
+    goals = [list(g) for g in summary(args, rows, epochs, peaks)]
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/speed.py",
+                                                 *sys.argv[1:]])
+    method = (
+        "One step = `loss_and_grad` (forward + backward) + `adam_update` (lr 1e-3); torch: "
+        "`zero_grad` + forward + `backward` + `torch.optim.Adam.step` "
+        f"({args.torch_adam}); numpy: `tests/reference.py` (always float64) + a NumPy Adam. "
+        f"x and eps pre-drawn outside the timed region (a pool of {POOL} batches cycled). "
+        f"Median over {args.repeats} repeats (numpy: {args.numpy_repeats}) of blocks of >= "
+        f"{args.min_time} s, after {args.warmup} s of warm-up; GC off while timing. Threads: "
+        "threadpoolctl on the BLAS (hvae, numpy), `torch.set_num_threads` (torch). GFLOP/s "
+        "counts the GEMMs of forward + backward: 6*B*in*out per layer minus 2*B*in*out for the "
+        "input gradient of the first layer. % GEMM peak: against the linked OpenBLAS's "
+        f"{args.gemm_size}^3 GEMM at the same dtype and threads. Speed ratios > 1 mean hvae is "
+        "faster. Before timing, torch's loss, gradient and Adam step (and the reference's loss "
+        "and gradient in float64) were checked equal to hvae's. Epoch: "
+        f"{args.epoch_examples} examples of {data_note}, {EPOCH['model']}, batch "
+        f"{EPOCH['batch']}, {EPOCH['dtype']}; shuffling, batch gathering and drawing eps are "
+        "inside the timed epoch; median of "
+        f"{args.epoch_repeats} epochs after a warm-up on 10% of the data.")
+    sections = [("GEMM peak of hvae's OpenBLAS (GFLOP/s)", ["dtype", "threads", "GFLOP/s"],
+                 peak_rows),
+                ("One training step", STEP_HEADERS, steps),
+                ("One epoch (seconds)", ["implementation", "threads", "seconds"], epoch_rows),
+                ("Targets (float32, best thread count of each side)",
+                 ["target", "measured", "verdict"], goals)]
+    text = [f"{k}: {v}" for k, v in info.items()]
+    md = ["# hvae speed: one training step against PyTorch and NumPy", "",
+          f"Command: `{command}`", "", *[f"- {k}: {v}" for k, v in info.items()], "", method]
+    for title, headers, body in sections:
+        if body:
+            text += ["", title, text_table(headers, body)]
+            md += ["", f"## {title}", "", md_table(headers, body)]
+    return "\n".join(text), "\n".join(md) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    blas = ctypes.CDLL(linked_openblas())
+    info = machine_info(blas)
+    data, data_note = load_data(args.data, args.seed)
+    print(f"hvae speed benchmark: {info['machine']}; data: {data_note}", flush=True)
+    peaks = {(dt, th): gemm_peak(blas, dt, th, args.gemm_size)
+             for dt in args.dtypes for th in args.threads}
+    rows = measure_steps(args, data, peaks)
+    epochs = measure_epochs(args, data) if args.epoch_examples > 0 else []
+    text, md = report(args, info, peaks, rows, epochs, data_note)
+    print("\n" + text)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(md)
+        print(f"\nwritten: {args.output}")
+
+
+if __name__ == "__main__":
+    main()

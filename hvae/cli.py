@@ -1,0 +1,612 @@
+"""The ``hvae`` command line: train, evaluate, sample from and inspect checkpoints.
+
+    hvae train --data binarized_mnist --latent-dims 100 50 --epochs 100 --checkpoint run.npz
+    hvae eval run.npz -k 5000
+    hvae sample run.npz -n 64 --output samples.png
+    hvae info run.npz
+
+``python -m hvae ...`` is the same. Every command has ``--help``. Expected failures (a missing
+file, bad flag values, a diverged run) print one line ``hvae: error: ...`` on stderr and exit
+with status 2 (usage) or 1 (everything else); ``--traceback`` shows the full traceback instead.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+DATASETS = ("binarized_mnist", "mnist", "digits")
+SPLITS = ("train", "valid", "test")
+GREY = ("mnist", "digits")
+DIGITS_TRAIN = 1500  # digits: the first 1500 of 1797 examples are "train" (incl. valid), rest test
+DEFAULT_LATENT = {"binarized_mnist": [100, 50], "mnist": [100, 50], "digits": [16, 8]}
+_SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
+EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class UsageError(Exception):
+    """Bad command-line usage: exit status 2."""
+
+
+class CLIError(Exception):
+    """An expected runtime failure: exit status 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# argument parsing
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" for every option with a real default (not None / False)."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        default = action.default
+        if ("%(default)" in help or default is None or default is False
+                or default is argparse.SUPPRESS or not action.option_strings):
+            return help
+        return help + " (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and do not exit (main returns 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _float_at_least(low, strict=False):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            bound = f"> {low:g}" if strict else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+_positive_float = _float_at_least(0.0, strict=True)
+_nonnegative_float = _float_at_least(0.0)
+
+
+def _hidden_group(text):
+    """'200,200' -> [200, 200]; '' or 'none' -> [] (no hidden layer at that level)."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = None
+    if not widths or any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated widths >= 1 such as '200,200' (or 'none'), got {text!r}")
+    return widths
+
+
+def _image_shape(text):
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 28x28, got {text!r}") \
+            from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 28x28, got {text!r}")
+    return h, w
+
+
+def _add_data_flags(p, default, help_default):
+    p.add_argument("--data", choices=DATASETS, default=default,
+                   help="the data set: binarized_mnist (statically binarized MNIST, the standard "
+                        "train/valid/test split), mnist (grey-level MNIST; train = the first 90%% "
+                        "of the 60000 training images, valid = the last 10%%, test = t10k), "
+                        "digits (scikit-learn's 1797 8x8 digits; train = the first 1350, valid = "
+                        "the next 150, test = the last 297)" + help_default)
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="directory holding the data files (default: $HVAE_DATA, else "
+                        "../shared/data beside the repository)")
+    p.add_argument("--no-binarize", action="store_true",
+                   help="use grey levels as they are (mnist, digits). By default, for the "
+                        "bernoulli likelihood, grey-level training data are dynamically "
+                        "binarized (fresh Bernoulli draws every epoch) and validation/test data "
+                        "binarized once, seeded by the model's seed")
+
+
+def build_parser():
+    """The argparse parser of the ``hvae`` command."""
+    from . import __version__
+
+    parser = _Parser(
+        prog="hvae",
+        description="Hierarchical VAEs with a C core: train, evaluate, sample, inspect.",
+        epilog="Run 'hvae COMMAND --help' for the flags of a command. Numbers are in nats per "
+               "example; log-likelihoods are importance-sampled (the IWAE bound with k "
+               "samples).")
+    parser.add_argument("--version", action="version", version=f"hvae {__version__}")
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, show the full Python traceback instead of one line")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # train ------------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "train", help="train a model, checkpointing after every epoch",
+        description="Train a hierarchical VAE with Adam. The checkpoint is written atomically "
+                    "after every epoch; --resume continues an interrupted run up to --epochs "
+                    "in total. At the end the test ELBO (k = 1) is printed.",
+        epilog="example: hvae train --data binarized_mnist --latent-dims 100 50 "
+               "--hidden-dims 200,200 100,100 --epochs 100 --kl-warmup-epochs 10 "
+               "--checkpoint run.npz")
+    _add_data_flags(p, "binarized_mnist", "")
+    p.add_argument("--max-examples", type=_positive_int, metavar="N",
+                   help="train on the first N training examples only (quick runs; default: all)")
+    g = p.add_argument_group("architecture (ignored with --resume of an existing checkpoint, "
+                             "where they must match it if given)")
+    g.add_argument("--latent-dims", type=_positive_int, nargs="+", metavar="D",
+                   help="widths of the stochastic levels, bottom first; their number is the "
+                        "number of levels (default: 100 50 for the MNIST data, 16 8 for digits)")
+    g.add_argument("--hidden-dims", type=_hidden_group, nargs="+", metavar="W,W",
+                   help="hidden widths of each level's encoder MLP, one comma-separated group "
+                        "per level (or one group for every level; 'none' for no hidden layer); "
+                        "decoders use them reversed (default: IWAE-style, two layers of "
+                        "max(2 d_i, min(200, d_{i-1})), e.g. 200,200 100,100 for 784 -> 100 -> "
+                        "50)")
+    g.add_argument("--likelihood", choices=("bernoulli", "gaussian", "gaussian_learned"),
+                   help="p(x|z_1) (default: bernoulli)")
+    g.add_argument("--activation", choices=("tanh", "relu", "leaky_relu"),
+                   help="after every hidden layer (default: tanh)")
+    g.add_argument("--kl", choices=("analytic", "mc"),
+                   help="KL estimator of the training loss: mc is unbiased (the loss is a true "
+                        "negative ELBO); analytic is the closed-form chain, biased for two or "
+                        "more levels (default: mc)")
+    g.add_argument("--dtype", choices=("float32", "float64"), help="(default: float32)")
+    g.add_argument("--seed", type=int,
+                   help="seeds initialisation, noise, shuffling and binarization (default: 0)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="a plain autoencoder: no sampling, no KL")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive_int, default=10, metavar="N",
+                   help="total epochs (with --resume, the epochs already done count)")
+    g.add_argument("--batch-size", type=_positive_int, default=100, metavar="N",
+                   help="examples per Adam step")
+    g.add_argument("--lr", type=_positive_float, default=1e-3, metavar="LR",
+                   help="Adam step size")
+    g.add_argument("--kl-warmup-epochs", type=_nonnegative_float, default=0.0, metavar="E",
+                   help="the KL weight rises linearly from 0 to --beta over this many epochs")
+    g.add_argument("--beta", type=_nonnegative_float, default=1.0, metavar="B",
+                   help="KL weight after warm-up (1 for the ELBO)")
+    g.add_argument("--patience", type=_positive_int, metavar="N",
+                   help="stop after this many epochs without a better validation loss and keep "
+                        "the best parameters (default: no early stopping)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (one line per epoch instead)")
+    g = p.add_argument_group("checkpoint")
+    g.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="the .npz file written atomically after every epoch (required)")
+    g.add_argument("--resume", action="store_true",
+                   help="if PATH exists, load it and train the remaining epochs "
+                        "(--epochs minus the epochs it holds)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new model even if PATH exists (default: refuse)")
+
+    # eval -------------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "eval", help="importance-sampled log-likelihood and ELBO of a checkpoint",
+        description="Estimate the log-likelihood of a data split by importance sampling (the "
+                    "IWAE bound with k samples; k = 5000 for published tables) and the ELBO "
+                    "(k = 1), each as mean +- standard error over examples, in nats.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by train")
+    _add_data_flags(p, None, " (default: binarized_mnist for a 784-pixel model, digits for a "
+                             "64-pixel one)")
+    p.add_argument("--split", choices=SPLITS, default="test", help="which split to evaluate")
+    p.add_argument("-k", type=_positive_int, default=5000, help="importance samples per example")
+    p.add_argument("--max-examples", type=_positive_int, metavar="N",
+                   help="evaluate the first N examples of the split only (default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=4096, metavar="ROWS",
+                   help="(example, sample) rows per core call; bounds memory")
+    p.add_argument("--seed", type=int,
+                   help="seed of the importance samples (default: the checkpoint's saved "
+                        "random state)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    # sample -----------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "sample", help="draw samples from a checkpoint into a PNG grid",
+        description="Ancestral samples z_T -> ... -> z_1 -> E[x|z_1] (pixel probabilities for "
+                    "the bernoulli likelihood), tiled into a greyscale PNG.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by train")
+    p.add_argument("-n", type=_positive_int, default=64, help="number of samples")
+    p.add_argument("--temperature", type=_nonnegative_float, default=1.0, metavar="T",
+                   help="noise scale at every level (1: the model; < 1: sharper samples)")
+    p.add_argument("--output", "-o", default="samples.png", metavar="PNG",
+                   help="the PNG file to write")
+    p.add_argument("--seed", type=int,
+                   help="seed of the samples (default: fresh randomness)")
+    p.add_argument("--ncols", type=_positive_int, metavar="N",
+                   help="images per row (default: about sqrt(n))")
+    p.add_argument("--scale", type=_positive_int, metavar="S",
+                   help="enlarge every pixel this many times (default: about 56 / image side, "
+                        "2 for 28x28)")
+    p.add_argument("--image-shape", type=_image_shape, metavar="HxW",
+                   help="shape of one image (default: square, inferred from the model's x_dim)")
+
+    # info -------------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "info", help="describe a checkpoint",
+        description="Print a checkpoint's architecture, parameter count, training history "
+                    "summary and file size.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by train")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def data_seed(model):
+    """The seed for binarizing data: the model's seed (0 if it has none)."""
+    return 0 if model.seed is None else int(model.seed)
+
+
+def load_split(data, split, data_dir=None):
+    """One split of a data set as float32 (n, pixels) in [0, 1] (grey levels for mnist and
+    digits). Splits: see ``hvae train --help``."""
+    from . import datasets
+
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
+    if data == "binarized_mnist":
+        return datasets.load_binarized_mnist(split, data_dir=data_dir)
+    if data == "mnist":
+        if split == "test":
+            return datasets.load_mnist("test", data_dir=data_dir)
+        pool = datasets.load_mnist("train", data_dir=data_dir)
+    elif data == "digits":
+        x = datasets.load_digits()
+        if split == "test":
+            return x[DIGITS_TRAIN:]
+        pool = x[:DIGITS_TRAIN]
+    else:
+        raise ValueError(f"data: expected one of {DATASETS}, got {data!r}")
+    n_valid = len(pool) // 10
+    return pool[len(pool) - n_valid:] if split == "valid" else pool[:len(pool) - n_valid]
+
+
+def binarizes(data, likelihood, no_binarize=False):
+    """Whether grey-level data are binarized for this model."""
+    return data in GREY and likelihood == "bernoulli" and not no_binarize
+
+
+def binarize_split(x, seed, split, epoch=0):
+    """Bernoulli draws of grey levels, reproducible from (seed, split, epoch)."""
+    from . import datasets
+
+    return datasets.binarize(x, rng=np.random.default_rng([seed, _SPLIT_CODE[split], epoch]))
+
+
+def _prepare(x, data, model, split, no_binarize):
+    x = binarize_split(x, data_seed(model), split) if binarizes(data, model.likelihood,
+                                                                no_binarize) else x
+    if x.shape[1] != model.x_dim:
+        raise CLIError(f"{data} has {x.shape[1]} pixels per example but the model has "
+                       f"x_dim={model.x_dim}; pass the --data the model was trained on")
+    return np.ascontiguousarray(x, dtype=model.dtype)
+
+
+def _mean_se(values):
+    values = np.asarray(values, dtype=np.float64)
+    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return float(values.mean()), float(se)
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def _load(path):
+    from .checkpoint import load
+
+    if not os.path.exists(path):
+        raise CLIError(f"{path}: no such checkpoint")
+    if os.path.isdir(path):
+        raise CLIError(f"{path}: is a directory, not a checkpoint")
+    return load(path)
+
+
+def _check_resume_flags(args, model):
+    """With --resume, architecture flags that were given must match the checkpoint."""
+    given = {"latent_dims": args.latent_dims, "likelihood": args.likelihood,
+             "activation": args.activation, "kl": args.kl, "dtype": args.dtype,
+             "seed": args.seed}
+    if args.hidden_dims is not None:
+        hd = args.hidden_dims
+        given["hidden_dims"] = hd * len(model.latent_dims) if len(hd) == 1 else hd
+    if args.deterministic:
+        given["deterministic"] = True
+    for name, value in given.items():
+        if value is not None and value != getattr(model, name):
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(f"{flag} {value} does not match the checkpoint {args.checkpoint} "
+                           f"({name}={getattr(model, name)!r}); drop the flag to resume it, or "
+                           f"use --overwrite to start a new model")
+
+
+def _new_model(args):
+    from .model import HVAE
+
+    latent = args.latent_dims or DEFAULT_LATENT[args.data]
+    hidden = args.hidden_dims
+    if hidden is not None and len(hidden) not in (1, len(latent)):
+        raise UsageError(f"argument --hidden-dims: {len(hidden)} groups for {len(latent)} "
+                         f"levels; give one group per level (or one for all) "
+                         f"(see 'hvae train --help')")
+    if hidden is not None and len(hidden) == 1:
+        hidden = hidden * len(latent)
+    x_dim = 64 if args.data == "digits" else 784
+    return HVAE(x_dim, latent, hidden, likelihood=args.likelihood or "bernoulli",
+                activation=args.activation or "tanh", kl=args.kl or "mc",
+                dtype=args.dtype or "float32", seed=0 if args.seed is None else args.seed,
+                deterministic=args.deterministic)
+
+
+def _epoch_line(record, total):
+    kl = "/".join(f"{k:.2f}" for k in record["kl"])
+    val = "" if record.get("val_loss") is None else f"  val {record['val_loss']:.2f}"
+    return (f"epoch {record['epoch']}/{total}  loss {record['loss']:.2f}  "
+            f"rec {record['reconstruction']:.2f}  kl {kl}  beta {record['beta']:.2f}{val}  "
+            f"{record['seconds']:.1f}s")
+
+
+def cmd_train(args, out):
+    path = args.checkpoint
+    if os.path.isdir(path):
+        raise CLIError(f"--checkpoint {path}: is a directory; give a file name such as "
+                       f"{os.path.join(path, 'model.npz')}")
+    exists = os.path.exists(path)
+    if args.resume and exists:
+        model = _load(path)
+        _check_resume_flags(args, model)
+        if model.x_dim != (64 if args.data == "digits" else 784):
+            raise CLIError(f"{path}: the model has x_dim={model.x_dim}, which does not fit "
+                           f"--data {args.data}")
+        print(f"resuming {path}: {len(model.history_)} epochs done", file=out)
+    else:
+        if exists and not args.overwrite:
+            raise CLIError(f"{path} exists; pass --resume to continue training it or "
+                           f"--overwrite to start a new model")
+        model = _new_model(args)
+        if args.resume:
+            print(f"no checkpoint at {path} yet; starting a new model", file=out)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+
+    # all data first, so a missing file fails before any training
+    grey = binarizes(args.data, model.likelihood, args.no_binarize)
+    train = load_split(args.data, "train", args.data_dir)
+    if args.max_examples is not None:
+        train = train[:args.max_examples]
+    valid = _prepare(load_split(args.data, "valid", args.data_dir), args.data, model, "valid",
+                     args.no_binarize)
+    test = _prepare(load_split(args.data, "test", args.data_dir), args.data, model, "test",
+                    args.no_binarize)
+    if train.shape[1] != model.x_dim:
+        raise CLIError(f"{args.data} has {train.shape[1]} pixels per example but the model has "
+                       f"x_dim={model.x_dim}")
+    seed = data_seed(model)
+    train_grey = np.ascontiguousarray(train, dtype=model.dtype)
+    if grey:  # dynamic binarization: X is redrawn in place after every epoch
+        X = np.ascontiguousarray(binarize_split(train_grey, seed, "train",
+                                                len(model.history_)), dtype=model.dtype)
+        if model._check_x(X) is not X:  # fit must see this very buffer
+            raise RuntimeError("internal: fit copies its training data; dynamic binarization "
+                               "cannot redraw it")
+    else:
+        X = train_grey
+
+    print(repr(model), file=out)
+    how = " (dynamically binarized)" if grey else ""
+    print(f"data: {args.data}, train {len(X)}{how}, valid {len(valid)}, test {len(test)}, "
+          f"{model.x_dim} pixels", file=out)
+    remaining = args.epochs - len(model.history_)
+    progress = not args.no_progress
+
+    def report(m, record):
+        line = _epoch_line(record, args.epochs)
+        if progress:
+            from tqdm.auto import tqdm
+            tqdm.write(line, file=out)
+        else:
+            print(line, file=out, flush=True)
+        if grey:
+            X[:] = binarize_split(train_grey, seed, "train", len(m.history_))
+
+    if remaining > 0:
+        print(f"training {remaining} epochs; checkpoint {path}", file=out, flush=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="fit interrupted", category=RuntimeWarning)
+            try:
+                model.fit(X, epochs=remaining, batch_size=args.batch_size, lr=args.lr,
+                          validation_data=valid, kl_warmup_epochs=args.kl_warmup_epochs,
+                          beta=args.beta, patience=args.patience, progress=progress,
+                          checkpoint=path, callbacks=[report])
+            except FloatingPointError as exc:
+                raise CLIError(f"{exc} {path} holds the last completed epoch "
+                               f"({len(model.history_)}).") from None
+        if getattr(model, "interrupted_", False):
+            print(f"hvae: interrupted; {path} holds {len(model.history_)} completed epochs; "
+                  f"continue with --resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if len(model.history_) < args.epochs:
+            print(f"early stopping after epoch {len(model.history_)} (no better validation "
+                  f"loss for {args.patience} epochs); kept the best parameters", file=out)
+    else:
+        print(f"{path} already holds {len(model.history_)} epochs (--epochs {args.epochs}); "
+              f"nothing to train", file=out)
+    if model.deterministic:
+        print("test ELBO: not defined for a deterministic autoencoder", file=out)
+        return 0
+    mean, se = _mean_se(model.elbo(test, k=1))
+    print(f"test ELBO (k=1, {len(test)} examples of {args.data} test): {mean:.3f} +- {se:.3f} "
+          f"nats", file=out)
+    return 0
+
+
+def _resolve_eval_data(args, model):
+    if args.data is not None:
+        return args.data
+    if model.x_dim == 784:
+        return "binarized_mnist"
+    if model.x_dim == 64:
+        return "digits"
+    raise CLIError(f"the model has x_dim={model.x_dim}, which matches none of the data sets; "
+                   f"pass --data")
+
+
+def cmd_eval(args, out):
+    model = _load(args.checkpoint)
+    if model.deterministic:
+        raise CLIError(f"{args.checkpoint}: a deterministic autoencoder has no likelihood to "
+                       f"evaluate")
+    data = _resolve_eval_data(args, model)
+    x = load_split(data, args.split, args.data_dir)
+    if args.max_examples is not None:
+        x = x[:args.max_examples]
+    x = _prepare(x, data, model, args.split, args.no_binarize)
+    if args.seed is not None:
+        model._rng = np.random.default_rng(args.seed)
+    print(repr(model), file=out)
+    how = " (binarized)" if binarizes(data, model.likelihood, args.no_binarize) else ""
+    print(f"data: {data} {args.split}, {len(x)} examples{how}", file=out, flush=True)
+    mean, se = _mean_se(model.elbo(x, k=1))
+    print(f"ELBO (k=1): {mean:.3f} +- {se:.3f} nats", file=out, flush=True)
+    t0 = time.perf_counter()
+    ll = model.log_likelihood(x, k=args.k, batch_size=args.batch_size,
+                              progress=not args.no_progress)
+    mean, se = _mean_se(ll)
+    print(f"log-likelihood (importance-sampled, k={args.k}): {mean:.3f} +- {se:.3f} nats "
+          f"(mean +- standard error over {len(x)} examples; {time.perf_counter() - t0:.1f}s)",
+          file=out)
+    return 0
+
+
+def cmd_sample(args, out):
+    from .plotting import infer_image_shape, save_image_grid
+
+    model = _load(args.checkpoint)
+    shape = args.image_shape
+    if shape is None:
+        try:
+            shape = infer_image_shape(model.x_dim)
+        except ValueError:
+            raise CLIError(f"the model's x_dim={model.x_dim} is not a square image; pass "
+                           f"--image-shape HEIGHTxWIDTH") from None
+    elif shape[0] * shape[1] != model.x_dim:
+        raise CLIError(f"--image-shape {shape[0]}x{shape[1]} has {shape[0] * shape[1]} pixels, "
+                       f"the model has x_dim={model.x_dim}")
+    model._rng = np.random.default_rng(args.seed)
+    x = model.sample(args.n, temperature=args.temperature)
+    scale = args.scale or max(1, round(56 / max(shape)))
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    save_image_grid(args.output, x, image_shape=shape, ncols=args.ncols, scale=scale)
+    print(f"wrote {args.n} samples (temperature {args.temperature:g}) to {args.output}",
+          file=out)
+    return 0
+
+
+def _size(n):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def cmd_info(args, out):
+    model = _load(args.checkpoint)
+    size = os.path.getsize(args.checkpoint)
+    print(f"checkpoint: {args.checkpoint} ({_size(size)})", file=out)
+    print(f"model: {model!r}", file=out)
+    print(f"parameters: {model.n_params:,}", file=out)
+    hist = model.history_
+    steps = model.optimizer_.step if model.optimizer_ is not None else 0
+    seconds = sum(r.get("seconds") or 0 for r in hist)
+    print(f"epochs trained: {len(hist)} ({steps:,} optimizer steps, {seconds:.1f}s)", file=out)
+    if hist:
+        val = [r["val_loss"] for r in hist if r.get("val_loss") is not None]
+        if val:
+            best = min(range(len(hist)), key=lambda i: (hist[i].get("val_loss") is None,
+                                                        hist[i].get("val_loss") or 0))
+            print(f"best val_loss: {hist[best]['val_loss']:.3f} (epoch {hist[best]['epoch']})",
+                  file=out)
+        print("last epoch:", file=out)
+        for key, value in hist[-1].items():
+            if isinstance(value, float):
+                value = f"{value:.4f}"
+            elif isinstance(value, list):
+                value = "[" + ", ".join(f"{v:.4f}" if isinstance(v, float) else str(v)
+                                        for v in value) + "]"
+            print(f"  {key}: {value}", file=out)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "info": cmd_info}
+
+
+def main(argv=None):
+    """Run the ``hvae`` command line; returns the exit status (0 on success)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--traceback" in argv
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, --version
+            return exc.code if isinstance(exc.code, int) else 0
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            raise UsageError("choose a command: " + ", ".join(COMMANDS))
+        return COMMANDS[args.command](args, sys.stdout)
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"hvae: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("hvae: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (CLIError, ValueError, FloatingPointError, ImportError, MemoryError, OSError) as exc:
+        if debug:
+            raise
+        print(f"hvae: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(exc):
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The MNIST benchmark script runs end to end on a tiny budget, so it cannot rot."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from hvae import datasets
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "..", "benchmarks",
+                                                                     f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mnist_benchmark_quick(tmp_path, capsys):
+    if not (datasets.data_dir() / "binarized_mnist.npz").exists():
+        pytest.skip(f"binarized_mnist.npz not found in {datasets.data_dir()} (set HVAE_DATA)")
+    mnist = load_script("mnist")
+    out = tmp_path / "mnist.md"
+    assert mnist.main(["--vae1", "--hvae2-mc", "--quick", "--output", str(out),
+                       "--checkpoint-dir", str(tmp_path)]) == 0
+    text = out.read_text()
+    assert "| vae1 |" in text and "| hvae2-mc |" in text
+    rows = json.loads((tmp_path / "mnist.md.json").read_text())
+    for r in rows.values():
+        assert r["epochs"] == 2 and -800 < r["test_ll"] < 0 and r["test_ll"] >= r["test_elbo"] - 5
+    assert (tmp_path / "vae1.npz").exists() and (tmp_path / "hvae2-mc.npz").exists()
+    assert "test log-likelihood" in capsys.readouterr().out
