@@ -12,7 +12,7 @@ Before timing, a guard checks on every model and dtype that the peers compute wh
 (loss, gradient and one Adam step); the run aborts if not. BLAS threads of hvae (the OpenBLAS it
 links) and of NumPy are set with threadpoolctl. The GEMM peak is that of the OpenBLAS hvae links,
 called through ctypes. Each figure is the median over repeats of the mean time of a block of
-steps, after a warm-up. Also timed: one MNIST-sized epoch of hvae2 at batch 100 in float32.
+steps, after a warm-up; the blocks of hvae and its peers alternate. Also timed: one MNIST-sized epoch of hvae2 at batch 100 in float32.
 
     .venv/bin/python benchmarks/speed.py            # the full run, writes benchmarks/results/speed.md
     .venv/bin/python benchmarks/speed.py --quick    # a smoke run of a few seconds
@@ -98,6 +98,9 @@ def parse_args(argv=None):
                         "calibrated from the warm-up)")
     p.add_argument("--warmup", type=float, default=0.2,
                    help="seconds of untimed warm-up steps before each case (at least 2 steps)")
+    p.add_argument("--settle", type=float, default=0.1,
+                   help="seconds idle before each timed block with more than 1 thread (the "
+                        "previous implementation's worker threads stop spinning)")
     p.add_argument("--peers", nargs="*", choices=PEERS, default=list(PEERS),
                    help="peers to time (none: hvae alone); torch is skipped with a note when "
                         "it is not importable")
@@ -108,7 +111,7 @@ def parse_args(argv=None):
     p.add_argument("--numpy-batches", nargs="*", type=int, default=[32, 128],
                    help="batch sizes at which the (slow) NumPy reference is timed")
     p.add_argument("--numpy-repeats", type=int, default=3,
-                   help="timed repeats of the NumPy reference (one step per repeat at least)")
+                   help="timed repeats of the NumPy reference (median)")
     p.add_argument("--gemm-size", type=int, default=2048,
                    help="n of the square n x n x n GEMM that measures the BLAS peak")
     p.add_argument("--epoch-examples", type=int, default=50000,
@@ -126,8 +129,8 @@ def parse_args(argv=None):
                         "repeats, a 2000-example epoch, a 512 GEMM; writes no file unless "
                         "--output is given")
     p.add_argument("--output", type=Path, default=None,
-                   help="markdown file for the results (default: benchmarks/results/speed.md; "
-                        "none with --quick)")
+                   help="markdown file for the results; None means benchmarks/results/speed.md, or "
+                        "no file with --quick")
     args = p.parse_args(argv)
     if args.quick:
         args.dtypes, args.batches, args.threads = ["float32"], [32], [1]
@@ -189,7 +192,12 @@ def machine_info(blas):
                                    f"{numpy_blas[0]['version']})" if numpy_blas else ""),
         "torch": torch.__version__ if torch is not None else "not installed",
         "threadpoolctl": threadpoolctl.__version__,
+        "load average at start (1, 5, 15 min)": load_average(),
     }
+
+
+def load_average():
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def gemm_peak(blas, dtype, threads, n):
@@ -316,24 +324,36 @@ def numpy_stepper(m, pool):
     return step
 
 
-def time_steps(step, repeats, min_time, warmup):
-    """Median seconds per step over `repeats` blocks of steps, each lasting >= min_time."""
-    n, t0 = 0, time.perf_counter()
-    while n < 2 or time.perf_counter() - t0 < warmup:
-        step()
-        n += 1
-    per_block = max(1, int(np.ceil(min_time / ((time.perf_counter() - t0) / n))))
-    times = []
+def time_interleaved(steps, repeats, min_time, warmup, settle):
+    """Median seconds per step of each implementation in `steps` (name -> step()).
+
+    Each is warmed up for `warmup` seconds (at least 2 steps), which calibrates its block to last
+    >= min_time; then blocks of the implementations alternate, repeats[name] blocks each, so a
+    change in the machine's background load hits all alike. Before each block the machine idles
+    `settle` seconds: the previous implementation's BLAS / OpenMP threads stop spinning.
+    """
+    per_block = {}
+    for name, step in steps.items():
+        n, t0 = 0, time.perf_counter()
+        while n < 2 or time.perf_counter() - t0 < warmup:
+            step()
+            n += 1
+        per_block[name] = max(1, int(np.ceil(min_time / ((time.perf_counter() - t0) / n))))
+    times = {name: [] for name in steps}
     gc.disable()
     try:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(per_block):
-                step()
-            times.append((time.perf_counter() - t0) / per_block)
+        for r in range(max(repeats.values())):
+            for name, step in steps.items():
+                if r >= repeats[name]:
+                    continue
+                time.sleep(settle)
+                t0 = time.perf_counter()
+                for _ in range(per_block[name]):
+                    step()
+                times[name].append((time.perf_counter() - t0) / per_block[name])
     finally:
         gc.enable()
-    return statistics.median(times)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,36 +463,40 @@ def measure_epochs(args, data):
 
 def measure_steps(args, data, peaks):
     """One row per (model, dtype, batch, threads): seconds per step of hvae and its peers."""
-    rows, numpy_cache = [], {}
+    rows, numpy_done = [], {}
+    print("  " + "  ".join(STEP_HEADERS), flush=True)
     for name in args.models:
         for dtype in args.dtypes:
             guard(name, dtype, data, args.peers, args.torch_adam, args.seed)
             for B in args.batches:
                 pool = batch_pool(data, make_model(name, dtype, args.seed), B, args.seed)
                 for th in args.threads:
-                    row = dict(model=name, dtype=dtype, batch=B, threads=th)
-                    with threadpoolctl.threadpool_limits(th, user_api="blas"):
-                        m = make_model(name, dtype, args.seed)
-                        row["flops"] = step_flops(m, B)
-                        row["hvae"] = time_steps(hvae_stepper(m, pool), args.repeats,
-                                                 args.min_time, args.warmup)
-                        if "numpy" in args.peers and B in args.numpy_batches:
-                            key = (name, B, th)
-                            if key not in numpy_cache:
-                                numpy_cache[key] = time_steps(
-                                    numpy_stepper(make_model(name, "float64", args.seed), pool),
-                                    args.numpy_repeats, 0.0, 0.0)
-                            row["numpy"] = numpy_cache[key]
+                    m = make_model(name, dtype, args.seed)
+                    steps, repeats = {"hvae": hvae_stepper(m, pool)}, {"hvae": args.repeats}
                     if "torch" in args.peers:
                         torch.set_num_threads(th)
-                        row["torch"] = time_steps(
-                            torch_stepper(make_model(name, dtype, args.seed), pool,
-                                          args.torch_adam),
-                            args.repeats, args.min_time, args.warmup)
+                        steps["torch"] = torch_stepper(make_model(name, dtype, args.seed), pool,
+                                                       args.torch_adam)
+                        repeats["torch"] = args.repeats
+                    # the reference computes in float64 whatever the dtype: timed once per case
+                    if ("numpy" in args.peers and B in args.numpy_batches
+                            and (name, B, th) not in numpy_done):
+                        steps["numpy"] = numpy_stepper(make_model(name, "float64", args.seed),
+                                                       pool)
+                        repeats["numpy"] = args.numpy_repeats
+                    with threadpoolctl.threadpool_limits(th, user_api="blas"):
+                        sec = time_interleaved(steps, repeats, args.min_time, args.warmup,
+                                               args.settle if th > 1 else 0.0)
+                    if "numpy" in sec:
+                        numpy_done[(name, B, th)] = sec["numpy"]
+                    row = dict(model=name, dtype=dtype, batch=B, threads=th, hvae=sec["hvae"],
+                               torch=sec.get("torch"), numpy=numpy_done.get((name, B, th)),
+                               flops=step_flops(m, B))
                     row["gflops"] = row["flops"] / row["hvae"] / 1e9
                     row["peak"] = row["gflops"] / peaks[(dtype, th)]
                     rows.append(row)
-                    print("  " + "  ".join(step_cells(row)), flush=True)
+                    print("  " + "  ".join(c.rjust(len(h)) for c, h in
+                                          zip(step_cells(row), STEP_HEADERS)), flush=True)
     return rows
 
 
@@ -563,8 +587,10 @@ def report(args, info, peaks, rows, epochs, data_note):
         "`zero_grad` + forward + `backward` + `torch.optim.Adam.step` "
         f"({args.torch_adam}); numpy: `tests/reference.py` (always float64) + a NumPy Adam. "
         f"x and eps pre-drawn outside the timed region (a pool of {POOL} batches cycled). "
-        f"Median over {args.repeats} repeats (numpy: {args.numpy_repeats}) of blocks of >= "
-        f"{args.min_time} s, after {args.warmup} s of warm-up; GC off while timing. Threads: "
+        f"Median over {args.repeats} repeats (numpy: {args.numpy_repeats}) of the mean step "
+        f"time of a block of >= {args.min_time} s, after {args.warmup} s of warm-up; the "
+        "blocks of hvae and its peers alternate (a drift in background load hits all alike), "
+        f"{args.settle} s idle before each block with 2+ threads; GC off while timing. Threads: "
         "threadpoolctl on the BLAS (hvae, numpy), `torch.set_num_threads` (torch). GFLOP/s "
         "counts the GEMMs of forward + backward: 6*B*in*out per layer minus 2*B*in*out for the "
         "input gradient of the first layer. % GEMM peak: against the linked OpenBLAS's "
@@ -601,6 +627,7 @@ def main(argv=None):
              for dt in args.dtypes for th in args.threads}
     rows = measure_steps(args, data, peaks)
     epochs = measure_epochs(args, data) if args.epoch_examples > 0 else []
+    info["load average at end (1, 5, 15 min)"] = load_average()
     text, md = report(args, info, peaks, rows, epochs, data_note)
     print("\n" + text)
     if args.output is not None:

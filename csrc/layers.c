@@ -46,7 +46,7 @@ static void F(linear_backward)(real *din, real *dweight, real *dbias, const real
 #define LEAKY_SLOPE ((real)0.01)
 
 /* y (n,) = act(y) in place */
-static void F(act_forward)(real *y, size_t n, int act) {
+HVAE_CLONES static void F(act_forward)(real *y, size_t n, int act) {
     switch (act) {
     case 0: /* tanh */
         for (size_t k = 0; k < n; k++) y[k] = F(vtanh)(y[k]);
@@ -61,7 +61,7 @@ static void F(act_forward)(real *y, size_t n, int act) {
 }
 
 /* dy (n,) *= act'(pre) in place, written through the output y (same sign as pre for relus) */
-static void F(act_backward)(real *dy, const real *y, size_t n, int act) {
+HVAE_CLONES static void F(act_backward)(real *dy, const real *y, size_t n, int act) {
     switch (act) {
     case 0:
         for (size_t k = 0; k < n; k++) dy[k] *= (real)1 - y[k] * y[k];
@@ -79,7 +79,7 @@ static void F(act_backward)(real *dy, const real *y, size_t n, int act) {
 /* reparameterization: z = mu + exp(logvar / 2) * eps                                          */
 
 /* z (B,d); mulv (B,2d); eps (B,d) or NULL for z = mu */
-static void F(reparam_forward)(real *z, const real *mulv, const real *eps, int B, int d) {
+HVAE_CLONES static void F(reparam_forward)(real *z, const real *mulv, const real *eps, int B, int d) {
     for (int b = 0; b < B; b++) {
         const real *mu = mulv + (size_t)b * 2 * d, *lv = mu + d;
         real *zb = z + (size_t)b * d;
@@ -93,7 +93,7 @@ static void F(reparam_forward)(real *z, const real *mulv, const real *eps, int B
 }
 
 /* dmulv (B,2d) +=; dz (B,d), mulv (B,2d), eps (B,d) or NULL */
-static void F(reparam_backward)(real *dmulv, const real *dz, const real *mulv, const real *eps,
+HVAE_CLONES static void F(reparam_backward)(real *dmulv, const real *dz, const real *mulv, const real *eps,
                                 int B, int d) {
     for (int b = 0; b < B; b++) {
         const real *lv = mulv + (size_t)b * 2 * d + d, *dzb = dz + (size_t)b * d;
@@ -111,7 +111,7 @@ static void F(reparam_backward)(real *dmulv, const real *dz, const real *mulv, c
 /* per-example sums: the summands go to a scratch row (a loop that vectorises), then are added in
  * 8 interleaved partial sums (vectorises too, in a fixed order: no reassociation by the compiler) */
 
-static real F(lane_sum)(const real *restrict v, int n) {
+static inline real F(lane_sum)(const real *restrict v, int n) {
     real part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int j = 0;
     for (; j + 8 <= n; j += 8)
@@ -125,7 +125,7 @@ static real F(lane_sum)(const real *restrict v, int n) {
 
 /* acc (B,) += 0.5 * sum_j (mu - mean)^2 + exp(lv) - 1 - lv; mulv (B,2d), mean (B,d) or NULL;
  * scratch (d,) */
-static void F(gauss_kl_forward)(real *restrict acc, real *restrict scratch,
+HVAE_CLONES static void F(gauss_kl_forward)(real *restrict acc, real *restrict scratch,
                                 const real *restrict mulv, const real *restrict mean, int B,
                                 int d) {
     for (int b = 0; b < B; b++) {
@@ -142,7 +142,7 @@ static void F(gauss_kl_forward)(real *restrict acc, real *restrict scratch,
 }
 
 /* dmulv (B,2d) +=, dmean (B,d) += (or NULL); scale = d loss / d kl_b */
-static void F(gauss_kl_backward)(real *restrict dmulv, real *restrict dmean,
+HVAE_CLONES static void F(gauss_kl_backward)(real *restrict dmulv, real *restrict dmean,
                                  const real *restrict mulv, const real *restrict mean, real scale,
                                  int B, int d) {
     for (int b = 0; b < B; b++) {
@@ -185,7 +185,7 @@ static void F(gauss_negentropy_backward)(real *dmulv, real scale, int B, int d) 
 
 /* log q(z | .) at z = mu + exp(lv/2) eps: acc (B,) += -0.5 * sum_j (log 2pi + lv + eps^2);
  * scratch (d,). Evaluation only (no backward). */
-static void F(gauss_logq_forward)(real *restrict acc, real *restrict scratch,
+HVAE_CLONES static void F(gauss_logq_forward)(real *restrict acc, real *restrict scratch,
                                   const real *restrict mulv, const real *restrict eps, int B,
                                   int d) {
     for (int b = 0; b < B; b++) {
@@ -200,7 +200,7 @@ static void F(gauss_logq_forward)(real *restrict acc, real *restrict scratch,
 
 /* unit-variance Gaussian: acc (B,) += 0.5 * sum (t - mean)^2 + 0.5 n log 2pi; mean NULL = 0;
  * scratch (n,) */
-static void F(gaussian_nll_forward)(real *restrict acc, real *restrict scratch,
+HVAE_CLONES static void F(gaussian_nll_forward)(real *restrict acc, real *restrict scratch,
                                     const real *restrict mean, const real *restrict t, int B,
                                     int n) {
     for (int b = 0; b < B; b++) {
@@ -216,7 +216,7 @@ static void F(gaussian_nll_forward)(real *restrict acc, real *restrict scratch,
 }
 
 /* dmean (B,n) += or NULL, dt (B,n) += or NULL */
-static void F(gaussian_nll_backward)(real *restrict dmean, real *restrict dt,
+HVAE_CLONES static void F(gaussian_nll_backward)(real *restrict dmean, real *restrict dt,
                                      const real *restrict mean, const real *restrict t,
                                      real scale, int B, int n) {
     size_t len = (size_t)B * n;
@@ -228,7 +228,7 @@ static void F(gaussian_nll_backward)(real *restrict dmean, real *restrict dt,
 
 /* Bernoulli with logits l: acc (B,) += sum softplus(l) - t*l, softplus stable:
  * softplus(l) = max(l,0) + log1p(exp(-|l|)) (vecmath.c); scratch (n,) */
-static void F(bernoulli_nll_forward)(real *restrict acc, real *restrict scratch,
+HVAE_CLONES static void F(bernoulli_nll_forward)(real *restrict acc, real *restrict scratch,
                                      const real *restrict logits, const real *restrict t, int B,
                                      int n) {
     for (int b = 0; b < B; b++) {
@@ -239,7 +239,7 @@ static void F(bernoulli_nll_forward)(real *restrict acc, real *restrict scratch,
 }
 
 /* dlogits (B,n) += scale * (sigmoid(l) - t), sigmoid computed without overflow */
-static void F(bernoulli_nll_backward)(real *restrict dlogits, const real *restrict logits,
+HVAE_CLONES static void F(bernoulli_nll_backward)(real *restrict dlogits, const real *restrict logits,
                                       const real *restrict t, real scale, int B, int n) {
     for (size_t k = 0; k < (size_t)B * n; k++)
         dlogits[k] += scale * (F(vsigmoid)(logits[k]) - t[k]);
@@ -247,7 +247,7 @@ static void F(bernoulli_nll_backward)(real *restrict dlogits, const real *restri
 
 /* learned-variance Gaussian, ml (B,2n) = [mean, logvar]:
  * acc (B,) += 0.5 * sum (log 2pi + lv + (t - mean)^2 exp(-lv)); scratch (n,) */
-static void F(gaussian_learned_nll_forward)(real *restrict acc, real *restrict scratch,
+HVAE_CLONES static void F(gaussian_learned_nll_forward)(real *restrict acc, real *restrict scratch,
                                             const real *restrict ml, const real *restrict t,
                                             int B, int n) {
     for (int b = 0; b < B; b++) {
@@ -261,7 +261,7 @@ static void F(gaussian_learned_nll_forward)(real *restrict acc, real *restrict s
 }
 
 /* dml (B,2n) += */
-static void F(gaussian_learned_nll_backward)(real *restrict dml, const real *restrict ml,
+HVAE_CLONES static void F(gaussian_learned_nll_backward)(real *restrict dml, const real *restrict ml,
                                              const real *restrict t, real scale, int B, int n) {
     for (int b = 0; b < B; b++) {
         const real *m = ml + (size_t)b * 2 * n, *lv = m + n, *tb = t + (size_t)b * n;
@@ -277,7 +277,7 @@ static void F(gaussian_learned_nll_backward)(real *restrict dml, const real *res
 /* ------------------------------------------------------------------------------------------ */
 /* Adam (Kingma & Ba 2015, bias-corrected), one pass over the flat buffer; public (hvae.h)       */
 
-int F(adam_update)(real *restrict params, real *restrict m1, real *restrict m2,
+HVAE_CLONES int F(adam_update)(real *restrict params, real *restrict m1, real *restrict m2,
                    const real *restrict grad, size_t n, real lr, real beta1, real beta2, real eps,
                    long t) {
     /* a non-finite gradient changes nothing: the caller keeps its last finite parameters */

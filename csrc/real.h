@@ -28,6 +28,16 @@ typedef float real;
 #define POW powf
 #endif
 
+/* The elementwise kernels get clones for AVX2 and AVX-512 machines, chosen when the library
+ * loads (GCC on x86-64 Linux, through ifunc). Each clone gives the same numbers: no FMA
+ * contraction (-ffp-contract=off) and no reassociation. HVAE_NO_CLONES turns this off. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(HVAE_NO_CLONES)
+#define HVAE_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define HVAE_CLONES
+#endif
+
 #define LOG_2PI ((real)1.8378770664093454835606594728112)
 
 #endif /* HVAE_REAL_H */

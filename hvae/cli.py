@@ -303,6 +303,31 @@ def binarize_split(x, seed, split, epoch=0):
     return datasets.binarize(x, rng=np.random.default_rng([seed, _SPLIT_CODE[split], epoch]))
 
 
+def training_data(model, x, dynamic):
+    """The array to pass to ``model.fit`` and a callback to pass with it.
+
+    With ``dynamic`` (grey levels under the Bernoulli likelihood), the array holds Bernoulli
+    draws of ``x`` for the model's next epoch and the callback redraws it in place after every
+    epoch, from (model seed, epoch), so that a resumed run sees the same draws as an
+    uninterrupted one. Otherwise the array is ``x`` in the model's dtype and the callback does
+    nothing.
+    """
+    grey = np.ascontiguousarray(x, dtype=model.dtype)
+    if not dynamic:
+        return grey, lambda m, record: None
+    seed = data_seed(model)
+    X = np.ascontiguousarray(binarize_split(grey, seed, "train", len(model.history_)),
+                             dtype=model.dtype)
+    if model._check_x(X) is not X:  # fit must train on this very buffer
+        raise RuntimeError("internal: HVAE.fit copies its training data, so dynamic "
+                           "binarization cannot redraw it")
+
+    def redraw(m, record):
+        X[:] = binarize_split(grey, seed, "train", len(m.history_))
+
+    return X, redraw
+
+
 def _prepare(x, data, model, split, no_binarize):
     x = binarize_split(x, data_seed(model), split) if binarizes(data, model.likelihood,
                                                                 no_binarize) else x
@@ -396,9 +421,6 @@ def cmd_train(args, out):
         model = _new_model(args)
         if args.resume:
             print(f"no checkpoint at {path} yet; starting a new model", file=out)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-
     # all data first, so a missing file fails before any training
     grey = binarizes(args.data, model.likelihood, args.no_binarize)
     train = load_split(args.data, "train", args.data_dir)
@@ -411,17 +433,8 @@ def cmd_train(args, out):
     if train.shape[1] != model.x_dim:
         raise CLIError(f"{args.data} has {train.shape[1]} pixels per example but the model has "
                        f"x_dim={model.x_dim}")
-    seed = data_seed(model)
-    train_grey = np.ascontiguousarray(train, dtype=model.dtype)
-    if grey:  # dynamic binarization: X is redrawn in place after every epoch
-        X = np.ascontiguousarray(binarize_split(train_grey, seed, "train",
-                                                len(model.history_)), dtype=model.dtype)
-        if model._check_x(X) is not X:  # fit must see this very buffer
-            raise RuntimeError("internal: fit copies its training data; dynamic binarization "
-                               "cannot redraw it")
-    else:
-        X = train_grey
-
+    X, redraw = training_data(model, train, grey)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     print(repr(model), file=out)
     how = " (dynamically binarized)" if grey else ""
     print(f"data: {args.data}, train {len(X)}{how}, valid {len(valid)}, test {len(test)}, "
@@ -436,8 +449,7 @@ def cmd_train(args, out):
             tqdm.write(line, file=out)
         else:
             print(line, file=out, flush=True)
-        if grey:
-            X[:] = binarize_split(train_grey, seed, "train", len(m.history_))
+        redraw(m, record)
 
     if remaining > 0:
         print(f"training {remaining} epochs; checkpoint {path}", file=out, flush=True)
@@ -449,11 +461,9 @@ def cmd_train(args, out):
                           beta=args.beta, patience=args.patience, progress=progress,
                           checkpoint=path, callbacks=[report])
             except FloatingPointError as exc:
-                raise CLIError(f"{exc} {path} holds the last completed epoch "
-                               f"({len(model.history_)}).") from None
+                raise CLIError(f"{exc} {_saved(path, model)}") from None
         if getattr(model, "interrupted_", False):
-            print(f"hvae: interrupted; {path} holds {len(model.history_)} completed epochs; "
-                  f"continue with --resume", file=sys.stderr)
+            print(f"hvae: interrupted; {_saved(path, model)}", file=sys.stderr)
             return EXIT_INTERRUPTED
         if len(model.history_) < args.epochs:
             print(f"early stopping after epoch {len(model.history_)} (no better validation "
@@ -468,6 +478,13 @@ def cmd_train(args, out):
     print(f"test ELBO (k=1, {len(test)} examples of {args.data} test): {mean:.3f} +- {se:.3f} "
           f"nats", file=out)
     return 0
+
+
+def _saved(path, model):
+    if not model.history_ or not os.path.exists(path):
+        return "No epoch was completed, nothing was saved."
+    return (f"{path} holds the {len(model.history_)} completed epochs; continue with "
+            f"--resume.")
 
 
 def _resolve_eval_data(args, model):
@@ -581,8 +598,7 @@ def main(argv=None):
         except SystemExit as exc:  # --help, --version
             return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
-            parser.print_help(sys.stderr)
-            raise UsageError("choose a command: " + ", ".join(COMMANDS))
+            raise UsageError("choose a command: " + ", ".join(COMMANDS) + " (see 'hvae --help')")
         return COMMANDS[args.command](args, sys.stdout)
     except UsageError as exc:
         if debug:
