@@ -12,7 +12,9 @@ Before timing, a guard checks on every model and dtype that the peers compute wh
 (loss, gradient and one Adam step); the run aborts if not. BLAS threads of hvae (the OpenBLAS it
 links) and of NumPy are set with threadpoolctl. The GEMM peak is that of the OpenBLAS hvae links,
 called through ctypes. Each figure is the median over repeats of the mean time of a block of
-steps, after a warm-up; the blocks of hvae and its peers alternate. Also timed: one MNIST-sized epoch of hvae2 at batch 100 in float32.
+steps, after a warm-up; the blocks of hvae and its peers alternate. Also timed: one MNIST-sized
+epoch of hvae2 at batch 100 in float32. Run it on an otherwise idle machine: the load average is
+recorded, and a warning printed when other processes compete for the CPUs.
 
     .venv/bin/python benchmarks/speed.py            # the full run, writes benchmarks/results/speed.md
     .venv/bin/python benchmarks/speed.py --quick    # a smoke run of a few seconds
@@ -198,6 +200,17 @@ def machine_info(blas):
 
 def load_average():
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def busy_warning(info):
+    """A warning when the 1-minute load average exceeded half the CPUs, else None."""
+    loads = [float(v.split()[0]) for k, v in info.items() if k.startswith("load average")]
+    if max(loads) <= 0.5 * os.cpu_count():
+        return None
+    return (f"WARNING: the machine was busy (1-minute load average up to {max(loads):g} on "
+            f"{os.cpu_count()} CPUs, this benchmark included): absolute times, GFLOP/s and % of "
+            "peak are pessimistic, and the ratios, though measured in alternating blocks, are "
+            "disturbed too. Re-run on an idle machine.")
 
 
 def gemm_peak(blas, dtype, threads, n):
@@ -607,9 +620,11 @@ def report(args, info, peaks, rows, epochs, data_note):
                 ("One epoch (seconds)", ["implementation", "threads", "seconds"], epoch_rows),
                 ("Targets (float32, best thread count of each side)",
                  ["target", "measured", "verdict"], goals)]
-    text = [f"{k}: {v}" for k, v in info.items()]
+    warning = busy_warning(info)
+    text = [f"{k}: {v}" for k, v in info.items()] + ([warning] if warning else [])
     md = ["# hvae speed: one training step against PyTorch and NumPy", "",
-          f"Command: `{command}`", "", *[f"- {k}: {v}" for k, v in info.items()], "", method]
+          f"Command: `{command}`", "", *[f"- {k}: {v}" for k, v in info.items()], "",
+          *([f"**{warning}**", ""] if warning else []), method]
     for title, headers, body in sections:
         if body:
             text += ["", title, text_table(headers, body)]
@@ -623,6 +638,8 @@ def main(argv=None):
     info = machine_info(blas)
     data, data_note = load_data(args.data, args.seed)
     print(f"hvae speed benchmark: {info['machine']}; data: {data_note}", flush=True)
+    if busy_warning(info):
+        print(busy_warning(info), flush=True)
     peaks = {(dt, th): gemm_peak(blas, dt, th, args.gemm_size)
              for dt in args.dtypes for th in args.threads}
     rows = measure_steps(args, data, peaks)

@@ -10,7 +10,7 @@ import numpy as np
 FORMAT = "hvae-checkpoint"
 VERSION = 1
 CONFIG_KEYS = ("x_dim", "latent_dims", "hidden_dims", "likelihood", "activation", "kl", "dtype",
-               "seed", "deterministic")
+               "seed", "deterministic", "init")
 MAX_META_BYTES = 1 << 26  # the JSON block of a real checkpoint is a few hundred kB at most
 
 

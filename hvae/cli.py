@@ -43,12 +43,12 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" for every option with a real default (not None / False)."""
 
     def _get_help_string(self, action):
-        help = action.help or ""
+        text = action.help or ""
         default = action.default
-        if ("%(default)" in help or default is None or default is False
+        if ("%(default)" in text or default is None or default is False
                 or default is argparse.SUPPRESS or not action.option_strings):
-            return help
-        return help + " (default: %(default)s)"
+            return text
+        return text + " (default: %(default)s)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,7 +145,8 @@ def build_parser():
     parser.add_argument("--version", action="version", version=f"hvae {__version__}")
     parser.add_argument("--traceback", action="store_true",
                         help="on an error, show the full Python traceback instead of one line")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser,
+                                help="one of:")
 
     # train ------------------------------------------------------------------------------------
     p = sub.add_parser(
@@ -619,6 +620,8 @@ def main(argv=None):
 
 def _one_line(exc):
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError):  # the loaders speak Python; this is the CLI
+        text = text.replace("pass data_dir=...", "pass --data-dir DIR")
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         text = f"{exc.filename}: {exc.strerror}"
     return " ".join(text.split())

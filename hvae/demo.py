@@ -25,20 +25,22 @@ import numpy as np
 from . import cli
 
 # The full demo on MNIST: sized for about 3 minutes on 2 cores (see main()).
-MNIST = {"latent_dims": [64, 32], "hidden_dims": [[200, 200], [128, 128]], "activation":
-         "leaky_relu", "epochs": 20, "lr": 1e-3, "batch_size": 100, "kl_warmup_epochs": 5,
-         "eval_k": 1000, "eval_n": 500, "max_examples": None}
+MNIST = {"latent_dims": [100, 50], "hidden_dims": [[200, 200], [100, 100]], "activation":
+         "leaky_relu", "epochs": 30, "lr": 2e-3, "batch_size": 200, "kl_warmup_epochs": 5,
+         "eval_k": 1000, "eval_n": 1000, "max_examples": None}
 DIGITS = {"latent_dims": [16, 8], "hidden_dims": [[64, 64], [32, 32]], "activation":
           "leaky_relu", "epochs": 100, "lr": 2e-3, "batch_size": 50, "kl_warmup_epochs": 10,
           "eval_k": 1000, "eval_n": 297, "max_examples": None}
 QUICK = {"binarized_mnist": {"latent_dims": [16, 8], "hidden_dims": [[64, 64], [32, 32]],
-                             "epochs": 2, "max_examples": 1000, "eval_k": 20, "eval_n": 100},
-         "digits": {"epochs": 3, "max_examples": 500, "eval_k": 20, "eval_n": 100}}
+                             "epochs": 2, "kl_warmup_epochs": 1, "max_examples": 1000,
+                             "eval_k": 20, "eval_n": 100},
+         "digits": {"epochs": 3, "kl_warmup_epochs": 1, "max_examples": 500, "eval_k": 20,
+                    "eval_n": 100}}
 
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="python -m hvae.demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m hvae.demo", formatter_class=cli._Formatter,
         description="Train a two-level hierarchical VAE on binarized MNIST (or the 8x8 digits "
                     "when MNIST is not found) and write samples.png, reconstructions.png, "
                     "loss.png and model.npz; print the test ELBO and log-likelihood.")

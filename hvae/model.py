@@ -9,6 +9,7 @@ LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 KL_ESTIMATORS = ("analytic", "mc")
 DTYPES = ("float32", "float64")
+INITS = ("torch", "glorot")
 
 
 def default_hidden_dims(x_dim, latent_dims):
@@ -56,6 +57,10 @@ class HVAE:
         Seeds the NumPy Generator used for initialisation, noise and shuffling.
     deterministic : bool
         A plain autoencoder: z_i = mu_i, no sampling, no KL.
+    init : {"torch", "glorot"}
+        "torch": weights and biases ~ U(+-1/sqrt(fan_in)), as ``torch.nn.Linear``; "glorot":
+        weights ~ U(+-sqrt(6 / (fan_in + fan_out))), zero biases (Glorot & Bengio 2010, the IWAE
+        paper's choice).
 
     Attributes
     ----------
@@ -65,7 +70,7 @@ class HVAE:
 
     def __init__(self, x_dim, latent_dims, hidden_dims=None, *, likelihood="bernoulli",
                  activation="tanh", kl="analytic", dtype="float32", seed=None,
-                 deterministic=False):
+                 deterministic=False, init="torch"):
         if isinstance(x_dim, bool) or not isinstance(x_dim, (int, np.integer)):
             raise TypeError(f"x_dim: expected an integer, got {x_dim!r}")
         if isinstance(latent_dims, (int, np.integer)) and not isinstance(latent_dims, bool):
@@ -76,7 +81,7 @@ class HVAE:
         elif len(hidden_dims) and all(isinstance(h, (int, np.integer)) for h in hidden_dims):
             hidden_dims = [list(hidden_dims)] * len(latent_dims)
         hidden_dims = [_int_list(h, f"hidden_dims[{i}]") for i, h in enumerate(hidden_dims)]
-        for name, value, choices in (("likelihood", likelihood, LIKELIHOODS),
+        for name, value, choices in (("init", init, INITS), ("likelihood", likelihood, LIKELIHOODS),
                                      ("activation", activation, ACTIVATIONS),
                                      ("kl", kl, KL_ESTIMATORS), ("dtype", str(np.dtype(dtype))
                                                                  if _is_dtype(dtype) else dtype,
@@ -92,6 +97,7 @@ class HVAE:
         self.dtype = str(np.dtype(dtype))
         self.seed = seed
         self.deterministic = bool(deterministic)
+        self.init = init
         self._core = _core.Model(self.x_dim, latent_dims, hidden_dims, likelihood, activation, kl,
                                  self.deterministic, self.dtype)
         _check_memory(self._core.n_params * np.dtype(self.dtype).itemsize, "the parameters")
@@ -110,14 +116,17 @@ class HVAE:
         return len(self.latent_dims)
 
     def reset_parameters(self):
-        """Initialise as ``torch.nn.Linear`` does: weight and bias ~ U(-1/sqrt(fan_in), +)."""
-        fan_in = 1
+        """Draw fresh parameters by the ``init`` scheme (see the class docstring). Returns self."""
+        fan_in = fan_out = 1
         for _, offset, shape in self._core.param_table():
-            if len(shape) == 2:  # a weight (out, in); its bias follows with the same fan_in
-                fan_in = shape[1]
+            if len(shape) == 2:  # a weight (out, in); its bias follows with the same fans
+                fan_out, fan_in = shape
             n = int(np.prod(shape))
-            bound = 1.0 / np.sqrt(fan_in)
-            self.params[offset:offset + n] = self._rng.uniform(-bound, bound, n)
+            if self.init == "torch":
+                bound = 1.0 / np.sqrt(fan_in)
+            else:
+                bound = np.sqrt(6.0 / (fan_in + fan_out)) if len(shape) == 2 else 0.0
+            self.params[offset:offset + n] = self._rng.uniform(-bound, bound, n) if bound else 0
         return self
 
     def named_params(self):
@@ -468,7 +477,8 @@ class HVAE:
         checkpoint.save(self, path)
 
     def __repr__(self):
-        flags = ", deterministic=True" if self.deterministic else ""
+        flags = (", deterministic=True" if self.deterministic else "") + \
+            (f", init={self.init!r}" if self.init != "torch" else "")
         return (f"HVAE(x_dim={self.x_dim}, latent_dims={self.latent_dims}, "
                 f"hidden_dims={self.hidden_dims}, likelihood={self.likelihood!r}, "
                 f"activation={self.activation!r}, kl={self.kl!r}, dtype={self.dtype!r}, "

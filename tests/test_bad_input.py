@@ -32,6 +32,7 @@ def data(m, batch=4):
     (dict(x_dim=4, latent_dims=[2], activation="gelu"), ValueError, "activation"),
     (dict(x_dim=4, latent_dims=[2], kl="exact"), ValueError, "kl"),
     (dict(x_dim=4, latent_dims=[2], dtype="float16"), ValueError, "dtype"),
+    (dict(x_dim=4, latent_dims=[2], init="he"), ValueError, "init"),
 ])
 def test_constructor_rejects(kwargs, exc, words):
     with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):

@@ -283,6 +283,13 @@ def test_named_params_layout_and_init():
     assert m.params.flags.c_contiguous and m.params.ndim == 1
     assert np.array_equal(hvae.HVAE(784, [100, 50], seed=0).params, m.params)
     assert "HVAE(x_dim=784" in repr(m) and "parameters" in repr(m)
+    g = hvae.HVAE(784, [100, 50], seed=0, init="glorot").named_params()
+    for name, v in g.items():
+        if name.endswith("bias"):
+            assert not v.any()
+        else:
+            bound = np.sqrt(6 / sum(v.shape))
+            assert bound * 0.9 < np.abs(v).max() <= bound
 
 
 def test_inputs_not_mutated():
