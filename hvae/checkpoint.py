@@ -2,10 +2,11 @@
 architecture as JSON, no pickle, written atomically (temporary file, fsync, rename)."""
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
+
+from .atomic import atomic_write
 
 FORMAT = "hvae-checkpoint"
 VERSION = 1
@@ -23,7 +24,6 @@ def save(model, path):
     path : str or os.PathLike
         Destination; ``.npz`` is the conventional suffix (not added).
     """
-    path = os.fspath(path)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -39,28 +39,7 @@ def save(model, path):
                              "beta2": opt.beta2, "eps": opt.eps}
         arrays["adam_m"], arrays["adam_v"] = opt.m, opt.v
     blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".hvae-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=blob, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    atomic_write(path, lambda f: np.savez(f, meta=blob, **arrays))
 
 
 def _bad(path, why):

@@ -159,7 +159,8 @@ def build_parser():
                "--checkpoint run.npz")
     _add_data_flags(p, "binarized_mnist", "")
     p.add_argument("--max-examples", type=_positive_int, metavar="N",
-                   help="train on the first N training examples only (quick runs; default: all)")
+                   help="train on N training examples only, a fixed random subset (quick runs; "
+                        "default: all)")
     g = p.add_argument_group("architecture (ignored with --resume of an existing checkpoint, "
                              "where they must match it if given)")
     g.add_argument("--latent-dims", type=_positive_int, nargs="+", metavar="D",
@@ -203,10 +204,11 @@ def build_parser():
     g = p.add_argument_group("checkpoint")
     g.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="the .npz file written atomically after every epoch (required)")
-    g.add_argument("--resume", action="store_true",
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--resume", action="store_true",
                    help="if PATH exists, load it and train the remaining epochs "
                         "(--epochs minus the epochs it holds)")
-    g.add_argument("--overwrite", action="store_true",
+    x.add_argument("--overwrite", action="store_true",
                    help="start a new model even if PATH exists (default: refuse)")
 
     # eval -------------------------------------------------------------------------------------
@@ -221,7 +223,8 @@ def build_parser():
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to evaluate")
     p.add_argument("-k", type=_positive_int, default=5000, help="importance samples per example")
     p.add_argument("--max-examples", type=_positive_int, metavar="N",
-                   help="evaluate the first N examples of the split only (default: all)")
+                   help="evaluate N examples of the split only, a fixed random subset (the same "
+                        "every run; default: all)")
     p.add_argument("--batch-size", type=_positive_int, default=4096, metavar="ROWS",
                    help="(example, sample) rows per core call; bounds memory")
     p.add_argument("--seed", type=int,
@@ -290,6 +293,15 @@ def load_split(data, split, data_dir=None):
         raise ValueError(f"data: expected one of {DATASETS}, got {data!r}")
     n_valid = len(pool) // 10
     return pool[len(pool) - n_valid:] if split == "valid" else pool[:len(pool) - n_valid]
+
+
+def subset(x, n, seed=0):
+    """``n`` rows of ``x`` drawn without replacement with a fixed seed, in their original order
+    (all of ``x`` if n is None or >= len(x)). Not the first n: binarized MNIST's test split is
+    sorted by digit."""
+    if n is None or n >= len(x):
+        return x
+    return x[np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))]
 
 
 def binarizes(data, likelihood, no_binarize=False):
@@ -425,8 +437,7 @@ def cmd_train(args, out):
     # all data first, so a missing file fails before any training
     grey = binarizes(args.data, model.likelihood, args.no_binarize)
     train = load_split(args.data, "train", args.data_dir)
-    if args.max_examples is not None:
-        train = train[:args.max_examples]
+    train = subset(train, args.max_examples)
     valid = _prepare(load_split(args.data, "valid", args.data_dir), args.data, model, "valid",
                      args.no_binarize)
     test = _prepare(load_split(args.data, "test", args.data_dir), args.data, model, "test",
@@ -436,7 +447,7 @@ def cmd_train(args, out):
                        f"x_dim={model.x_dim}")
     X, redraw = training_data(model, train, grey)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    print(repr(model), file=out)
+    print(f"model: {model!r}", file=out)
     how = " (dynamically binarized)" if grey else ""
     print(f"data: {args.data}, train {len(X)}{how}, valid {len(valid)}, test {len(test)}, "
           f"{model.x_dim} pixels", file=out)
@@ -506,12 +517,11 @@ def cmd_eval(args, out):
                        f"evaluate")
     data = _resolve_eval_data(args, model)
     x = load_split(data, args.split, args.data_dir)
-    if args.max_examples is not None:
-        x = x[:args.max_examples]
+    x = subset(x, args.max_examples)
     x = _prepare(x, data, model, args.split, args.no_binarize)
     if args.seed is not None:
         model._rng = np.random.default_rng(args.seed)
-    print(repr(model), file=out)
+    print(f"model: {model!r}", file=out)
     how = " (binarized)" if binarizes(data, model.likelihood, args.no_binarize) else ""
     print(f"data: {data} {args.split}, {len(x)} examples{how}", file=out, flush=True)
     mean, se = _mean_se(model.elbo(x, k=1))

@@ -1,10 +1,11 @@
 """Pictures: image grids as PNG (pure NumPy + zlib, no plotting library) and loss curves
 (matplotlib, optional)."""
-import os
 import struct
 import zlib
 
 import numpy as np
+
+from .atomic import atomic_write
 
 
 def infer_image_shape(dim):
@@ -67,10 +68,7 @@ def save_png(path, gray):
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(png)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(png))
 
 
 def save_image_grid(path, images, image_shape=None, ncols=None, scale=2):

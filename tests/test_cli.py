@@ -265,6 +265,7 @@ def test_eval_data_mismatch(trained, tmp_path, capsys):
       "--checkpoint", "x.npz"], "3 groups for 2 levels"),
     (["train", "--data", "cifar", "--checkpoint", "x.npz"], "--data"),
     (["train", "--kl", "exact", "--checkpoint", "x.npz"], "--kl"),
+    (["train", "--resume", "--overwrite", "--checkpoint", "x.npz"], "not allowed with"),
     (["eval", "m.npz", "-k", "0"], "-k"),
     (["eval"], "CHECKPOINT"),
     (["sample", "m.npz", "-n", "-3"], "-n"),
@@ -324,9 +325,10 @@ def test_demo_quick(tmp_path, capsys):
     model = hvae.load(out_dir / "model.npz")
     assert model.n_levels == 2 and model.kl == "mc" and model.history_
     assert re.search(r"test ELBO \(k=1, all 297 test examples\): -\d+\.\d+", out)
-    m = re.search(r"test log-likelihood \(importance-sampled, k=(\d+), first (\d+) test "
-                  r"examples\): (-\d+\.\d+)", out)
+    m = re.search(r"test log-likelihood \(importance-sampled, k=(\d+), on (\d+) test examples "
+                  r"drawn at random\): (-\d+\.\d+)", out)
     assert m and math.isfinite(float(m.group(3)))
+    assert (int(m.group(1)), int(m.group(2))) == (20, 100)
 
 
 def test_demo_falls_back_to_digits_with_a_note(tmp_path, capsys):
@@ -336,3 +338,18 @@ def test_demo_falls_back_to_digits_with_a_note(tmp_path, capsys):
     assert code == 0
     assert "binarized MNIST not found" in out and "digits instead" in out
     assert os.path.exists(tmp_path / "d" / "model.npz")
+
+
+def test_subset_is_a_fixed_random_subset():
+    x = np.arange(100)[:, None]
+    a, b = cli.subset(x, 10), cli.subset(x, 10)
+    np.testing.assert_array_equal(a, b)
+    assert np.all(np.diff(a[:, 0]) > 0) and a[-1, 0] > 10  # ordered, not the first ten
+    assert cli.subset(x, 100) is x and cli.subset(x, None) is x
+
+
+def test_digits_splits_are_disjoint_and_cover_the_data():
+    parts = [cli.load_split("digits", s) for s in cli.SPLITS]
+    assert [len(p) for p in parts] == [1350, 150, 297]
+    from hvae import datasets
+    np.testing.assert_array_equal(np.concatenate(parts), datasets.load_digits())
