@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CSRC   := $(wildcard csrc/*.c csrc/*.h)
 
-.PHONY: build test demo blas clean
+.PHONY: build test demo blas clean bench-speed bench-mnist notebooks lab
 
 build: $(VENV)/.installed hvae/_core.stamp
 
@@ -29,6 +29,32 @@ hvae/_core.stamp: $(CSRC) setup.py $(VENV)/.installed
 
 test: build
 	$(PY) -m pytest -q tests
+
+# the main job: train a two-level HVAE on MNIST (digits when MNIST is absent), pictures in demo/
+demo: build
+	$(PY) -m hvae.demo --out demo
+
+# the tutorial notebooks: re-execute all in full (a minute or two each), saving outputs in place
+notebooks: build
+	$(PY) -m pip install -q -e ".[notebooks]"
+	cd notebooks && HVAE_NOTEBOOK_FAST=0 ../$(VENV)/bin/jupyter nbconvert --to notebook --execute \
+	  --inplace --ExecutePreprocessor.timeout=1200 --ExecutePreprocessor.kernel_name=python3 *.ipynb
+
+# JupyterLab on the notebooks
+lab: build
+	$(PY) -m pip install -q -e ".[notebooks]"
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+# speed table against PyTorch and the NumPy reference (installs torch==2.13.0, CPU build)
+bench-speed: build
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/speed.py
+
+# the published MNIST log-likelihoods (about 3 hours on 2 cores; see README)
+bench-mnist: build
+	$(PY) benchmarks/mnist.py --vae1 --budget-minutes 55 --threads 1 & \
+	$(PY) benchmarks/mnist.py --hvae2-mc --budget-minutes 110 --threads 1; wait
+	$(PY) benchmarks/mnist.py --hvae2-analytic --budget-minutes 110 --threads 2
 
 clean:
 	rm -rf build *.egg-info hvae/*.so hvae/_core.stamp

@@ -1,4 +1,5 @@
 """hvae: hierarchical variational autoencoders with a C core."""
+from . import datasets, plotting
 from .checkpoint import load
 from .model import HVAE
 

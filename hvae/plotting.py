@@ -83,15 +83,14 @@ def plot_history(history, path, title=None):
     """Loss curves of ``HVAE.history_``: train and validation loss, reconstruction and the KL of
     each level per epoch, saved as a PNG (needs matplotlib)."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: leaves the session's backend alone
     except ImportError as exc:
         raise ImportError("plot_history needs matplotlib: pip install matplotlib") from exc
     if not history:
         raise ValueError("history: no epochs to plot")
     epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(epochs, [r["loss"] for r in history], label="train loss")
     val = [(r["epoch"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
     if val:
@@ -109,4 +108,3 @@ def plot_history(history, path, title=None):
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -100,6 +100,18 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, bar, epoch):
             "kl": [float(k) for k in sums[2:]], "beta": float(b)}
 
 
+def validation_loss(model, X, rows=4096):
+    """Mean per-example loss at beta = 1: the negative ELBO (k = 1, from the densities) of a VAE,
+    the reconstruction plus chain terms of an autoencoder."""
+    if not model.deterministic:
+        return float(-np.mean(model.elbo(X)))
+    total = 0.0
+    for start in range(0, len(X), rows):
+        _, terms, _ = model._core.forward(model.params, X[start:start + rows])
+        total += float(terms.sum())
+    return total / len(X)
+
+
 def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, beta, patience,
         progress, checkpoint, callbacks):
     """The body of HVAE.fit (see there)."""
@@ -133,7 +145,7 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
             t0 = time.perf_counter()
             record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs, bar, epoch)
             record["epoch"] = epoch + 1
-            record["val_loss"] = None if X_val is None else float(-np.mean(model.elbo(X_val)))
+            record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
             record["seconds"] = time.perf_counter() - t0
             model.history_.append(record)
             stop = False

@@ -165,3 +165,13 @@ def test_fit_rejects_bad_arguments():
         m.fit(X, epochs=1, validation_data=X[:, :3])
     with pytest.raises(ValueError, match="X"):
         m.fit(np.where(X > 0, np.nan, X), epochs=1, progress=False)
+
+
+def test_autoencoder_validation_and_early_stopping():
+    X = binary_data()
+    m = small(deterministic=True).fit(X[:200], epochs=3, validation_data=X[200:], patience=5,
+                                      progress=False)
+    vals = [r["val_loss"] for r in m.history_]
+    assert len(vals) == 3 and all(np.isfinite(vals))
+    _, terms, _ = m._core.forward(m.params, X[200:])
+    np.testing.assert_allclose(vals[np.argmin(vals)], terms.sum() / 100, rtol=1e-5)
