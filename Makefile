@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CSRC   := $(wildcard csrc/*.c csrc/*.h)
 
-.PHONY: build test demo blas clean bench-speed bench-mnist notebooks lab
+.PHONY: build test demo blas clean bench-speed bench-mnist notebooks lab sanitize valgrind
 
 build: $(VENV)/.installed hvae/_core.stamp
 
@@ -33,6 +33,16 @@ test: build
 # the main job: train a two-level HVAE on MNIST (digits when MNIST is absent), pictures in demo/
 demo: build
 	$(PY) -m hvae.demo --out demo
+
+# AddressSanitizer + UndefinedBehaviorSanitizer build (in a temporary copy), the suite under it
+sanitize: build
+	.ci/sanitize.sh
+
+# valgrind memcheck on a tour of the core (installs valgrind with apt-get when missing)
+valgrind: build
+	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq valgrind; }
+	.ci/valgrind.sh
 
 # the tutorial notebooks: re-execute all in full (a minute or two each), saving outputs in place
 notebooks: build

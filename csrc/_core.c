@@ -8,7 +8,9 @@
 #include <numpy/arrayobject.h>
 
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "hvae.h"
 
@@ -21,6 +23,38 @@ static int set_status_error(hvae_status st) {
     else
         PyErr_Format(PyExc_ValueError, "hvae core: invalid arguments (status %d)", (int)st);
     return -1;
+}
+
+/* set_status_error for a core call on a batch of B rows of argument `name`: a MemoryError says
+ * how much workspace the batch needs. */
+static int batch_status_error(hvae_status st, const hvae_model *m, int typenum, npy_intp B,
+                              const char *name) {
+    if (st != HVAE_ENOMEM) return set_status_error(st);
+    size_t bytes = hvae_workspace_bytes(m, (int)B, typenum == NPY_FLOAT32 ? 4 : 8);
+    if (bytes == 0)
+        PyErr_Format(PyExc_MemoryError, "%s: a batch of %zd rows needs more workspace than "
+                     "can be addressed", name, (Py_ssize_t)B);
+    else
+        PyErr_Format(PyExc_MemoryError, "%s: a batch of %zd rows needs %zu MiB of workspace, "
+                     "which could not be allocated; use smaller batches", name, (Py_ssize_t)B,
+                     (bytes >> 20) + 1);
+    return -1;
+}
+
+/* Before a core call on B rows: a MemoryError (naming the argument) when the workspace would
+ * be larger than the machine's physical memory. malloc alone does not catch this: with
+ * overcommit it succeeds, and the core writing into the buffer gets the process OOM-killed. */
+static int check_workspace(const hvae_model *m, int typenum, npy_intp B, const char *name) {
+    size_t bytes = hvae_workspace_bytes(m, (int)B, typenum == NPY_FLOAT32 ? 4 : 8);
+    size_t phys = 0;
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGE_SIZE)
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+    if (pages > 0 && page > 0 && (size_t)pages <= SIZE_MAX / (size_t)page)
+        phys = (size_t)pages * (size_t)page;
+#endif
+    if (bytes == 0 || (phys && bytes > phys))
+        return batch_status_error(HVAE_ENOMEM, m, typenum, B, name);
+    return 0;
 }
 
 static const char *kind_name(char kind) {
@@ -156,39 +190,134 @@ static PyArrayObject *input_2d(PyObject *obj, const char *name, int typenum, npy
     return a;
 }
 
-static int as_int(PyObject *obj, const char *name, long lo, long hi, int *out) {
+static int as_long(PyObject *obj, const char *name, long lo, long hi, long *out) {
     if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s: expected an integer, got %R", name,
                      (PyObject *)Py_TYPE(obj));
         return -1;
     }
-    long v = PyLong_AsLong(obj);
-    if (v == -1 && PyErr_Occurred()) {
+    PyObject *num = PyNumber_Index(obj);
+    if (!num) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: expected an integer, got %R", name,
+                         (PyObject *)Py_TYPE(obj));
+        }
+        return -1;
+    }
+    int overflow = 0;
+    long v = PyLong_AsLongAndOverflow(num, &overflow);
+    if ((v == -1 && PyErr_Occurred()) || overflow || v < lo || v > hi) {
         PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "%s: expected an integer in [%ld, %ld], got %R", name, lo,
-                     hi, obj);
+        PyErr_Format(PyExc_ValueError, "%s: expected an integer in [%ld, %ld], got %S", name, lo,
+                     hi, num);
+        Py_DECREF(num);
         return -1;
     }
-    if (v < lo || v > hi) {
-        PyErr_Format(PyExc_ValueError, "%s: expected an integer in [%ld, %ld], got %ld", name, lo,
-                     hi, v);
-        return -1;
-    }
+    Py_DECREF(num);
+    *out = v;
+    return 0;
+}
+
+static int as_int(PyObject *obj, const char *name, long lo, long hi, int *out) {
+    long v;
+    if (as_long(obj, name, lo, hi, &v) < 0) return -1;
     *out = (int)v;
     return 0;
 }
 
-static int pick(const char *value, const char *name, const char *const *choices, int *out) {
+/* A Python number (float, int, NumPy scalar) as a double; a TypeError naming the argument for
+ * anything else, a ValueError for an int too large for a double. */
+static int as_double(PyObject *obj, const char *name, double *out) {
+    PyNumberMethods *num = Py_TYPE(obj)->tp_as_number;
+    if (PyBool_Check(obj) ||
+        (!PyFloat_Check(obj) && !PyIndex_Check(obj) && !(num && num->nb_float))) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a number, got %R", name,
+                     (PyObject *)Py_TYPE(obj));
+        return -1;
+    }
+    double v = PyFloat_AsDouble(obj);
+    if (v == -1.0 && PyErr_Occurred()) {
+        int overflow = PyErr_ExceptionMatches(PyExc_OverflowError);
+        PyErr_Clear();
+        if (overflow)
+            PyErr_Format(PyExc_ValueError, "%s: expected a finite number, got %R", name, obj);
+        else
+            PyErr_Format(PyExc_TypeError, "%s: expected a number, got %R", name,
+                         (PyObject *)Py_TYPE(obj));
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* as_double, then finite and lo <= v (lo < v when lo_open), v <= hi (v < hi when hi_open; no
+ * upper bound when hi is infinite); the message shows the value. */
+static int as_bounded_double(PyObject *obj, const char *name, double lo, int lo_open, double hi,
+                             int hi_open, double *out) {
+    if (as_double(obj, name, out) < 0) return -1;
+    double v = *out;
+    if (!isfinite(v) || v < lo || (lo_open && v == lo) || v > hi || (hi_open && v == hi)) {
+        PyObject *f = PyFloat_FromDouble(v), *l = PyFloat_FromDouble(lo),
+                 *h = PyFloat_FromDouble(hi);
+        if (f && l && h) {
+            if (isfinite(hi))
+                PyErr_Format(PyExc_ValueError, "%s: expected a number in %s%R, %R%s, got %R",
+                             name, lo_open ? "(" : "[", l, h, hi_open ? ")" : "]", f);
+            else
+                PyErr_Format(PyExc_ValueError, "%s: expected a finite number %s %R, got %R",
+                             name, lo_open ? ">" : ">=", l, f);
+        }
+        Py_XDECREF(f);
+        Py_XDECREF(l);
+        Py_XDECREF(h);
+        return -1;
+    }
+    return 0;
+}
+
+/* The truth value of obj (a flag); an object without one (e.g. a NumPy array of several
+ * values) is a TypeError naming the argument. */
+static int as_flag(PyObject *obj, const char *name, int *out) {
+    int v = PyObject_IsTrue(obj);
+    if (v < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected True or False, got %R", name,
+                     (PyObject *)Py_TYPE(obj));
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* Whether two C-contiguous arrays share any byte. */
+static int overlaps(PyArrayObject *a, PyArrayObject *b) {
+    const char *pa = PyArray_BYTES(a), *pb = PyArray_BYTES(b);
+    npy_intp na = PyArray_NBYTES(a), nb = PyArray_NBYTES(b);
+    return na > 0 && nb > 0 && pa < pb + nb && pb < pa + na;
+}
+
+static int pick(PyObject *obj, const char *name, const char *const *choices, int *out) {
     char expected[160] = "";
     for (int k = 0; choices[k]; k++) {
-        if (strcmp(value, choices[k]) == 0) {
-            *out = k;
-            return 0;
-        }
         size_t len = strlen(expected);
         snprintf(expected + len, sizeof expected - len, "%s'%s'", k ? ", " : "", choices[k]);
     }
-    PyErr_Format(PyExc_ValueError, "%s: expected one of %s, got '%s'", name, expected, value);
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected one of %s, got %R", name, expected,
+                     (PyObject *)Py_TYPE(obj));
+        return -1;
+    }
+    Py_ssize_t size;
+    const char *value = PyUnicode_AsUTF8AndSize(obj, &size);
+    if (!value) PyErr_Clear(); /* e.g. a lone surrogate: no choice matches */
+    for (int k = 0; value && choices[k]; k++) {
+        if ((size_t)size == strlen(choices[k]) && strcmp(value, choices[k]) == 0) {
+            *out = k;
+            return 0;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "%s: expected one of %s, got %R", name, expected, obj);
     return -1;
 }
 
@@ -209,7 +338,21 @@ static const char *const ACTIVATIONS[] = {"tanh", "relu", "leaky_relu", NULL};
 static const char *const KLS[] = {"analytic", "mc", NULL};
 static const char *const DTYPES[] = {"float32", "float64", NULL};
 
+/* The length of a sized sequence, -1 when it has none (e.g. an iterator): checked before
+ * PySequence_Fast, which would copy a huge one (range(10**10)) into a list first. */
+static Py_ssize_t sized_len(PyObject *seq) {
+    if (!PySequence_Check(seq)) return -1;
+    Py_ssize_t len = PySequence_Size(seq);
+    if (len < 0) PyErr_Clear();
+    return len;
+}
+
 static int parse_dims(PyObject *seq, const char *name, int *out, int max, int *n) {
+    if (sized_len(seq) > max) {
+        PyErr_Format(PyExc_ValueError, "%s: expected at most %d entries, got %zd", name, max,
+                     sized_len(seq));
+        return -1;
+    }
     PyObject *fast = PySequence_Fast(seq, "");
     if (!fast) {
         PyErr_Clear();
@@ -239,16 +382,17 @@ static int parse_dims(PyObject *seq, const char *name, int *out, int max, int *n
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"x_dim", "latent_dims", "hidden_dims", "likelihood", "activation",
                              "kl", "deterministic", "dtype", NULL};
-    PyObject *x_dim_obj, *latent_obj, *hidden_obj;
-    const char *lik = "bernoulli", *act = "tanh", *kl = "analytic", *dtype = "float32";
+    PyObject *x_dim_obj, *latent_obj, *hidden_obj, *lik = NULL, *act = NULL, *kl = NULL,
+             *dtype = NULL, *det_obj = NULL;
     int deterministic = 0;
     if (self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Model: already initialised; create a new Model");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|sssps", kwlist, &x_dim_obj, &latent_obj,
-                                     &hidden_obj, &lik, &act, &kl, &deterministic, &dtype))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OOOOO", kwlist, &x_dim_obj, &latent_obj,
+                                     &hidden_obj, &lik, &act, &kl, &det_obj, &dtype))
         return -1;
+    if (det_obj && as_flag(det_obj, "deterministic", &deterministic) < 0) return -1;
     hvae_config cfg;
     memset(&cfg, 0, sizeof cfg);
     int v, n;
@@ -257,6 +401,11 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         return -1;
     if (cfg.n_levels < 1) {
         PyErr_SetString(PyExc_ValueError, "latent_dims: expected at least one level, got none");
+        return -1;
+    }
+    if (sized_len(hidden_obj) > cfg.n_levels) {
+        PyErr_Format(PyExc_ValueError, "hidden_dims: expected %d lists (one per level), got %zd",
+                     cfg.n_levels, sized_len(hidden_obj));
         return -1;
     }
     PyObject *fast = PySequence_Fast(hidden_obj, "");
@@ -283,13 +432,17 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
         cfg.n_hidden[i] = n;
     }
     Py_DECREF(fast);
-    if (pick(lik, "likelihood", LIKELIHOODS, &v) < 0) return -1;
+    v = 0; /* the defaults are the first choices */
+    if (lik && pick(lik, "likelihood", LIKELIHOODS, &v) < 0) return -1;
     cfg.likelihood = (hvae_likelihood)v;
-    if (pick(act, "activation", ACTIVATIONS, &v) < 0) return -1;
+    v = 0;
+    if (act && pick(act, "activation", ACTIVATIONS, &v) < 0) return -1;
     cfg.activation = (hvae_activation)v;
-    if (pick(kl, "kl", KLS, &v) < 0) return -1;
+    v = 0;
+    if (kl && pick(kl, "kl", KLS, &v) < 0) return -1;
     cfg.kl = (hvae_kl)v;
-    if (pick(dtype, "dtype", DTYPES, &v) < 0) return -1;
+    v = 0;
+    if (dtype && pick(dtype, "dtype", DTYPES, &v) < 0) return -1;
     self->typenum = v == 0 ? NPY_FLOAT32 : NPY_FLOAT64;
     cfg.deterministic = deterministic;
     hvae_status st = hvae_model_init(&self->model, &cfg);
@@ -384,11 +537,13 @@ PyDoc_STRVAR(forward_doc,
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"params", "x", "target", "eps", "beta", "grad", "log_weight", NULL};
     PyObject *params_obj, *x_obj, *target_obj = Py_None, *eps_obj = Py_None, *grad_obj = Py_None;
+    PyObject *beta_obj = NULL, *lw_obj = NULL;
     double beta = 1.0;
     int want_lw = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOdOp", kwlist, &params_obj, &x_obj,
-                                     &target_obj, &eps_obj, &beta, &grad_obj, &want_lw))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOOOO", kwlist, &params_obj, &x_obj,
+                                     &target_obj, &eps_obj, &beta_obj, &grad_obj, &lw_obj))
         return NULL;
+    if (lw_obj && as_flag(lw_obj, "log_weight", &want_lw) < 0) return NULL;
     if (not_ready(self)) return NULL;
     const hvae_model *m = &self->model;
     const int T = m->cfg.n_levels, tn = self->typenum;
@@ -397,10 +552,8 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
     PyObject *result = NULL;
     hvae_status st = HVAE_OK;
 
-    if (!isfinite(beta) || beta < 0) {
-        PyErr_Format(PyExc_ValueError, "beta: expected a finite number >= 0, got %g", beta);
+    if (beta_obj && as_bounded_double(beta_obj, "beta", 0, 0, INFINITY, 0, &beta) < 0)
         return NULL;
-    }
     if (!(params = params_arg(self, params_obj))) goto done;
     if (!(x = input_2d(x_obj, "x", tn, -1, m->cfg.x_dim))) goto done;
     npy_intp B = PyArray_DIM(x, 0);
@@ -424,10 +577,18 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
     }
     if (grad_obj != Py_None && check_output(grad_obj, "grad", tn, (npy_intp)m->n_params) < 0)
         goto done;
-    if (grad_obj != Py_None && PyArray_DATA((PyArrayObject *)grad_obj) == PyArray_DATA(params)) {
-        PyErr_SetString(PyExc_ValueError, "grad: must not share memory with params");
-        goto done;
+    if (grad_obj != Py_None) { /* the core zeroes grad first, then reads the inputs */
+        PyArrayObject *g = (PyArrayObject *)grad_obj;
+        const char *shared = overlaps(g, params) ? "params" : overlaps(g, x) ? "x"
+                             : overlaps(g, target) ? "target" : NULL;
+        for (int i = 0; i < T && !shared; i++)
+            if (eps[i] && overlaps(g, eps[i])) shared = "eps";
+        if (shared) {
+            PyErr_Format(PyExc_ValueError, "grad: must not share memory with %s", shared);
+            goto done;
+        }
     }
+    if (check_workspace(m, tn, B, "x") < 0) goto done;
     npy_intp tdims[2] = {T + 1, B};
     if (!(terms = (PyArrayObject *)PyArray_SimpleNew(2, tdims, tn))) goto done;
     if (want_lw && !(lw = (PyArrayObject *)PyArray_SimpleNew(1, &B, tn))) goto done;
@@ -467,7 +628,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
         });
     }
     if (st != HVAE_OK) {
-        set_status_error(st);
+        batch_status_error(st, m, tn, B, "x");
         goto done;
     }
     result = Py_BuildValue("dOO", loss, (PyObject *)terms, lw ? (PyObject *)lw : Py_None);
@@ -515,6 +676,7 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
     if (!(x = input_2d(x_obj, "x", tn, -1, m->cfg.x_dim))) goto done;
     npy_intp B = PyArray_DIM(x, 0);
     if (eps_obj != Py_None && eps_arg(self, eps_obj, "eps", T, B, eps) < 0) goto done;
+    if (check_workspace(m, tn, B, "x") < 0) goto done;
     void *mp[HVAE_MAX_LEVELS], *zp[HVAE_MAX_LEVELS];
     const void *ep[HVAE_MAX_LEVELS];
     for (int i = 0; i < T; i++) {
@@ -535,7 +697,7 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
                                              m, PyArray_DATA(params), PyArray_DATA(x),
                                              (const double *const *)epp, (int)B));
     if (st != HVAE_OK) {
-        set_status_error(st);
+        batch_status_error(st, m, tn, B, "x");
         goto done;
     }
     if (!(l1 = list_of(mulv, T)) || !(l2 = list_of(z, T))) goto done;
@@ -561,10 +723,10 @@ PyDoc_STRVAR(decode_doc,
 
 static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"params", "z", "level", "eps", "temperature", NULL};
-    PyObject *params_obj, *z_obj, *level_obj = Py_None, *eps_obj = Py_None;
+    PyObject *params_obj, *z_obj, *level_obj = Py_None, *eps_obj = Py_None, *temp_obj = NULL;
     double temperature = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOd", kwlist, &params_obj, &z_obj,
-                                     &level_obj, &eps_obj, &temperature))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOO", kwlist, &params_obj, &z_obj,
+                                     &level_obj, &eps_obj, &temp_obj))
         return NULL;
     if (not_ready(self)) return NULL;
     const hvae_model *m = &self->model;
@@ -576,15 +738,14 @@ static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
     hvae_status st;
 
     if (level_obj != Py_None && as_int(level_obj, "level", 1, T, &level) < 0) return NULL;
-    if (!isfinite(temperature) || temperature < 0) {
-        PyErr_Format(PyExc_ValueError, "temperature: expected a finite number >= 0, got %g",
-                     temperature);
+    if (temp_obj &&
+        as_bounded_double(temp_obj, "temperature", 0, 0, INFINITY, 0, &temperature) < 0)
         return NULL;
-    }
     if (!(params = params_arg(self, params_obj))) goto done;
     if (!(ztop = input_2d(z_obj, "z", tn, -1, m->cfg.z_dim[level - 1]))) goto done;
     npy_intp B = PyArray_DIM(ztop, 0);
     if (eps_obj != Py_None && eps_arg(self, eps_obj, "eps", level - 1, B, eps) < 0) goto done;
+    if (check_workspace(m, tn, B, "z") < 0) goto done;
     npy_intp xd[2] = {B, hvae_x_params_dim(&m->cfg)};
     if (!(xp = (PyArrayObject *)PyArray_SimpleNew(2, xd, tn))) goto done;
     void *zp[HVAE_MAX_LEVELS];
@@ -606,7 +767,7 @@ static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
                                              PyArray_DATA(params), PyArray_DATA(ztop), level,
                                              (const double *const *)epp, temperature, (int)B));
     if (st != HVAE_OK) {
-        set_status_error(st);
+        batch_status_error(st, m, tn, B, "z");
         goto done;
     }
     if (!(zl = list_of(zs, level - 1))) goto done;
@@ -714,11 +875,18 @@ PyDoc_STRVAR(adam_doc,
 
 static PyObject *adam_update(PyObject *Py_UNUSED(mod), PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"params", "m", "v", "grad", "step", "lr", "beta1", "beta2", "eps", NULL};
-    PyObject *p, *m1, *m2, *g;
+    PyObject *p, *m1, *m2, *g, *step_obj, *lr_obj = NULL, *b1_obj = NULL, *b2_obj = NULL,
+             *eps_obj = NULL;
     long step;
     double lr = 1e-3, b1 = 0.9, b2 = 0.999, eps = 1e-8;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOl|dddd", kwlist, &p, &m1, &m2, &g, &step,
-                                     &lr, &b1, &b2, &eps))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|OOOO", kwlist, &p, &m1, &m2, &g,
+                                     &step_obj, &lr_obj, &b1_obj, &b2_obj, &eps_obj))
+        return NULL;
+    if (as_long(step_obj, "step", 1, LONG_MAX, &step) < 0 ||
+        (lr_obj && as_bounded_double(lr_obj, "lr", 0, 0, INFINITY, 0, &lr) < 0) ||
+        (b1_obj && as_bounded_double(b1_obj, "beta1", 0, 0, 1, 1, &b1) < 0) ||
+        (b2_obj && as_bounded_double(b2_obj, "beta2", 0, 0, 1, 1, &b2) < 0) ||
+        (eps_obj && as_bounded_double(eps_obj, "eps", 0, 1, INFINITY, 0, &eps) < 0))
         return NULL;
     if (!PyArray_Check(p)) {
         PyErr_Format(PyExc_TypeError, "params: expected a numpy.ndarray, got %R",
@@ -743,13 +911,36 @@ static PyObject *adam_update(PyObject *Py_UNUSED(mod), PyObject *args, PyObject 
         Py_DECREF(grad);
         return NULL;
     }
-    if (step < 1 || !(lr >= 0) || !isfinite(lr) || !(b1 >= 0 && b1 < 1) || !(b2 >= 0 && b2 < 1) ||
-        !(eps > 0) || !isfinite(eps)) {
-        PyErr_Format(PyExc_ValueError, "adam_update: expected step >= 1, finite lr >= 0, beta1 and "
-                     "beta2 in [0, 1), eps > 0; got step=%ld lr=%g beta1=%g beta2=%g eps=%g",
-                     step, lr, b1, b2, eps);
+    /* in the working precision: beta1, beta2 < 1 (a bias correction 1 - beta^t of 0 divides by
+     * zero), eps > 0 (0 / (sqrt(0) + 0) is NaN) and lr finite */
+    const char *bad = NULL;
+    if (tn == NPY_FLOAT32 ? (float)b1 >= 1.0f : b1 >= 1.0)
+        bad = "beta1: expected a number < 1";
+    else if (tn == NPY_FLOAT32 ? (float)b2 >= 1.0f : b2 >= 1.0)
+        bad = "beta2: expected a number < 1";
+    else if (tn == NPY_FLOAT32 && !((float)eps > 0))
+        bad = "eps: expected a number > 0";
+    else if (tn == NPY_FLOAT32 && !isfinite((float)lr))
+        bad = "lr: expected a finite number";
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "%s in the precision of params (%s)", bad,
+                     tn == NPY_FLOAT32 ? "float32" : "float64");
         Py_DECREF(grad);
         return NULL;
+    }
+    /* the core's pointers are restrict: no two of params, m, v, grad may overlap */
+    {
+        PyArrayObject *arr[4] = {(PyArrayObject *)p, (PyArrayObject *)m1, (PyArrayObject *)m2,
+                                 grad};
+        static const char *const names[4] = {"params", "m", "v", "grad"};
+        for (int i = 1; i < 4; i++)
+            for (int j = 0; j < i; j++)
+                if (overlaps(arr[i], arr[j])) {
+                    PyErr_Format(PyExc_ValueError, "%s: must not share memory with %s",
+                                 names[i], names[j]);
+                    Py_DECREF(grad);
+                    return NULL;
+                }
     }
     void *pp = PyArray_DATA((PyArrayObject *)p), *a = PyArray_DATA((PyArrayObject *)m1),
          *b = PyArray_DATA((PyArrayObject *)m2), *gp = PyArray_DATA(grad);
@@ -773,10 +964,9 @@ PyDoc_STRVAR(vecmath_doc,
 
 static PyObject *vecmath(PyObject *Py_UNUSED(mod), PyObject *args) {
     static const char *const OPS[] = {"exp", "expm1", "log1p", "tanh", "softplus", "sigmoid", NULL};
-    const char *opname;
-    PyObject *x_obj;
+    PyObject *op_obj, *x_obj;
     int op;
-    if (!PyArg_ParseTuple(args, "sO", &opname, &x_obj) || pick(opname, "op", OPS, &op) < 0)
+    if (!PyArg_ParseTuple(args, "OO", &op_obj, &x_obj) || pick(op_obj, "op", OPS, &op) < 0)
         return NULL;
     int tn = PyArray_Check(x_obj) && PyArray_TYPE((PyArrayObject *)x_obj) == NPY_FLOAT32
                  ? NPY_FLOAT32 : NPY_FLOAT64;

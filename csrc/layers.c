@@ -280,14 +280,15 @@ HVAE_CLONES static void F(gaussian_learned_nll_backward)(real *restrict dml, con
 HVAE_CLONES int F(adam_update)(real *restrict params, real *restrict m1, real *restrict m2,
                    const real *restrict grad, size_t n, real lr, real beta1, real beta2, real eps,
                    long t) {
-    /* a non-finite gradient changes nothing: the caller keeps its last finite parameters */
-    if (!F(all_finite)(grad, n)) return 0;
-    real c1 = (real)1 - POW(beta1, (real)t), c2 = (real)1 - POW(beta2, (real)t);
+    /* A gradient that is not finite, or so large that g*g overflows the second moment, changes
+     * nothing: the caller keeps its last finite parameters (fit then stops with a message). */
+    if (!F(all_below)(grad, n, SQRT(REAL_MAX) * (real)0.5)) return 0;
+    real c1 = (real)1 - POW(beta1, (real)t), sc2 = SQRT((real)1 - POW(beta2, (real)t));
     for (size_t k = 0; k < n; k++) {
         real g = grad[k];
         m1[k] = beta1 * m1[k] + ((real)1 - beta1) * g;
         m2[k] = beta2 * m2[k] + ((real)1 - beta2) * g * g;
-        params[k] -= lr * (m1[k] / c1) / (SQRT(m2[k] / c2) + eps);
+        params[k] -= lr * (m1[k] / c1) / (SQRT(m2[k]) / sc2 + eps);
     }
     return 1;
 }

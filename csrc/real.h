@@ -3,6 +3,7 @@
 #ifndef HVAE_REAL_H
 #define HVAE_REAL_H
 
+#include <float.h>
 #include <math.h>
 #include <cblas.h>
 
@@ -10,6 +11,7 @@
 typedef double real;
 #define F(name) name##_f64
 #define GEMM cblas_dgemm
+#define REAL_MAX DBL_MAX
 #define EXP exp
 #define LOG log
 #define LOG1P log1p
@@ -20,6 +22,7 @@ typedef double real;
 typedef float real;
 #define F(name) name##_f32
 #define GEMM cblas_sgemm
+#define REAL_MAX FLT_MAX
 #define EXP expf
 #define LOG logf
 #define LOG1P log1pf

@@ -149,15 +149,10 @@ static inline real F(vsigmoid)(real l) {
     return l >= 0 ? s : e * s;
 }
 
-/* 1 when every bit pattern of the n values is finite (integer test: vectorises) */
-static inline int F(all_finite)(const real *restrict v, size_t n) {
-    ruint_t bad = 0;
-    const ruint_t expmask = ((ruint_t)1 << (8 * sizeof(real) - 1 - MANT_BITS)) - 1;
-    for (size_t k = 0; k < n; k++) {
-        ruint_t u;
-        memcpy(&u, &v[k], sizeof u);
-        bad |= ((u >> MANT_BITS) & expmask) == expmask;
-    }
+/* 1 when every |v[k]| <= limit (NaN fails the comparison): a loop that vectorises */
+static inline int F(all_below)(const real *restrict v, size_t n, real limit) {
+    int bad = 0;
+    for (size_t k = 0; k < n; k++) bad |= !(v[k] <= limit && v[k] >= -limit);
     return !bad;
 }
 

@@ -1,7 +1,35 @@
 """Atomic file writes: a temporary file in the destination's folder, flushed to disk, renamed over
-the destination, so a reader (or a crash) sees the old file or the new one, never half of one."""
+the destination, so a reader (or a crash) sees the old file or the new one, never half of one.
+Temporary files left by a writer that was killed are removed by the next write to that path."""
 import os
 import tempfile
+
+
+def _remove_stale(folder, prefix):
+    """Delete temporary files of earlier writers to the same path that were killed mid-write
+    (their process is gone); a live writer's file is left alone."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+        except OSError:
+            pass
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write(path, write):
@@ -16,7 +44,9 @@ def atomic_write(path, write):
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".hvae-", suffix=".tmp", dir=folder)
+    prefix = f".{os.path.basename(path)}.hvae-"
+    _remove_stale(folder, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", suffix=".tmp", dir=folder)
     try:
         umask = os.umask(0)
         os.umask(umask)

@@ -46,6 +46,37 @@ def _bad(path, why):
     return ValueError(f"{path}: not a valid hvae checkpoint ({why})")
 
 
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_history(history, path):
+    """The per-epoch records: dicts of numbers, None, or lists of numbers."""
+    if not isinstance(history, list):
+        raise _bad(path, "history is not a list")
+    for k, rec in enumerate(history):
+        if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), int):
+            raise _bad(path, f"history[{k}] is not an epoch record")
+        for key, v in rec.items():
+            ok = v is None or _is_number(v) or (isinstance(v, list) and all(map(_is_number, v)))
+            if not ok:
+                raise _bad(path, f"history[{k}][{key!r}] = {v!r}")
+    return history
+
+
+def _check_optimizer(opt, path):
+    """Adam's settings: a step count and hyperparameters in their ranges."""
+    if not isinstance(opt, dict):
+        raise _bad(path, "optimizer is not a dict")
+    step, lr, b1, b2, eps = (opt.get(k) for k in ("step", "lr", "beta1", "beta2", "eps"))
+    if not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= 2 ** 62):
+        raise _bad(path, f"optimizer step {step!r}")
+    if not all(map(_is_number, (lr, b1, b2, eps))) or not (
+            np.isfinite(lr) and lr >= 0 and 0 <= b1 < 1 and 0 <= b2 < 1
+            and np.isfinite(eps) and eps > 0):
+        raise _bad(path, f"optimizer settings lr={lr!r} beta1={b1!r} beta2={b2!r} eps={eps!r}")
+
+
 def _read_array(zf, name, path, shape, dtype):
     """Read one member after checking its header against the expected shape and dtype, so a
     hostile header cannot make us allocate more than the model needs."""
@@ -118,23 +149,30 @@ def load(path):
             model = HVAE(**config)
             n, dtype = model.n_params, model.dtype
             model.params[:] = _read_array(zf, "params", path, (n,), dtype)
+            if not np.isfinite(model.params).all():
+                raise _bad(path, "params hold NaN or infinity")
             try:
                 model._rng.bit_generator.state = meta["rng_state"]
             except (TypeError, ValueError, KeyError) as exc:
                 raise _bad(path, f"rng_state: {exc}") from None
-            model.history_ = list(meta["history"])
+            model.history_ = _check_history(meta["history"], path)
             opt = meta["optimizer"]
             if opt is not None:
+                _check_optimizer(opt, path)
                 model.optimizer_ = Adam(n, dtype, lr=float(opt["lr"]), beta1=float(opt["beta1"]),
                                         beta2=float(opt["beta2"]), eps=float(opt["eps"]))
                 model.optimizer_.step = int(opt["step"])
                 model.optimizer_.m[:] = _read_array(zf, "adam_m", path, (n,), dtype)
                 model.optimizer_.v[:] = _read_array(zf, "adam_v", path, (n,), dtype)
+                if not (np.isfinite(model.optimizer_.m).all()
+                        and np.isfinite(model.optimizer_.v).all()
+                        and (model.optimizer_.v >= 0).all()):
+                    raise _bad(path, "Adam moments are not finite (or v < 0)")
         except ValueError as exc:
             if str(exc).startswith(path):
                 raise
             raise _bad(path, str(exc)) from None
         except (KeyError, TypeError, AttributeError, zipfile.BadZipFile, EOFError,
-                UnicodeDecodeError, OSError) as exc:
+                UnicodeDecodeError, OSError, RecursionError) as exc:
             raise _bad(path, f"{type(exc).__name__}: {exc}") from None
     return model

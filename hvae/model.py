@@ -10,6 +10,7 @@ ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 KL_ESTIMATORS = ("analytic", "mc")
 DTYPES = ("float32", "float64")
 INITS = ("torch", "glorot")
+MAX_ROWS = 2 ** 31 - 1  # rows of one core call
 
 
 def default_hidden_dims(x_dim, latent_dims):
@@ -78,6 +79,9 @@ class HVAE:
         latent_dims = _int_list(latent_dims, "latent_dims")
         if hidden_dims is None:
             hidden_dims = default_hidden_dims(int(x_dim), latent_dims)
+        elif isinstance(hidden_dims, (int, np.integer)) or not hasattr(hidden_dims, "__len__"):
+            raise TypeError(f"hidden_dims: expected a list of lists of integers (one per level), "
+                            f"got {hidden_dims!r}")
         elif len(hidden_dims) and all(isinstance(h, (int, np.integer)) for h in hidden_dims):
             hidden_dims = [list(hidden_dims)] * len(latent_dims)
         hidden_dims = [_int_list(h, f"hidden_dims[{i}]") for i, h in enumerate(hidden_dims)]
@@ -126,7 +130,10 @@ class HVAE:
                 bound = 1.0 / np.sqrt(fan_in)
             else:
                 bound = np.sqrt(6.0 / (fan_in + fan_out)) if len(shape) == 2 else 0.0
-            self.params[offset:offset + n] = self._rng.uniform(-bound, bound, n) if bound else 0
+            for start in range(0, n, 1 << 20):  # chunks: no float64 copy of a giant layer
+                stop = min(n, start + (1 << 20))
+                self.params[offset + start:offset + stop] = (
+                    self._rng.uniform(-bound, bound, stop - start) if bound else 0)
         return self
 
     def named_params(self):
@@ -155,7 +162,11 @@ class HVAE:
     def _check_x(self, x, name="x", finite=True):
         """x as a 2-D array of the model's dtype with x_dim columns, finite unless the caller
         leaves that check to the core (which names the argument the same way)."""
-        arr = np.asarray(x)
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{name}: expected a 2-D numeric array, got {type(x).__name__} "
+                             f"({exc})") from None
         if arr.dtype.kind not in "biuf":
             raise TypeError(f"{name}: expected a real-valued array, got dtype {arr.dtype}")
         if arr.ndim != 2 or arr.shape[1] != self.x_dim:
@@ -347,9 +358,15 @@ class HVAE:
             Probabilities (Bernoulli) or means.
         """
         level = self.n_levels if level is None else level
+        temperature = _number(temperature, "temperature")
         z = np.asarray(z)
         n = len(z) if z.ndim == 2 else 0
-        eps = self.draw_eps(n)[:level - 1] if temperature > 0 and n else None
+        eps = None
+        if temperature > 0 and n and isinstance(level, (int, np.integer)) and level >= 2:
+            _check_memory(n * sum(self.latent_dims[:level - 1]) * np.dtype(self.dtype).itemsize,
+                          f"the noise of {n} rows")
+            eps = [self._rng.standard_normal((n, d), dtype=self.dtype)
+                   for d in self.latent_dims[:level - 1]]
         xp, zs = self._core.decode(self.params, z, level=level, eps=eps,
                                    temperature=float(temperature))
         x = self._mean_of_x(xp)
@@ -376,10 +393,14 @@ class HVAE:
         x : ndarray, shape (n, x_dim)
             Probabilities for the Bernoulli likelihood, means otherwise.
         """
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n: expected an integer >= 1, got {n!r}")
+        n = _positive_int(n, "n")
+        if n > MAX_ROWS:
+            raise ValueError(f"n: at most {MAX_ROWS} samples per call, got {n}")
+        temperature = _number(temperature, "temperature")
         if not np.isfinite(temperature) or temperature < 0:
             raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+        width = 2 * sum(self.latent_dims) + self._core.x_params_dim + self.x_dim
+        _check_memory(n * width * np.dtype(self.dtype).itemsize, f"n={n} samples")
         z_top = self._rng.standard_normal((n, self.latent_dims[-1]), dtype=self.dtype)
         z_top *= self.dtype_type(temperature)
         x, zs = self.decode(z_top, temperature=temperature, return_latents=True)
@@ -461,8 +482,10 @@ class HVAE:
         ndarray, shape (n,), float64, nats
         """
         self._check_stochastic("log_likelihood")
-        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"),
-                                     rows=_positive_int(batch_size, "batch_size"),
+        rows = _positive_int(batch_size, "batch_size")
+        _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
+                      * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
+        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"), rows=rows,
                                      progress=progress)
 
     def score(self, X, k=100):
@@ -493,6 +516,13 @@ def _sigmoid(a):
     e = np.exp(a[~pos])
     out[~pos] = e / (1 + e)
     return out
+
+
+def _number(value, name):
+    """A real number as float, or a TypeError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    return float(value)
 
 
 def _positive_int(value, name):

@@ -1,5 +1,6 @@
 """The training loop behind HVAE.fit / partial_fit: Adam on the flat buffer, KL warm-up, early
 stopping, progress bar, per-epoch history, checkpoints, safe stops (NaN, Ctrl-C)."""
+import os
 import time
 import warnings
 
@@ -123,9 +124,28 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    if len(X) == 0:
+        raise ValueError("X: expected at least one row, got an empty array")
+    if X_val is not None and len(X_val) == 0:
+        raise ValueError("validation_data: expected at least one row, got an empty array")
     for name, value in (("lr", lr), ("beta", beta), ("kl_warmup_epochs", kl_warmup_epochs)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
+                                                             np.floating)):
+            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
         if not np.isfinite(value) or value < 0:
             raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    if checkpoint is not None:
+        path = os.fspath(checkpoint)
+        if os.path.isdir(path):
+            raise ValueError(f"checkpoint: {path} is a directory; expected a file path")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"checkpoint: the folder {folder} does not exist")
+    if callbacks is not None:
+        given = callbacks
+        callbacks = list(given) if isinstance(given, (list, tuple)) else None
+        if callbacks is None or not all(callable(cb) for cb in callbacks):
+            raise TypeError(f"callbacks: expected a list of callables, got {given!r}")
     if patience is not None and X_val is None:
         raise ValueError("patience: early stopping needs validation_data")
     if patience is not None and (not isinstance(patience, (int, np.integer)) or patience < 1):

@@ -133,3 +133,16 @@ def test_giant_declared_array_is_refused_before_allocating(trained, tmp_path):
             dst.writestr(item, raw)
     with pytest.raises(ValueError, match="params"):
         hvae.load(bad)
+
+
+def test_stale_temporary_files_are_cleaned(trained, tmp_path):
+    """A writer killed mid-save leaves '.m.npz.hvae-<pid>-*.tmp'; the next save removes it when
+    that process is gone, and leaves a live writer's file alone."""
+    m, path = trained
+    dead = tmp_path / ".m.npz.hvae-999999999-abc.tmp"
+    live = tmp_path / f".m.npz.hvae-{os.getpid()}-abc.tmp"
+    dead.write_bytes(b"half")
+    live.write_bytes(b"half")
+    m.save(path)
+    assert not dead.exists() and live.exists()
+    hvae.load(path)

@@ -1,0 +1,329 @@
+"""Property-based fuzzing of the binding hvae._core: thousands of random, mostly malformed calls
+(wrong dtypes, shapes, layouts, NaN, lists, None, strings, byte order, unaligned and read-only
+memory) to Model(...), forward, encode, decode, param_table, adam_update and _vecmath.
+
+Every call either raises TypeError / ValueError / MemoryError with a message that starts with
+the name of an argument, or succeeds; a successful call gives bit for bit the result of the same
+call with every array argument first converted to a plain C-contiguous array of the model's
+dtype. A crash (segfault, abort) fails the run. A few seconds in all.
+"""
+import functools
+import re
+import warnings
+
+import numpy as np
+import pytest
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+
+from hvae import _core  # noqa: E402
+
+FUZZ = settings(max_examples=300, deadline=None, database=None, print_blob=True,
+                suppress_health_check=list(HealthCheck))
+ALLOWED = (TypeError, ValueError, MemoryError)
+# an error message names what was wrong: an argument (x, eps[1], hidden_dims[0][2], ...) or,
+# for CPython's own argument parsing, the function
+NAMED = re.compile(r"^(params|x|target|eps|beta|grad|log_weight|z|level|temperature|m|v|step|"
+                   r"lr|beta1|beta2|op|x_dim|latent_dims|hidden_dims|likelihood|activation|kl|"
+                   r"dtype|deterministic)(\[\d+\])*:|argument|embedded null|.*keyword argument|"
+                   r"function|.* must be |.*takes|Model\(\)|forward\(\)|encode\(\)|decode\(\)|"
+                   r"adam_update\(\)|_vecmath\(\)")
+
+DTYPES = [np.float64, np.float32, ">f8", ">f4", np.float16, np.int64, np.int8, np.uint32,
+          np.bool_, np.complex128, "U2", "M8[s]", object]
+
+MODELS = [
+    _core.Model(4, [3], [[5]], "bernoulli", "tanh", "analytic", False, "float32"),
+    _core.Model(3, [2, 1], [[4], []], "gaussian_learned", "relu", "mc", False, "float64"),
+    _core.Model(5, [2, 2], [[3, 2], [2]], "gaussian", "leaky_relu", "analytic", True, "float64"),
+]
+
+
+LAYOUTS = st.sampled_from(["plain", "fortran", "reversed", "strided", "readonly", "unaligned",
+                           "list"])
+SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
+SEEDS = st.integers(0, 2 ** 32)
+SPECIAL = st.sampled_from([None, None, np.nan, np.inf, -np.inf, 1e300, 1e-310])
+CHOICE = st.integers(0, 3)
+
+
+def layout(a, how):
+    """The array a in the memory layout `how`, or as a list (same values)."""
+    if how == "fortran":
+        return np.asfortranarray(a)
+    if how == "reversed" and a.ndim:
+        return a[::-1].copy()[::-1]
+    if how == "strided" and a.ndim:
+        wide = np.zeros((a.shape[0] * 2,) + a.shape[1:], a.dtype)
+        wide[::2] = a
+        return wide[::2]
+    if how == "readonly":
+        b = a.copy()
+        b.flags.writeable = False
+        return b
+    if how == "unaligned" and a.dtype.kind in "fiub" and a.dtype.itemsize > 1:
+        buf = np.zeros(a.nbytes + 1, np.uint8)
+        b = buf[1:].view(a.dtype).reshape(a.shape)
+        b[...] = a
+        return b
+    if how == "list" and a.dtype.kind in "fiub":
+        return a.tolist()
+    return a
+
+
+# Values come from a drawn seed, with an optional special value (NaN, inf, huge, subnormal)
+# at a random place: drawing every value through hypothesis makes the run ten times slower,
+# and what the binding looks at is dtype, shape, layout and finiteness.
+@st.composite
+def any_array(draw):
+    dt = np.dtype(draw(st.sampled_from(DTYPES)))
+    shape, special = draw(SHAPES), draw(SPECIAL)
+    rng = np.random.default_rng(draw(SEEDS))
+    base = np.array(rng.standard_normal(shape) * 3)
+    if special is not None and base.size:
+        base.flat[rng.integers(base.size)] = special
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dt.kind in "fiub":
+            a = base.astype(dt)
+        elif dt.kind == "c":
+            a = (base + 1j).astype(dt)
+        elif dt.kind == "U":
+            a = np.full(shape, "ab", dt)
+        elif dt.kind == "M":
+            a = np.zeros(shape, dt)
+        else:
+            a = np.empty(shape, object)
+            for k in range(a.size):
+                a.flat[k] = (None, 1.5, "x")[k % 3]
+    return layout(np.asarray(a), draw(LAYOUTS))  # (ufuncs turn 0-d arrays into scalars)
+
+
+@functools.lru_cache(maxsize=None)
+def valid_array(shape, dtype):
+    """A strategy: right shape, finite values, a real dtype (mostly the model's), any layout."""
+    dtypes = st.sampled_from([dtype, dtype, np.float64, np.float32, ">f8", np.int16, np.bool_])
+
+    @st.composite
+    def strategy(draw):
+        dt = np.dtype(draw(dtypes))
+        rng = np.random.default_rng(draw(SEEDS))
+        return layout((rng.standard_normal(shape) * 3).astype(dt), draw(LAYOUTS))
+    return strategy()
+
+
+ANYTHING = st.one_of(st.none(), st.integers(-2 ** 70, 2 ** 70), st.floats(), st.text(max_size=3),
+                     st.booleans(), st.lists(st.floats(), max_size=3), any_array(),
+                     st.dictionaries(st.text(max_size=1), st.integers(), max_size=2))
+
+
+def sometimes_bad(draw, good):
+    """Mostly the valid value, sometimes anything."""
+    return draw(good) if draw(CHOICE) else draw(ANYTHING)
+
+
+def eps_list(draw, B, dims, dtype):
+    """A list (or tuple) of valid noise arrays, one of wrong count, or anything."""
+    how = draw(CHOICE)
+    if how == 0:
+        return draw(ANYTHING)
+    if how == 1:
+        return [draw(valid_array((B, 1), dtype)) for _ in range(draw(CHOICE))]
+    eps = [draw(valid_array((B, d), dtype)) for d in dims]
+    return tuple(eps) if how == 2 else eps
+
+
+def canonical(v, dtype):
+    return np.array(np.asarray(v), dtype=dtype, order="C")  # keeps 0-d arrays 0-d
+
+
+def check_error(exc):
+    assert isinstance(exc, ALLOWED), f"{type(exc).__name__}: {exc}"
+    assert NAMED.match(str(exc)), f"message does not name the argument: {exc}"
+
+
+def same(a, b):
+    if isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b)
+        for u, w in zip(a, b):
+            same(u, w)
+    elif a is None:
+        assert b is None
+    else:
+        a, b = np.asarray(a), np.asarray(b)
+        numeric = a.dtype.kind in "biufc" and b.dtype.kind in "biufc"
+        assert np.array_equal(a, b, equal_nan=numeric), (a, b)
+
+
+def call(f, *args, **kwargs):
+    """f(...) -> result, or None after checking the exception."""
+    try:
+        return f(*args, **kwargs), True
+    except BaseException as exc:  # noqa: B902 - anything else than ALLOWED fails below
+        check_error(exc)
+        return None, False
+
+
+def _latent(m):
+    """d_1..d_T from the parameter table: encoder i's output layer has 2 d_i rows."""
+    table = {name: shape for name, _, shape in m.param_table()}
+    dims, i = [], 1
+    while f"enc{i}.0.weight" in table:
+        j = max(int(n.split(".")[1]) for n in table if n.startswith(f"enc{i}."))
+        dims.append(table[f"enc{i}.{j}.weight"][0] // 2)
+        i += 1
+    return dims
+
+
+INFO = [(m, m.dtype, _latent(m), m.param_table()[0][2][1], m.n_params) for m in MODELS]
+PICK_MODEL = st.sampled_from(INFO)
+ROWS = st.integers(0, 4)
+FLAG = st.booleans()
+BETAS = st.floats(-0.5, 3)
+TEMPERATURES = st.floats(-0.5, 2)
+
+
+@FUZZ
+@given(st.data())
+def test_forward_fuzz(data):
+    draw = data.draw
+    m, dt, lat, D, P = draw(PICK_MODEL)
+    B = draw(ROWS)
+    params = sometimes_bad(draw, valid_array((P,), dt))
+    x = sometimes_bad(draw, valid_array((B, D), dt))
+    target = None if draw(FLAG) else sometimes_bad(draw, valid_array((B, D), dt))
+    eps = eps_list(draw, B, lat, dt)
+    kwargs = {}
+    if draw(FLAG):
+        kwargs["beta"] = sometimes_bad(draw, BETAS)
+    grad = None
+    if draw(FLAG):
+        grad = np.empty(P, dt) if draw(CHOICE) else draw(ANYTHING)
+        kwargs["grad"] = grad
+    if draw(FLAG):
+        kwargs["log_weight"] = draw(FLAG) if draw(CHOICE) else draw(ANYTHING)
+    out, ok = call(m.forward, params, x, target, eps, **kwargs)
+    if not ok:
+        return
+    loss, terms, lw = out
+    assert terms.shape == (len(lat) + 1, len(np.asarray(x)))
+    g2 = None if grad is None else np.empty(P, dt)
+    kw2 = dict(kwargs, grad=g2) if "grad" in kwargs else kwargs
+    # a deterministic model ignores eps, whatever it is
+    eps2 = [canonical(e, dt) for e in eps] if isinstance(eps, (list, tuple)) else eps
+    want = m.forward(canonical(params, dt), canonical(x, dt),
+                     None if target is None else canonical(target, dt), eps2, **kw2)
+    same([loss, terms, lw], list(want))
+    if grad is not None:
+        same(grad, g2)
+
+
+LEVELS = st.one_of(st.none(), st.integers(0, 3))
+
+
+@FUZZ
+@given(st.data())
+def test_encode_decode_fuzz(data):
+    draw = data.draw
+    m, dt, lat, D, P = draw(PICK_MODEL)
+    T = len(lat)
+    B = draw(ROWS)
+    params = sometimes_bad(draw, valid_array((P,), dt))
+    if draw(FLAG):
+        x = sometimes_bad(draw, valid_array((B, D), dt))
+        eps = None if draw(FLAG) else eps_list(draw, B, lat, dt)
+        out, ok = call(m.encode, params, x, eps)
+        if ok:
+            want = m.encode(canonical(params, dt), canonical(x, dt),
+                            None if eps is None else [canonical(e, dt) for e in eps])
+            same(out, want)
+    else:
+        level = sometimes_bad(draw, LEVELS)
+        top = level if isinstance(level, int) and not isinstance(level, bool) and \
+            1 <= level <= T else T
+        z = sometimes_bad(draw, valid_array((B, lat[top - 1]), dt))
+        eps = None if draw(FLAG) else eps_list(draw, B, lat[:top - 1], dt)
+        kwargs = {"level": level, "eps": eps}
+        if draw(FLAG):
+            kwargs["temperature"] = sometimes_bad(draw, TEMPERATURES)
+        out, ok = call(m.decode, params, z, **kwargs)
+        if ok:
+            kw2 = dict(kwargs, eps=None if eps is None else [canonical(e, dt) for e in eps])
+            same(out, m.decode(canonical(params, dt), canonical(z, dt), **kw2))
+
+
+GOOD_DIM = st.one_of(st.integers(1, 12), st.integers(1, 12),
+                     st.integers(2 ** 24 - 1, 2 ** 24 + 1))
+BAD_DIM = st.one_of(st.integers(-2 ** 70, 2 ** 70), ANYTHING)
+SLOTS = [st.sampled_from(["bernoulli", "gaussian", "gaussian_learned", "poisson"]),
+         st.sampled_from(["tanh", "relu", "leaky_relu", "gelu"]),
+         st.sampled_from(["analytic", "mc", "exact"]), st.booleans(),
+         st.sampled_from(["float32", "float64", "float16"])]
+
+
+def dims(draw, min_size, max_size):
+    if not draw(CHOICE):
+        return draw(ANYTHING)
+    size = draw(st.integers(min_size, max_size)) if draw(CHOICE) else draw(st.integers(0, 20))
+    return [draw(GOOD_DIM) if draw(st.integers(0, 9)) else draw(BAD_DIM) for _ in range(size)]
+
+
+@FUZZ
+@given(st.data())
+def test_model_constructor_fuzz(data):
+    draw = data.draw
+    x_dim = draw(GOOD_DIM) if draw(CHOICE) else draw(BAD_DIM)
+    latent = dims(draw, 1, 4)
+    n = len(latent) if isinstance(latent, list) and draw(CHOICE) else draw(st.integers(0, 4))
+    hidden = [dims(draw, 0, 3) for _ in range(n)] if draw(CHOICE) else draw(ANYTHING)
+    options = [sometimes_bad(draw, slot) for slot in SLOTS[:draw(st.integers(0, 5))]]
+    model, ok = call(_core.Model, x_dim, latent, hidden, *options)
+    if ok:  # a valid description: its table covers the buffer exactly, nothing allocated
+        table = model.param_table()
+        end = max(off + int(np.prod(shape)) for _, off, shape in table)
+        assert end == model.n_params
+        assert model.dtype in (np.float32, np.float64)
+        with pytest.raises(RuntimeError, match="already initialised"):
+            model.__init__(4, [2], [[3]])
+
+
+SIZES = st.integers(0, 5)
+REALS = st.sampled_from([np.float32, np.float64])
+STEPS = st.one_of(st.integers(1, 10), st.integers(-2, 2 ** 63))
+HYPER = st.lists(st.sampled_from(["lr", "beta1", "beta2", "eps"]), unique=True, max_size=4)
+HYPER_VALUES = st.one_of(st.floats(1e-9, 0.999), st.floats(-1, 2))
+OPS = st.sampled_from(["exp", "expm1", "log1p", "tanh", "softplus", "sigmoid", "log"])
+
+
+@FUZZ
+@given(st.data())
+def test_adam_and_vecmath_fuzz(data):
+    draw = data.draw
+    n, dt = draw(SIZES), draw(REALS)
+    bufs = [np.zeros(n, dt) if draw(CHOICE) else draw(ANYTHING) for _ in range(3)]
+    grad = sometimes_bad(draw, valid_array((n,), dt))
+    step = sometimes_bad(draw, STEPS)
+    kwargs = {k: sometimes_bad(draw, HYPER_VALUES) for k in draw(HYPER)}
+    before = [np.array(b, copy=True) if isinstance(b, np.ndarray) else None for b in bufs]
+    out, ok = call(_core.adam_update, *bufs, grad, step, **kwargs)
+    if ok:
+        again = [b.copy() for b in before]
+        assert _core.adam_update(*again, canonical(grad, bufs[0].dtype), step, **kwargs) == out
+        same(bufs, again)
+    else:  # nothing written
+        for b, b0 in zip(bufs, before):
+            if b0 is not None:
+                assert b.tobytes() == b0.tobytes()
+    op, x = sometimes_bad(draw, OPS), draw(any_array()) if draw(CHOICE) else draw(ANYTHING)
+    out, ok = call(_core._vecmath, op, x)
+    if ok:
+        a = np.asarray(x)
+        want_dt = np.float32 if isinstance(x, np.ndarray) and x.dtype.type is np.float32 \
+            else np.float64  # float32 in either byte order stays float32
+        same(out, _core._vecmath(op, canonical(a, want_dt)))
+        assert out.shape == a.shape

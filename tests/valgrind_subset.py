@@ -1,0 +1,97 @@
+"""A small tour of the C core for valgrind (.ci/valgrind.sh): forward, backward, encode, decode,
+Adam and the elementwise math on tiny models of every kind, both precisions, odd layouts, the
+error paths (after conversions), a grow-and-reuse of the workspace, two threads. Prints "ok".
+
+Not a pytest file (no test_ prefix): run it as `python tests/valgrind_subset.py`.
+"""
+import itertools
+import threading
+
+import numpy as np
+
+from hvae import _core
+
+LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
+ACTIVATIONS = ("tanh", "relu", "leaky_relu")
+
+
+def tour(m, rng, B):
+    dt = m.dtype
+    table = {name: shape for name, _, shape in m.param_table()}
+    D = table["enc1.0.weight"][1]
+    lat = []
+    i = 1
+    while f"enc{i}.0.weight" in table:
+        j = max(int(n.split(".")[1]) for n in table if n.startswith(f"enc{i}."))
+        lat.append(table[f"enc{i}.{j}.weight"][0] // 2)
+        i += 1
+    p = (rng.standard_normal(m.n_params) * 0.5).astype(dt)
+    x = (rng.random((B, D)) < 0.5).astype(dt)
+    eps = [rng.standard_normal((B, d)).astype(dt) for d in lat]
+    g = np.empty(m.n_params, dt)
+    try:
+        m.forward(p, x, None, eps, grad=g, log_weight=True)
+    except ValueError:  # deterministic: no log weight
+        m.forward(p, x, None, eps, grad=g)
+    m.forward(p, np.asfortranarray(x), x[::-1].copy(), [e.tolist() for e in eps], beta=0.3,
+              grad=g)
+    m.encode(p, x, eps)
+    m.encode(p, x.astype(">f8"))
+    T = len(lat)
+    for level in range(1, T + 1):
+        z = rng.standard_normal((B, lat[level - 1])).astype(dt)
+        m.decode(p, z, level=level, eps=eps[:level - 1], temperature=0.8)
+        m.decode(p, z, level=level)
+    opt = [np.zeros(m.n_params, dt) for _ in range(2)]
+    for step in (1, 2, 3):
+        _core.adam_update(p, opt[0], opt[1], g, step)
+    g[0] = np.nan
+    _core.adam_update(p, opt[0], opt[1], g, 4)  # refused: non-finite gradient
+    for bad in (lambda: m.forward(p, x, None, [eps[0][:, :0]] + eps[1:], grad=g),
+                lambda: m.forward(p[:-1], x, None, eps),
+                lambda: m.encode(p, x * np.nan),
+                lambda: m.decode(p, x, level=T + 1),
+                lambda: m.forward(p, x, None, eps, grad=p)):
+        try:
+            bad()
+        except (TypeError, ValueError):
+            pass
+
+
+def main():
+    rng = np.random.default_rng(0)
+    archs = [([3], [[4]]), ([3, 2], [[4], []]), ([2, 2, 1], [[3, 2], [3], [2]])]
+    models = []
+    for (lat, hid), lik, act, kl, det, dt in itertools.product(
+            archs, LIKELIHOODS, ACTIVATIONS, ("analytic", "mc"), (False, True),
+            ("float32", "float64")):
+        if det and kl == "mc":
+            continue
+        if dt == "float32" and LIKELIHOODS.index(lik) != ACTIVATIONS.index(act):
+            continue  # keep the tour short: float32 with three (likelihood, activation) pairs
+        models.append(_core.Model(5, lat, hid, lik, act, kl, det, dt))
+    for k, m in enumerate(models):
+        tour(m, rng, B=1 + k % 4)
+    # the workspace grows and is reused
+    m = models[0]
+    for B in (1, 50, 3, 200, 7):
+        tour(m, rng, B)
+    # two threads on two models, and two threads on one model (serialised by its lock)
+    pairs = [(models[1], models[2]), (models[3], models[3])]
+    for a, b in pairs:
+        ts = [threading.Thread(target=tour, args=(mm, np.random.default_rng(s), 9))
+              for s, mm in enumerate((a, b))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    for op in ("exp", "expm1", "log1p", "tanh", "softplus", "sigmoid"):
+        for dt in (np.float32, np.float64):
+            v = np.linspace(-100, 100, 37).astype(dt)
+            _core._vecmath(op, v)
+            _core._vecmath(op, v[::3])
+    print("ok", len(models), "models")
+
+
+if __name__ == "__main__":
+    main()
