@@ -23,7 +23,9 @@ $(VENV)/.installed: pyproject.toml setup.py | blas
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# the old library is unlinked first: a running process keeps its copy instead of seeing it change
 hvae/_core.stamp: $(CSRC) setup.py $(VENV)/.installed
+	rm -f hvae/_core*.so
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 

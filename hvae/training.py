@@ -1,12 +1,14 @@
 """The training loop behind HVAE.fit / partial_fit: Adam on the flat buffer, KL warm-up, early
 stopping, progress bar, per-epoch history, checkpoints, safe stops (NaN, Ctrl-C)."""
+import contextlib
 import os
 import time
 import warnings
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from . import _core
+from . import _core, parallel
 
 
 class Adam:
@@ -66,8 +68,9 @@ class _Bar:
             self.bar.close()
 
 
-def run_epoch(model, X, batch_size, beta, warmup_epochs, bar, epoch):
-    """One shuffled pass of minibatches. Returns the epoch's mean loss and terms.
+def run_epoch(model, X, batch_size, beta, warmup_epochs, bar, epoch, forward):
+    """One shuffled pass of minibatches, each step through ``forward`` (the core's, or a
+    SplitForward's). Returns the epoch's mean loss and terms.
 
     Raises FloatingPointError on a non-finite loss or gradient (parameters untouched by that step).
     """
@@ -83,9 +86,7 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, bar, epoch):
         xb = X[idx]
         eps = model.draw_eps(len(idx))
         b = warmup_beta(beta, warmup_epochs, opt.step, steps)
-        loss, terms, _ = model._core.forward(model.params, xb, None,
-                                             None if model.deterministic else eps, beta=b,
-                                             grad=grad)
+        loss, terms, _ = forward(model.params, xb, None if model.deterministic else eps, b, grad)
         if not np.isfinite(loss) or not opt.update(model.params, grad):
             what = "loss" if not np.isfinite(loss) else "gradient"
             raise FloatingPointError(
@@ -114,7 +115,7 @@ def validation_loss(model, X, rows=4096):
 
 
 def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, beta, patience,
-        progress, checkpoint, callbacks):
+        progress, checkpoint, callbacks, n_jobs):
     """The body of HVAE.fit (see there)."""
     X = model._check_x(X, "X")
     X_val = None if validation_data is None else model._check_x(validation_data,
@@ -150,6 +151,7 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
         raise ValueError("patience: early stopping needs validation_data")
     if patience is not None and (not isinstance(patience, (int, np.integer)) or patience < 1):
         raise ValueError(f"patience: expected None or an integer >= 1, got {patience!r}")
+    n_jobs = parallel.resolve_n_jobs(n_jobs)
     model._ensure_optimizer()
     model.optimizer_.lr = float(lr)
     batch_size = min(int(batch_size), len(X))
@@ -158,12 +160,18 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
     wait = 0
     bar = _Bar(epochs * steps, progress, "epoch")
     model.interrupted_ = False
+    split = parallel.SplitForward(model, n_jobs) if n_jobs > 1 else None
+    forward = split.forward if split else (
+        lambda params, x, eps, beta, grad: model._core.forward(params, x, None, eps, beta=beta,
+                                                               grad=grad))
     try:
         for e in range(epochs):
             epoch = len(model.history_)
             bar.set_description(f"epoch {epoch + 1}")
             t0 = time.perf_counter()
-            record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs, bar, epoch)
+            with threadpool_limits(1, user_api="blas") if split else contextlib.nullcontext():
+                record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs, bar, epoch,
+                                   forward)
             record["epoch"] = epoch + 1
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
             record["seconds"] = time.perf_counter() - t0
@@ -187,6 +195,8 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
                       "parameters of its last completed step", RuntimeWarning, stacklevel=3)
     finally:
         bar.close()
+        if split:
+            split.close()
     if best[1] is not None:
         model.params[:] = best[1]  # early stopping keeps the best validation loss
         if checkpoint is not None:

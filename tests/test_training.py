@@ -175,3 +175,22 @@ def test_autoencoder_validation_and_early_stopping():
     assert len(vals) == 3 and all(np.isfinite(vals))
     _, terms, _ = m._core.forward(m.params, X[200:])
     np.testing.assert_allclose(vals[np.argmin(vals)], terms.sum() / 100, rtol=1e-5)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_n_jobs_splits_the_batch(deterministic):
+    """n_jobs = 2 and 3 give the one-thread training up to float rounding, reproducibly."""
+    X = binary_data()
+    runs = {}
+    for n_jobs in (None, 2, 3, 3):
+        m = small(seed=5, dtype="float64", deterministic=deterministic)
+        m.fit(X, epochs=2, batch_size=64, progress=False, n_jobs=n_jobs)
+        runs.setdefault(n_jobs, []).append(m)
+    for n_jobs in (2, 3):
+        np.testing.assert_allclose(runs[n_jobs][0].params, runs[None][0].params, rtol=1e-9,
+                                   atol=1e-12)
+        assert runs[n_jobs][0].history_[-1]["loss"] == pytest.approx(
+            runs[None][0].history_[-1]["loss"], rel=1e-12)
+    np.testing.assert_array_equal(runs[3][0].params, runs[3][1].params)
+    with pytest.raises(ValueError, match="n_jobs"):
+        small().fit(X, epochs=1, n_jobs=0)
