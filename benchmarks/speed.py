@@ -20,6 +20,7 @@ recorded, and a warning printed when other processes compete for the CPUs.
     .venv/bin/python benchmarks/speed.py --quick    # a smoke run of a few seconds
 """
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -281,15 +282,16 @@ def batch_pool(data, m, batch, seed):
 # ----------------------------------------------------------------------------------------------
 # one training step of each implementation
 
-def hvae_stepper(m, pool):
-    """step(): one hvae training step on the next batch of the pool."""
+def hvae_stepper(m, pool, n_jobs=None):
+    """step(): one hvae training step on the next batch of the pool (the batch split over
+    n_jobs threads when given)."""
     g = np.empty_like(m.params)
     m1, m2 = np.zeros_like(g), np.zeros_like(g)
     batches, count = itertools.cycle(pool), itertools.count(1)
 
     def step():
         x, eps = next(batches)
-        m.loss_and_grad(x, eps, out=g)
+        m.loss_and_grad(x, eps, out=g, n_jobs=n_jobs)
         _core.adam_update(m.params, m1, m2, g, next(count), lr=LR)
     return step
 
@@ -346,20 +348,24 @@ def numpy_stepper(m, pool):
     return step
 
 
-def time_interleaved(steps, repeats, min_time, warmup, settle):
+def time_interleaved(steps, repeats, min_time, warmup, settle, contexts=None):
     """Median seconds per step of each implementation in `steps` (name -> step()).
 
     Each is warmed up for `warmup` seconds (at least 2 steps), which calibrates its block to last
     >= min_time; then blocks of the implementations alternate, repeats[name] blocks each, so a
     change in the machine's background load hits all alike. Before each block the machine idles
     `settle` seconds: the previous implementation's BLAS / OpenMP threads stop spinning.
+    contexts: name -> a context manager factory entered around that implementation's warm-up
+    and blocks (outside the timed region).
     """
+    contexts = contexts or {}
     per_block = {}
     for name, step in steps.items():
-        n, t0 = 0, time.perf_counter()
-        while n < 2 or time.perf_counter() - t0 < warmup:
-            step()
-            n += 1
+        with contexts.get(name, contextlib.nullcontext)():
+            n, t0 = 0, time.perf_counter()
+            while n < 2 or time.perf_counter() - t0 < warmup:
+                step()
+                n += 1
         per_block[name] = max(1, int(np.ceil(min_time / ((time.perf_counter() - t0) / n))))
     times = {name: [] for name in steps}
     gc.disable()
@@ -369,10 +375,11 @@ def time_interleaved(steps, repeats, min_time, warmup, settle):
                 if r >= repeats[name]:
                     continue
                 time.sleep(settle)
-                t0 = time.perf_counter()
-                for _ in range(per_block[name]):
-                    step()
-                times[name].append((time.perf_counter() - t0) / per_block[name])
+                with contexts.get(name, contextlib.nullcontext)():
+                    t0 = time.perf_counter()
+                    for _ in range(per_block[name]):
+                        step()
+                    times[name].append((time.perf_counter() - t0) / per_block[name])
     finally:
         gc.enable()
     return {name: statistics.median(t) for name, t in times.items()}
@@ -509,7 +516,11 @@ def measure_steps(args, data, peaks):
                 pool = batch_pool(data, make_model(name, dtype, args.seed), B, args.seed)
                 for th in args.threads:
                     m = make_model(name, dtype, args.seed)
-                    steps, repeats = {"hvae": hvae_stepper(m, pool)}, {"hvae": args.repeats}
+                    # hvae with th > 1 threads: the batch split over th threads, BLAS at one each
+                    steps = {"hvae": hvae_stepper(m, pool, n_jobs=th if th > 1 else None)}
+                    repeats = {"hvae": args.repeats}
+                    contexts = {"hvae": lambda: threadpoolctl.threadpool_limits(
+                        1, user_api="blas")} if th > 1 else {}
                     if "torch" in args.peers:
                         torch.set_num_threads(th)
                         steps["torch"] = torch_stepper(make_model(name, dtype, args.seed), pool,
@@ -523,7 +534,7 @@ def measure_steps(args, data, peaks):
                         repeats["numpy"] = args.numpy_repeats
                     with threadpoolctl.threadpool_limits(th, user_api="blas"):
                         sec = time_interleaved(steps, repeats, args.min_time, args.warmup,
-                                               args.settle if th > 1 else 0.0)
+                                               args.settle if th > 1 else 0.0, contexts)
                     if "numpy" in sec:
                         numpy_done[(name, B, th)] = sec["numpy"]
                     row = dict(model=name, dtype=dtype, batch=B, threads=th, hvae=sec["hvae"],
@@ -637,7 +648,8 @@ def report(args, info, peaks, rows, epochs, data_note):
         f"time of a block of >= {args.min_time} s, after {args.warmup} s of warm-up; the "
         "blocks of hvae and its peers alternate (a drift in background load hits all alike), "
         f"{args.settle} s idle before each block with 2+ threads; GC off while timing. Threads: "
-        "threadpoolctl on the BLAS (hvae, numpy), `torch.set_num_threads` (torch). GFLOP/s "
+        "hvae with k > 1 threads splits each batch over k threads (`n_jobs=k`, BLAS at one "
+        "thread each); numpy: threadpoolctl on its BLAS; torch: `torch.set_num_threads`. GFLOP/s "
         "counts the GEMMs of forward + backward: 6*B*in*out per layer minus 2*B*in*out for the "
         "input gradient of the first layer. % GEMM peak: against the linked OpenBLAS's "
         f"{args.gemm_size}^3 GEMM at the same dtype and threads (the better of two "

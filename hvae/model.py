@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from . import _core, checkpoint, evaluation, training
+from . import _core, checkpoint, evaluation, parallel, training
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
@@ -113,6 +113,15 @@ class HVAE:
     # ------------------------------------------------------------------------------------------
     # parameters
 
+    def _splitter(self, n_jobs):
+        """The cached SplitForward over n_jobs threads (made on first use)."""
+        split = getattr(self, "_split", None)
+        if split is None or len(split.cores) != n_jobs:
+            if split is not None:
+                split.close()
+            split = self._split = parallel.SplitForward(self, n_jobs)
+        return split
+
     def _new_core(self):
         """A core Model of this architecture (its own workspace)."""
         return _core.Model(self.x_dim, self.latent_dims, self.hidden_dims, self.likelihood,
@@ -207,7 +216,7 @@ class HVAE:
         return self._core.forward(self.params, x, target, None if self.deterministic else eps,
                                   beta=beta, grad=grad, log_weight=log_weight)
 
-    def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, out=None):
+    def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, out=None, n_jobs=None):
         """Loss of a batch and its exact gradient with respect to :attr:`params`.
 
         Parameters
@@ -224,6 +233,10 @@ class HVAE:
             Weight of the KL terms (1 for the ELBO).
         out : ndarray, shape (n_params,), optional
             Buffer for the gradient (the model's dtype); a new array when None.
+        n_jobs : int, optional
+            Split the batch over this many threads (see :meth:`fit`; here BLAS threads are left
+            as they are: limit them to one, e.g. with threadpoolctl, for the best speed). A
+            denoising ``target`` runs on one thread.
 
         Returns
         -------
@@ -232,6 +245,13 @@ class HVAE:
         grad : ndarray, shape (n_params,)
         """
         grad = np.empty(self.n_params, self.dtype) if out is None else out
+        n_jobs = parallel.resolve_n_jobs(n_jobs)
+        if n_jobs > 1 and target is None:
+            x = self._check_x(x, finite=False)
+            if eps is None and not self.deterministic:
+                eps = self.draw_eps(len(x))
+            loss, _, _ = self._splitter(n_jobs).forward(self.params, x, eps, beta, grad)
+            return loss, grad
         loss, _, _ = self._forward(x, eps, target, beta, grad=grad)
         return loss, grad
 

@@ -160,7 +160,7 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
     wait = 0
     bar = _Bar(epochs * steps, progress, "epoch")
     model.interrupted_ = False
-    split = parallel.SplitForward(model, n_jobs) if n_jobs > 1 else None
+    split = model._splitter(n_jobs) if n_jobs > 1 else None
     forward = split.forward if split else (
         lambda params, x, eps, beta, grad: model._core.forward(params, x, None, eps, beta=beta,
                                                                grad=grad))
@@ -195,8 +195,6 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
                       "parameters of its last completed step", RuntimeWarning, stacklevel=3)
     finally:
         bar.close()
-        if split:
-            split.close()
     if best[1] is not None:
         model.params[:] = best[1]  # early stopping keeps the best validation loss
         if checkpoint is not None:

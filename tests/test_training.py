@@ -194,3 +194,14 @@ def test_n_jobs_splits_the_batch(deterministic):
     np.testing.assert_array_equal(runs[3][0].params, runs[3][1].params)
     with pytest.raises(ValueError, match="n_jobs"):
         small().fit(X, epochs=1, n_jobs=0)
+
+
+def test_loss_and_grad_n_jobs_matches_one_thread():
+    m = small(seed=2, dtype="float64", kl="mc")
+    X = binary_data(n=37)
+    eps = m.draw_eps(37)
+    want = m.loss_and_grad(X, eps)
+    for n_jobs in (2, 4, 64):  # more parts than rows: empty parts are skipped
+        got = m.loss_and_grad(X, eps, n_jobs=n_jobs)
+        assert got[0] == pytest.approx(want[0], rel=1e-13)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-13)
