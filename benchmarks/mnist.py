@@ -115,11 +115,16 @@ def train(name, X, X_val, args, log):
 
 
 def git_commit():
+    """The short commit of the checkout, with '+' when the working tree differs from it."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=os.path.dirname(__file__)).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, cwd=here).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head + ("+" if dirty.strip() else "")
 
 
 def write_table(path, rows):
@@ -166,6 +171,7 @@ def main(argv=None):
     def log(msg):
         print(msg, flush=True)
 
+    commit = git_commit()  # the code that trains: recorded before anything else can change
     X = datasets.load_binarized_mnist("train", args.data_dir)[:args.max_examples]
     X_val = datasets.load_binarized_mnist("valid", args.data_dir)
     X_test = datasets.load_binarized_mnist("test", args.data_dir)[:args.eval_examples]
@@ -192,7 +198,7 @@ def main(argv=None):
             test_elbo=float(elbo.mean()), published=published, source=source,
             target=TARGETS[name], epochs=epochs, best_epoch=best_epoch,
             train_minutes=seconds / 60, date=datetime.date.today().isoformat(),
-            commit=git_commit(), machine=f"{os.cpu_count()} cores {platform.machine()}",
+            commit=commit, machine=f"{os.cpu_count()} cores {platform.machine()}",
             test_examples=len(ll), checkpoint=os.path.relpath(ckpt)))
     write_table(args.output, rows)
     log(f"wrote {args.output}")
