@@ -250,6 +250,9 @@ class HVAE:
             x = self._check_x(x, finite=False)
             if eps is None and not self.deterministic:
                 eps = self.draw_eps(len(x))
+            if not self.deterministic and not isinstance(eps, (list, tuple)):
+                raise TypeError(f"eps: expected a list of {self.n_levels} arrays, got "
+                                f"{type(eps).__name__}")
             loss, _, _ = self._splitter(n_jobs).forward(self.params, x, eps, beta, grad)
             return loss, grad
         loss, _, _ = self._forward(x, eps, target, beta, grad=grad)

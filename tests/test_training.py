@@ -205,3 +205,9 @@ def test_loss_and_grad_n_jobs_matches_one_thread():
         got = m.loss_and_grad(X, eps, n_jobs=n_jobs)
         assert got[0] == pytest.approx(want[0], rel=1e-13)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-10, atol=1e-13)
+    with pytest.raises(TypeError, match="eps"):
+        m.loss_and_grad(X, 3, n_jobs=2)
+    with pytest.raises(ValueError, match="eps"):
+        m.loss_and_grad(X, eps[:1], n_jobs=2)
+    with pytest.raises(ValueError, match="x"):
+        m.loss_and_grad(np.where(X > 0, np.nan, X), eps, n_jobs=2)
