@@ -84,6 +84,19 @@ def _make_problem(T, likelihood, deterministic, denoise, seed, batch=BATCH,
     return params, x_in, target, eps, cfg
 
 
+def _assert_blocks_match(grad, fd, shapes):
+    """Every parameter block of grad within 1e-6 (relative) of the finite differences fd;
+    returns grad by name."""
+    g_named = ref.unflatten(grad, shapes)
+    fd_named = ref.unflatten(fd, shapes)
+    for name, _ in shapes:
+        a, b = g_named[name], fd_named[name]
+        scale = max(np.linalg.norm(a), np.linalg.norm(b), 1e-2)
+        rel = np.linalg.norm(a - b) / scale
+        assert rel < 1e-6, f"{name}: rel err {rel:.2e}\nanalytic={a}\nfd={b}"
+    return g_named
+
+
 def _fd_grad(f, params, h=1e-6):
     """Central finite-difference gradient of scalar ``f`` at ``params`` (P,)."""
     g = np.zeros_like(params)
@@ -185,13 +198,7 @@ def test_gradient_matches_finite_differences(case):
     fd = _fd_grad(lambda p: ref.forward(p, x_in, target, eps, **kw)["loss"], params)
 
     shapes = ref.param_shapes(X_DIM, cfg["latent_dims"], cfg["hidden_dims"], likelihood)
-    g_named = ref.unflatten(grad, shapes)
-    fd_named = ref.unflatten(fd, shapes)
-    for name, _ in shapes:
-        a, b = g_named[name], fd_named[name]
-        scale = max(np.linalg.norm(a), np.linalg.norm(b), 1e-2)
-        rel = np.linalg.norm(a - b) / scale
-        assert rel < 1e-6, f"{name}: rel err {rel:.2e}\nanalytic={a}\nfd={b}"
+    g_named = _assert_blocks_match(grad, fd, shapes)
 
 
 @pytest.mark.parametrize("kl", ref.KL_ESTIMATORS)
@@ -403,13 +410,7 @@ def test_learned_gradient_matches_finite_differences(case):
 
     shapes = ref.param_shapes(X_DIM, cfg["latent_dims"], cfg["hidden_dims"], likelihood,
                               prior_variance="learned")
-    g_named = ref.unflatten(grad, shapes)
-    fd_named = ref.unflatten(fd, shapes)
-    for name, _ in shapes:
-        a, b = g_named[name], fd_named[name]
-        scale = max(np.linalg.norm(a), np.linalg.norm(b), 1e-2)
-        rel = np.linalg.norm(a - b) / scale
-        assert rel < 1e-6, f"{name}: rel err {rel:.2e}\nanalytic={a}\nfd={b}"
+    g_named = _assert_blocks_match(grad, fd, shapes)
     # the log-variance half of every prior decoder's output layer gets a gradient
     for i in range(2, T + 1):
         last = len(cfg["hidden_dims"][i - 1])
