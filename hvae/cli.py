@@ -477,8 +477,9 @@ def cmd_train(args, out):
             try:
                 model.fit(X, epochs=remaining, batch_size=args.batch_size, lr=args.lr,
                           validation_data=valid, kl_warmup_epochs=args.kl_warmup_epochs,
-                          kl_warmup_delay=args.kl_warmup_delay, beta=args.beta, patience=args.patience, progress=progress,
-                          checkpoint=path, callbacks=[report])
+                          kl_warmup_delay=args.kl_warmup_delay, beta=args.beta,
+                          patience=args.patience, progress=progress, checkpoint=path,
+                          callbacks=[report])
             except FloatingPointError as exc:
                 raise CLIError(f"{exc} {_saved(path, model)}") from None
         if getattr(model, "interrupted_", False):

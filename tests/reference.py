@@ -550,7 +550,8 @@ def _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
     }
     cache = {
         "p": p, "shapes": shapes, "B": B, "T": T, "eps": eps, "zhats": zhats,
-        "prior_lvs": prior_lvs, "learned": learned, "drec": drec, "enc_caches": enc_caches, "dec_caches": dec_caches,
+        "prior_lvs": prior_lvs, "learned": learned, "drec": drec, "enc_caches": enc_caches,
+        "dec_caches": dec_caches,
         "latent_dims": latent_dims,
     }
     return result, cache
