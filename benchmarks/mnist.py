@@ -11,6 +11,7 @@ a markdown table beside the published numbers plus a small checkpoint per model.
 """
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -147,17 +148,25 @@ def git_commit():
 
 
 def write_table(path, rows):
-    """Merge rows (by model name) into the markdown table at path."""
+    """Merge rows (by model name) into the markdown table at path (and its .json store), under
+    a lock: runs of different models in parallel keep each other's rows."""
     store = path + ".json"
-    data = {}
-    if os.path.exists(store):
-        with open(store) as f:
-            data = json.load(f)
-    data.update({r["model"]: r for r in rows})
-    tmp = store + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, store)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = {}
+        if os.path.exists(store):
+            with open(store) as f:
+                data = json.load(f)
+        data.update({r["model"]: r for r in rows})
+        tmp = store + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, store)
+        _write_markdown(path, data)
+
+
+def _write_markdown(path, data):
+    """The markdown table of every stored row."""
     lines = [
         "# Test log-likelihood on statically binarized MNIST",
         "",
