@@ -62,16 +62,17 @@ static void F(mlp_forward)(real *const *outs, const hvae_mlp *mlp, const real *p
     }
 }
 
-/* grad (P,) +=, din (B, in_0) += or NULL; douts[last] holds d output, the rest start at zero
- * and are used as scratch; outs, in as in the forward */
+/* grad (P,) += (accumulate) or = (not), din (B, in_0) += or NULL; douts[last] holds d output,
+ * the rest start at zero and are used as scratch; outs, in as in the forward */
 static void F(mlp_backward)(real *grad, real *din, real *const *douts, real *const *outs,
                             const hvae_mlp *mlp, const real *params, const real *in, int B,
-                            int act) {
+                            int act, int accumulate) {
     for (int j = mlp->n_layers - 1; j >= 0; j--) {
         const hvae_linear *l = &mlp->layer[j];
         if (j < mlp->n_layers - 1) F(act_backward)(douts[j], outs[j], (size_t)B * l->out, act);
         F(linear_backward)(j > 0 ? douts[j - 1] : din, grad + l->weight, grad + l->bias, douts[j],
-                           j > 0 ? outs[j - 1] : in, params + l->weight, B, l->in, l->out);
+                           j > 0 ? outs[j - 1] : in, params + l->weight, B, l->in, l->out,
+                           accumulate);
     }
 }
 
@@ -174,9 +175,11 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
     return HVAE_OK;
 }
 
-hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m,
-                             const real *params, const real *x, const real *target,
-                             const real *const *eps, int B, real beta) {
+/* hvae_backward, or with accumulate 0 the gradient written into grad instead of added to it */
+static hvae_status F(backward_pass)(real *grad, int accumulate, hvae_workspace *ws,
+                                    const hvae_model *m, const real *params, const real *x,
+                                    const real *target, const real *const *eps, int B,
+                                    real beta) {
     const hvae_config *c = &m->cfg;
     const int T = c->n_levels;
     F(buffers) bf;
@@ -211,16 +214,22 @@ hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m
     /* decoders: d z_i from dec_i's input */
     for (int i = T - 1; i >= 0; i--)
         F(mlp_backward)(grad, bf.dz[i], bf.ddec[i], bf.dec[i], &m->dec[i], params, bf.z[i], B,
-                        c->activation);
+                        c->activation, accumulate);
     /* encoders top down: d z_i is complete once encoder i+1 has passed it back */
     for (int i = T - 1; i >= 0; i--) {
         const hvae_mlp *enc = &m->enc[i];
         F(reparam_backward)(bf.denc[i][enc->n_layers - 1], bf.dz[i], F(last)(bf.enc[i], enc),
                             eps ? eps[i] : NULL, B, c->z_dim[i]);
         F(mlp_backward)(grad, i > 0 ? bf.dz[i - 1] : NULL, bf.denc[i], bf.enc[i], enc, params,
-                        i > 0 ? bf.z[i - 1] : x, B, c->activation);
+                        i > 0 ? bf.z[i - 1] : x, B, c->activation, accumulate);
     }
     return HVAE_OK;
+}
+
+hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m,
+                             const real *params, const real *x, const real *target,
+                             const real *const *eps, int B, real beta) {
+    return F(backward_pass)(grad, 1, ws, m, params, x, target, eps, B, beta);
 }
 
 hvae_status F(hvae_encode)(real *const *mulv, real *const *z, hvae_workspace *ws,
