@@ -7,6 +7,8 @@
  * beta / B for a KL term of the batch-mean loss.
  * A Gaussian parameter block `mulv` is (B, 2d): row b holds mu (d values) then logvar (d values).
  */
+#include <string.h>
+
 #include "real.h"
 /* F(vexp), F(vtanh), ... come from vecmath.c, included before this file */
 
@@ -17,15 +19,30 @@
  * microsecond. */
 #define PAR_MIN_FLOPS ((double)(1 << 18)) /* of one GEMM */
 #define PAR_MIN_ELEMS ((size_t)1 << 13)  /* of one elementwise pass */
-#define PAR_ALIGN 16                     /* parts start at multiples of this (a cache line) */
+#define ALIGN_ROWS 4  /* parts of a GEMM's rows: OpenBLAS's sgemm kernels take 4 at a time */
+#define ALIGN_ELEMS 8 /* parts of a row or of a vector: 32 bytes, whole vector registers */
 
-/* [*lo, *hi): part `part` of n_parts of len items, the bounds multiples of PAR_ALIGN (the last
- * part ends at len; a part may be empty) */
-static void part_range(size_t len, int part, int n_parts, size_t *lo, size_t *hi) {
-    size_t chunk = (len / (size_t)n_parts + PAR_ALIGN - 1) / PAR_ALIGN * PAR_ALIGN;
-    size_t a = chunk * (size_t)part, b = part == n_parts - 1 ? len : a + chunk;
-    *lo = a < len ? a : len;
-    *hi = b < len ? b : len;
+/* The start of part `part` of n_parts of len items: the multiple of align nearest to an equal
+ * share (part n_parts starts at len). */
+static size_t part_start(size_t len, size_t align, int part, int n_parts) {
+    if (part >= n_parts) return len;
+    size_t at = (len * (size_t)part / (size_t)n_parts + align / 2) / align * align;
+    return at < len ? at : len;
+}
+
+/* [*lo, *hi): part `part` of n_parts of len items (a part may be empty) */
+static void part_range(size_t len, size_t align, int part, int n_parts, size_t *lo, size_t *hi) {
+    *lo = part_start(len, align, part, n_parts);
+    *hi = part_start(len, align, part + 1, n_parts);
+}
+
+/* How part `part` of a GEMM's output C (M,N) is cut: its rows [lo, hi) when M >= N (*by_rows),
+ * else its columns [lo, hi). */
+static void gemm_split(int M, int N, int part, int n_parts, int *by_rows, size_t *lo,
+                       size_t *hi) {
+    *by_rows = M >= N;
+    part_range((size_t)(*by_rows ? M : N), *by_rows ? ALIGN_ROWS : ALIGN_ELEMS, part, n_parts,
+               lo, hi);
 }
 
 /* The team a pass of `work` units (FLOPs or elements) above `min` runs on: the current one, or
@@ -45,8 +62,8 @@ typedef struct {
 
 static void F(gemm_part)(const F(gemm_args) *g, int part, int n_parts) {
     size_t lo, hi;
-    int by_rows = g->M >= g->N;
-    part_range((size_t)(by_rows ? g->M : g->N), part, n_parts, &lo, &hi);
+    int by_rows;
+    gemm_split(g->M, g->N, part, n_parts, &by_rows, &lo, &hi);
     if (hi <= lo) return;
     const real *A = g->A, *B = g->B;
     real *C = g->C;
@@ -76,8 +93,8 @@ static void F(linear_forward_part)(void *p, int part, int n_parts) {
     const F(linear_fwd_job) *j = p;
     const F(gemm_args) *g = &j->g;
     size_t lo, hi;
-    int by_rows = g->M >= g->N;
-    part_range((size_t)(by_rows ? g->M : g->N), part, n_parts, &lo, &hi);
+    int by_rows;
+    gemm_split(g->M, g->N, part, n_parts, &by_rows, &lo, &hi);
     size_t b0 = by_rows ? lo : 0, b1 = by_rows ? hi : (size_t)g->M;
     size_t o0 = by_rows ? 0 : lo, o1 = by_rows ? (size_t)g->N : hi;
     for (size_t b = b0; b < b1; b++) {
@@ -106,7 +123,7 @@ static void F(linear_backward_part)(void *p, int part, int n_parts) {
     const F(linear_bwd_job) *j = p;
     int B = j->dw.K, n_out = j->dw.M;
     size_t lo, hi;
-    part_range((size_t)n_out, part, n_parts, &lo, &hi);
+    part_range((size_t)n_out, ALIGN_ELEMS, part, n_parts, &lo, &hi);
     if (!j->accumulate)
         for (size_t o = lo; o < hi; o++) j->dbias[o] = 0;
     for (int b = 0; b < B; b++) {
@@ -178,7 +195,7 @@ typedef struct {
 static void F(act_part)(void *p, int part, int n_parts) {
     const F(act_job) *j = p;
     size_t lo, hi;
-    part_range(j->n, part, n_parts, &lo, &hi);
+    part_range(j->n, ALIGN_ELEMS, part, n_parts, &lo, &hi);
     if (hi <= lo) return;
     if (j->y)
         F(act_backward_range)(j->v + lo, j->y + lo, hi - lo, j->act);
@@ -194,6 +211,19 @@ static void F(act_forward)(real *y, size_t n, int act) {
 static void F(act_backward)(real *dy, const real *y, size_t n, int act) {
     F(act_job) j = {dy, y, n, act};
     hvae_team_run(team_for((double)n, (double)PAR_MIN_ELEMS), F(act_part), &j);
+}
+
+/* v (n,) = 0 over the current team */
+static void F(zero_part)(void *p, int part, int n_parts) {
+    const F(act_job) *j = p;
+    size_t lo, hi;
+    part_range(j->n, ALIGN_ELEMS, part, n_parts, &lo, &hi);
+    if (hi > lo) memset(j->v + lo, 0, sizeof(real) * (hi - lo));
+}
+
+static void F(zero)(real *v, size_t n) {
+    F(act_job) j = {v, NULL, n, 0};
+    hvae_team_run(team_for((double)n, (double)PAR_MIN_ELEMS), F(zero_part), &j);
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -117,6 +117,34 @@ static void F(likelihood_backward)(real *dxp, const hvae_config *c, const real *
     }
 }
 
+/* Either over the current team, each part a range of rows (an example's term is the same
+ * whichever thread computes it): the forward when acc is given (scratch (B, D): rows [lo, hi)
+ * use row lo), else the backward into dxp. */
+typedef struct {
+    real *acc, *scratch, *dxp;
+    const hvae_config *c;
+    const real *xp, *target;
+    real scale;
+    int B;
+} F(likelihood_job);
+
+static void F(likelihood_part)(void *p, int part, int n_parts) {
+    const F(likelihood_job) *j = p;
+    size_t lo, hi, w = (size_t)hvae_x_params_dim(j->c), D = (size_t)j->c->x_dim;
+    part_range((size_t)j->B, ALIGN_ROWS, part, n_parts, &lo, &hi);
+    if (hi <= lo) return;
+    const real *xp = j->xp + lo * w, *t = j->target + lo * D;
+    if (j->acc)
+        F(likelihood_forward)(j->acc + lo, j->scratch + lo * D, j->c, xp, t, (int)(hi - lo));
+    else
+        F(likelihood_backward)(j->dxp + lo * w, j->c, xp, t, j->scale, (int)(hi - lo));
+}
+
+static void F(likelihood_over_team)(F(likelihood_job) *j) {
+    hvae_team_run(team_for((double)j->B * j->c->x_dim, (double)PAR_MIN_ELEMS),
+                  F(likelihood_part), j);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* public entry points                                                                          */
 
@@ -140,8 +168,9 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
     zhat[T] = NULL; /* p(z_T) = N(0, I) */
 
     memset(terms, 0, sizeof(real) * (size_t)B * (T + 1));
-    real *scratch = bf.grads; /* (max(D, d_i),): the gradient half is free during the forward */
-    F(likelihood_forward)(terms, scratch, c, zhat[0], target, B);
+    real *scratch = bf.grads; /* (B, max(D, d_i)): the gradient half is free during the forward */
+    F(likelihood_job) lj = {terms, scratch, NULL, c, zhat[0], target, 0, B};
+    F(likelihood_over_team)(&lj);
     for (int i = 1; i <= T; i++) {
         real *kl = terms + (size_t)i * B;
         const real *mulv = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
@@ -188,12 +217,13 @@ static hvae_status F(backward_pass)(real *grad, int accumulate, hvae_workspace *
     hvae_status st = F(carve)(&bf, ws, m, B);
     if (st != HVAE_OK) return st;
     if (c->deterministic) eps = NULL;
-    memset(bf.grads, 0, sizeof(real) * bf.grads_len);
+    F(zero)(bf.grads, bf.grads_len);
     const real rs = (real)1 / (real)B, ks = beta / (real)B;
 
     /* likelihood -> d decoder-1 output */
-    F(likelihood_backward)(bf.ddec[0][m->dec[0].n_layers - 1], c, F(last)(bf.dec[0], &m->dec[0]),
-                           target, rs, B);
+    F(likelihood_job) lj = {NULL, NULL, bf.ddec[0][m->dec[0].n_layers - 1], c,
+                            F(last)(bf.dec[0], &m->dec[0]), target, rs, B};
+    F(likelihood_over_team)(&lj);
     /* KL terms -> d mulv_i, d zhat_i, d z_i */
     for (int i = 1; i <= T; i++) {
         const hvae_mlp *enc = &m->enc[i - 1];

@@ -18,7 +18,7 @@ typedef struct {
 static void F(adam_part)(void *p, int part, int n_parts) {
     F(adam_job) *j = p;
     size_t lo, hi;
-    part_range(j->n, part, n_parts, &lo, &hi);
+    part_range(j->n, ALIGN_ELEMS, part, n_parts, &lo, &hi);
     if (!j->update)
         j->ok[part] = F(adam_grad_ok)(j->grad + lo, hi - lo);
     else

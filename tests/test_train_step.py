@@ -17,8 +17,10 @@ CONFIGS = [
          activation="leaky_relu"),
     dict(x_dim=6, latent_dims=[3, 2], hidden_dims=[[5], [4]], likelihood="gaussian_learned"),
     dict(x_dim=8, latent_dims=[3, 2], hidden_dims=[[6], [4]], deterministic=True),
-    # wide enough for the team to split GEMMs, activations and Adam
+    # wide enough for the team to split GEMMs, activations, the likelihood and Adam
     dict(x_dim=300, latent_dims=[40, 10], hidden_dims=[[256], [64]]),
+    # one row is enough for the team to split the likelihood
+    dict(x_dim=9000, latent_dims=[2], hidden_dims=[[4]], likelihood="gaussian_learned"),
 ]
 # Adam's step is about lr whatever the gradient's size, so a gradient near zero that rounds
 # differently moves a parameter differently: float32 parameters get an absolute tolerance of
@@ -63,7 +65,7 @@ def test_one_thread_equals_forward_then_adam_bit_for_bit(cfg, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[5]])
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[5], CONFIGS[6]])
 def test_threads_match_one_thread_and_are_reproducible(cfg, dtype):
     for B in (1, 3, 64):
         one = run(cfg, dtype, 3, B, 1)
