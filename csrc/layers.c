@@ -428,17 +428,31 @@ HVAE_CLONES static void F(gaussian_learned_nll_backward)(real *restrict dml, con
 /* ------------------------------------------------------------------------------------------ */
 /* Adam (Kingma & Ba 2015, bias-corrected), one pass over the flat buffer; public (hvae.h)       */
 
-/* the update of n parameters without the finiteness check; c1 = 1 - beta1^t,
- * sc2 = sqrt(1 - beta2^t) */
+/* The constants of update t: beta1, beta2, eps, step = lr / (1 - beta1^t) and
+ * inv_sc2 = 1 / sqrt(1 - beta2^t) (the bias corrections). */
+typedef struct {
+    real beta1, beta2, eps, step, inv_sc2;
+} F(adam_consts);
+
+static F(adam_consts) F(adam_consts_at)(real lr, real beta1, real beta2, real eps, long t) {
+    F(adam_consts) a = {beta1, beta2, eps, lr / ((real)1 - POW(beta1, (real)t)),
+                        (real)1 / SQRT((real)1 - POW(beta2, (real)t))};
+    return a;
+}
+
+/* The update of n parameters without the finiteness check, one division each:
+ * p -= step * (m / (sqrt(v) * inv_sc2 + eps)), PyTorch's order of operations except for the
+ * reciprocal; eps > 0 keeps the denominator positive. */
 HVAE_CLONES static void F(adam_range)(real *restrict params, real *restrict m1,
                                       real *restrict m2, const real *restrict grad, size_t n,
-                                      real lr, real beta1, real beta2, real eps, real c1,
-                                      real sc2) {
+                                      const F(adam_consts) *a) {
+    const real beta1 = a->beta1, beta2 = a->beta2, eps = a->eps, step = a->step,
+               inv_sc2 = a->inv_sc2;
     for (size_t k = 0; k < n; k++) {
         real g = grad[k];
         m1[k] = beta1 * m1[k] + ((real)1 - beta1) * g;
         m2[k] = beta2 * m2[k] + ((real)1 - beta2) * g * g;
-        params[k] -= lr * (m1[k] / c1) / (SQRT(m2[k]) / sc2 + eps);
+        params[k] -= step * (m1[k] / (SQRT(m2[k]) * inv_sc2 + eps));
     }
 }
 
@@ -452,7 +466,7 @@ int F(adam_update)(real *restrict params, real *restrict m1, real *restrict m2,
                    const real *restrict grad, size_t n, real lr, real beta1, real beta2, real eps,
                    long t) {
     if (!F(adam_grad_ok)(grad, n)) return 0;
-    real c1 = (real)1 - POW(beta1, (real)t), sc2 = SQRT((real)1 - POW(beta2, (real)t));
-    F(adam_range)(params, m1, m2, grad, n, lr, beta1, beta2, eps, c1, sc2);
+    F(adam_consts) a = F(adam_consts_at)(lr, beta1, beta2, eps, t);
+    F(adam_range)(params, m1, m2, grad, n, &a);
     return 1;
 }

@@ -10,7 +10,7 @@ typedef struct {
     real *params, *m1, *m2;
     const real *grad;
     size_t n;
-    real lr, beta1, beta2, eps, c1, sc2;
+    F(adam_consts) consts;
     int ok[HVAE_MAX_THREADS]; /* of the check, per part */
     int update;               /* 0: check, 1: update */
 } F(adam_job);
@@ -22,8 +22,7 @@ static void F(adam_part)(void *p, int part, int n_parts) {
     if (!j->update)
         j->ok[part] = F(adam_grad_ok)(j->grad + lo, hi - lo);
     else
-        F(adam_range)(j->params + lo, j->m1 + lo, j->m2 + lo, j->grad + lo, hi - lo, j->lr,
-                      j->beta1, j->beta2, j->eps, j->c1, j->sc2);
+        F(adam_range)(j->params + lo, j->m1 + lo, j->m2 + lo, j->grad + lo, hi - lo, &j->consts);
 }
 
 hvae_status F(hvae_train_step)(real *terms, real *loss, int *updated, real *grad, real *params,
@@ -37,10 +36,10 @@ hvae_status F(hvae_train_step)(real *terms, real *loss, int *updated, real *grad
     if (st == HVAE_OK && isfinite(*loss))
         st = F(backward_pass)(grad, 0, ws, m, params, x, target, eps, B, beta);
     if (st == HVAE_OK && isfinite(*loss)) {
-        real beta1 = (real)opt->beta1, beta2 = (real)opt->beta2;
-        F(adam_job) j = {params, m1, m2, grad, m->n_params, (real)opt->lr, beta1, beta2,
-                         (real)opt->eps, (real)1 - POW(beta1, (real)opt->step),
-                         SQRT((real)1 - POW(beta2, (real)opt->step)), {0}, 0};
+        F(adam_job) j = {params, m1, m2, grad, m->n_params,
+                         F(adam_consts_at)((real)opt->lr, (real)opt->beta1, (real)opt->beta2,
+                                           (real)opt->eps, opt->step),
+                         {0}, 0};
         hvae_team *at = team_for((double)m->n_params, (double)PAR_MIN_ELEMS);
         int n_parts = hvae_team_size(at), ok = 1;
         hvae_team_run(at, F(adam_part), &j);
