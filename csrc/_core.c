@@ -595,9 +595,15 @@ static int model_team(ModelObject *self, int threads, hvae_team **team) {
     return 0;
 }
 
-static int team_error(int threads) {
-    PyErr_Format(PyExc_RuntimeError, "threads: could not start %d threads", threads);
-    return -1;
+/* After a core call on a batch of B rows of x: an exception when the team could not start or
+ * the status is not HVAE_OK, and -1; else 0. */
+static int batch_call_error(int team_failed, int threads, hvae_status st, const hvae_model *m,
+                            int typenum, npy_intp B) {
+    if (team_failed) {
+        PyErr_Format(PyExc_RuntimeError, "threads: could not start %d threads", threads);
+        return -1;
+    }
+    return st == HVAE_OK ? 0 : batch_status_error(st, m, typenum, B, "x");
 }
 
 PyDoc_STRVAR(forward_doc,
@@ -696,14 +702,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
             hvae_team_set_current(NULL);
         }
     });
-    if (team_failed) {
-        team_error(threads);
-        goto done;
-    }
-    if (st != HVAE_OK) {
-        batch_status_error(st, m, tn, B, "x");
-        goto done;
-    }
+    if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;
     result = Py_BuildValue("dOO", loss, (PyObject *)terms, lw ? (PyObject *)lw : Py_None);
 done:
     Py_XDECREF(params);
@@ -832,14 +831,7 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
                                      beta, &opt, team);
         }
     });
-    if (team_failed) {
-        team_error(threads);
-        goto done;
-    }
-    if (st != HVAE_OK) {
-        batch_status_error(st, m, tn, B, "x");
-        goto done;
-    }
+    if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;
     result = Py_BuildValue("dON", loss, (PyObject *)terms, PyBool_FromLong(updated));
 done:
     batch_release(&in, T);
