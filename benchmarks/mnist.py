@@ -6,11 +6,12 @@ log-likelihood by importance sampling (k = 5000 by default) over the whole test 
 a markdown table beside the published numbers plus a small checkpoint per model.
 
     python benchmarks/mnist.py --vae1 --budget-minutes 55
-    python benchmarks/mnist.py --hvae2-mc --hvae2-analytic --budget-minutes 100
+    python benchmarks/mnist.py --hvae2-mc --hvae2-analytic --budget-minutes 85
     python benchmarks/mnist.py --vae1 --quick          # an end-to-end smoke run in seconds
 """
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -25,17 +26,20 @@ from hvae import datasets
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# name -> (constructor arguments, published test log-likelihood, where it was published)
+# name -> (constructor arguments, published test log-likelihood, where it was published).
+# The two-level models learn the variance of p(z_1 | z_2), as in the IWAE paper; hvae2-unit keeps
+# the seed's unit variance (its top level collapses: README).
+HVAE2 = dict(latent_dims=[100, 50], hidden_dims=[[200, 200], [100, 100]])
+HVAE2_SOURCE = "VampPrior paper, two levels, standard prior"
 MODELS = {
     "vae1": (dict(latent_dims=[50], hidden_dims=[[200, 200]], kl="analytic"),
              -88.71, "IWAE paper appendix (VAE, k=1); VampPrior paper: -88.56"),
-    "hvae2-mc": (dict(latent_dims=[100, 50], hidden_dims=[[200, 200], [100, 100]], kl="mc"),
-                 -86.05, "VampPrior paper, two levels, standard prior"),
-    "hvae2-analytic": (dict(latent_dims=[100, 50], hidden_dims=[[200, 200], [100, 100]],
-                            kl="analytic"),
-                       -86.05, "VampPrior paper, two levels, standard prior"),
+    "hvae2-mc": (dict(HVAE2, kl="mc", prior_variance="learned"), -86.05, HVAE2_SOURCE),
+    "hvae2-analytic": (dict(HVAE2, kl="analytic", prior_variance="learned"), -86.05,
+                       HVAE2_SOURCE),
+    "hvae2-unit": (dict(HVAE2, kl="mc"), -86.05, HVAE2_SOURCE),
 }
-TARGETS = {"vae1": -89.5, "hvae2-mc": -87.5, "hvae2-analytic": -87.5}
+TARGETS = {"vae1": -89.5, "hvae2-mc": -87.5, "hvae2-analytic": -87.5, "hvae2-unit": -87.5}
 
 
 def parse_args(argv=None):
@@ -44,9 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--vae1", action="store_true",
                    help="one stochastic level, 784-200-200-50, tanh, Bernoulli")
     p.add_argument("--hvae2-mc", action="store_true",
-                   help="two levels x->[200,200]->z1(100)->[100,100]->z2(50), unbiased kl='mc'")
+                   help="two levels x->[200,200]->z1(100)->[100,100]->z2(50), learned variance "
+                        "of p(z1|z2), unbiased kl='mc'")
     p.add_argument("--hvae2-analytic", action="store_true",
                    help="the same two-level model trained with the seed's kl='analytic'")
+    p.add_argument("--hvae2-unit", action="store_true",
+                   help="hvae2-mc with the seed's unit variance of p(z1|z2)")
     p.add_argument("--budget-minutes", type=float, default=55.0,
                    help="wall-clock training budget per model (evaluation not included)")
     p.add_argument("--max-epochs", type=int, default=10000, help="epochs at most")
@@ -54,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--lr-final", type=float, default=1e-4,
                    help="step size reached at the end of the budget (exponential decay in time)")
     p.add_argument("--warmup-epochs", type=float, default=20, help="KL warm-up epochs")
+    p.add_argument("--warmup-delay", type=float, default=None,
+                   help="epochs at KL weight 0 before the warm-up (default: 5 for the two-level "
+                        "models, which keeps their top level from collapsing; 0 for vae1)")
     p.add_argument("--patience", type=int, default=50,
                    help="stop after this many epochs without a better validation ELBO")
     p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
@@ -75,16 +85,24 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.models = [name for name in MODELS if getattr(args, name.replace("-", "_"))]
     if not args.models:
-        p.error("choose at least one of --vae1, --hvae2-mc, --hvae2-analytic")
+        p.error("choose at least one of --vae1, --hvae2-mc, --hvae2-analytic, --hvae2-unit")
     if args.quick:
         args.max_examples, args.max_epochs, args.k = 1000, 2, 20
-        args.eval_examples, args.warmup_epochs = 100, 1
+        args.eval_examples, args.warmup_epochs, args.warmup_delay = 100, 1, 0.5
     return args
 
 
+def warmup_delay(name, args):
+    """The KL warm-up delay of a model: the flag, or its default."""
+    if args.warmup_delay is not None:
+        return args.warmup_delay
+    return 5.0 if len(MODELS[name][0]["latent_dims"]) > 1 else 0.0
+
+
 def train(name, X, X_val, args, log):
-    """Train one model within the budget; returns (model, epochs run, train seconds)."""
+    """Train one model within the budget; returns (model, epochs run, best epoch, seconds)."""
     kwargs, _, _ = MODELS[name]
+    delay = warmup_delay(name, args)
     m = hvae.HVAE(784, seed=args.seed, init="glorot", **kwargs)  # the IWAE paper's init
     budget = 60 * args.budget_minutes
     t0 = time.perf_counter()
@@ -95,9 +113,11 @@ def train(name, X, X_val, args, log):
             break
         lr = args.lr * (args.lr_final / args.lr) ** min(1.0, elapsed / budget)
         m.fit(X, epochs=1, batch_size=100, lr=lr, kl_warmup_epochs=args.warmup_epochs,
-              progress=False)
+              kl_warmup_delay=delay, progress=False)
         epoch += 1
         rec = m.history_[-1]
+        if epoch <= delay:  # an autoencoder so far: its ELBO says nothing yet
+            continue
         if epoch % args.eval_every == 0 or epoch == args.max_epochs:
             val = float(-np.mean(m.elbo(X_val)))
             rec["val_loss"] = val
@@ -128,17 +148,25 @@ def git_commit():
 
 
 def write_table(path, rows):
-    """Merge rows (by model name) into the markdown table at path."""
+    """Merge rows (by model name) into the markdown table at path (and its .json store), under
+    a lock: runs of different models in parallel keep each other's rows."""
     store = path + ".json"
-    data = {}
-    if os.path.exists(store):
-        with open(store) as f:
-            data = json.load(f)
-    data.update({r["model"]: r for r in rows})
-    tmp = store + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, store)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = {}
+        if os.path.exists(store):
+            with open(store) as f:
+                data = json.load(f)
+        data.update({r["model"]: r for r in rows})
+        tmp = store + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, store)
+        _write_markdown(path, data)
+
+
+def _write_markdown(path, data):
+    """The markdown table of every stored row."""
     lines = [
         "# Test log-likelihood on statically binarized MNIST",
         "",
@@ -147,9 +175,11 @@ def write_table(path, rows):
         "KL warm-up, early stopping on the validation split, learning rate decayed over a "
         "wall-clock budget, on the machine named in each row.",
         "",
+        "KL warm-up: epochs at KL weight 0 + epochs of linear rise.",
+        "",
         "| model | architecture | kl | test log-lik. | k | test ELBO | published | target | "
-        "epochs (best) | train time | date | commit | machine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "epochs (best) | KL warm-up | train time | date | commit | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data.values():
         met = "met" if r["test_ll"] >= r["target"] else f"missed by {r['target'] - r['test_ll']:.2f}"
@@ -157,6 +187,7 @@ def write_table(path, rows):
             f"| {r['model']} | {r['architecture']} | {r['kl']} | **{r['test_ll']:.2f}** "
             f"± {r['test_ll_se']:.2f} | {r['k']} | {r['test_elbo']:.2f} | {r['published']} "
             f"({r['source']}) | {r['target']} ({met}) | {r['epochs']} ({r['best_epoch']}) | "
+            f"{r.get('warmup', '0 + 20')} | "
             f"{r['train_minutes']:.1f} min | {r['date']} | {r['commit']} | {r['machine']} |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -192,11 +223,14 @@ def main(argv=None):
         kwargs, published, source = MODELS[name]
         arch = " -> ".join(["784"] + [f"{h} -> {d}" for h, d in zip(kwargs["hidden_dims"],
                                                                    kwargs["latent_dims"])])
+        if len(kwargs["latent_dims"]) > 1:
+            arch += f", {kwargs.get('prior_variance', 'unit')} variance of p(z1|z2)"
         rows.append(dict(
             model=name, architecture=arch, kl=kwargs["kl"], test_ll=float(ll.mean()),
             test_ll_se=float(ll.std() / np.sqrt(len(ll))), k=args.k,
             test_elbo=float(elbo.mean()), published=published, source=source,
             target=TARGETS[name], epochs=epochs, best_epoch=best_epoch,
+            warmup=f"{warmup_delay(name, args):g} + {args.warmup_epochs:g}",
             train_minutes=seconds / 60, date=datetime.date.today().isoformat(),
             commit=commit, machine=f"{os.cpu_count()} cores {platform.machine()}",
             test_examples=len(ll), checkpoint=os.path.relpath(ckpt)))

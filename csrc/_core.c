@@ -338,6 +338,7 @@ typedef struct {
 static const char *const LIKELIHOODS[] = {"bernoulli", "gaussian", "gaussian_learned", NULL};
 static const char *const ACTIVATIONS[] = {"tanh", "relu", "leaky_relu", NULL};
 static const char *const KLS[] = {"analytic", "mc", NULL};
+static const char *const PRIOR_VARIANCES[] = {"unit", "learned", NULL};
 static const char *const DTYPES[] = {"float32", "float64", NULL};
 
 /* The length of a sized sequence, -1 when it has none (e.g. an iterator): checked before
@@ -383,16 +384,16 @@ static int parse_dims(PyObject *seq, const char *name, int *out, int max, int *n
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"x_dim", "latent_dims", "hidden_dims", "likelihood", "activation",
-                             "kl", "deterministic", "dtype", NULL};
+                             "kl", "deterministic", "dtype", "prior_variance", NULL};
     PyObject *x_dim_obj, *latent_obj, *hidden_obj, *lik = NULL, *act = NULL, *kl = NULL,
-             *dtype = NULL, *det_obj = NULL;
+             *dtype = NULL, *det_obj = NULL, *pvar = NULL;
     int deterministic = 0;
     if (self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Model: already initialised; create a new Model");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OOOOO", kwlist, &x_dim_obj, &latent_obj,
-                                     &hidden_obj, &lik, &act, &kl, &det_obj, &dtype))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OOOOOO", kwlist, &x_dim_obj, &latent_obj,
+                                     &hidden_obj, &lik, &act, &kl, &det_obj, &dtype, &pvar))
         return -1;
     if (det_obj && as_flag(det_obj, "deterministic", &deterministic) < 0) return -1;
     hvae_config cfg;
@@ -443,6 +444,9 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     v = 0;
     if (kl && pick(kl, "kl", KLS, &v) < 0) return -1;
     cfg.kl = (hvae_kl)v;
+    v = 0;
+    if (pvar && pick(pvar, "prior_variance", PRIOR_VARIANCES, &v) < 0) return -1;
+    cfg.prior_var = (hvae_prior_var)v;
     v = 0;
     if (dtype && pick(dtype, "dtype", DTYPES, &v) < 0) return -1;
     self->typenum = v == 0 ? NPY_FLOAT32 : NPY_FLOAT64;
@@ -1044,7 +1048,7 @@ static PyGetSetDef Model_getset[] = {
 
 PyDoc_STRVAR(Model_doc,
 "Model(x_dim, latent_dims, hidden_dims, likelihood='bernoulli', activation='tanh', kl='analytic',\n"
-"      deterministic=False, dtype='float32')\n"
+"      deterministic=False, dtype='float32', prior_variance='unit')\n"
 "--\n\n"
 "A validated model description with its parameter table and a reusable workspace. Calls on one\n"
 "Model are serialised; different Models run in parallel (the GIL is released).");

@@ -4,7 +4,9 @@
  * Notation (DESIGN.md §1): T levels, x in R^D, z_i in R^{d_i}, batch B.
  * Encoder i maps z_{i-1} -> hidden -> [mu_i, logvar_i] (width 2*d_i), z_0 = x.
  * Decoder i maps z_i -> reversed hidden -> parameters of p(z_{i-1} | z_i):
- *   i >= 2: zhat_{i-1} (width d_{i-1}); i = 1: logits or mean (D), or [mean, logvar] (2D).
+ *   i >= 2: zhat_{i-1} (width d_{i-1}) with unit variance, or [mean, logvar] (width 2 d_{i-1})
+ *           with prior_var = HVAE_PRIOR_LEARNED;
+ *   i = 1:  logits or mean (D), or [mean, logvar] (2D).
  */
 #ifndef HVAE_H
 #define HVAE_H
@@ -25,6 +27,8 @@ typedef enum {
 typedef enum { HVAE_BERNOULLI = 0, HVAE_GAUSSIAN = 1, HVAE_GAUSSIAN_LEARNED = 2 } hvae_likelihood;
 typedef enum { HVAE_TANH = 0, HVAE_RELU = 1, HVAE_LEAKY_RELU = 2 } hvae_activation;
 typedef enum { HVAE_KL_ANALYTIC = 0, HVAE_KL_MC = 1 } hvae_kl;
+/* The variance of p(z_{i-1} | z_i), i >= 2: the seed's identity, or learned by decoder i. */
+typedef enum { HVAE_PRIOR_UNIT = 0, HVAE_PRIOR_LEARNED = 1 } hvae_prior_var;
 
 /* What the user chooses. */
 typedef struct {
@@ -36,6 +40,7 @@ typedef struct {
     hvae_likelihood likelihood;
     hvae_activation activation;
     hvae_kl kl;
+    hvae_prior_var prior_var;
     int deterministic; /* 1: autoencoder, z_i = mu_i, no sampling and no KL */
 } hvae_config;
 
@@ -78,6 +83,9 @@ void hvae_workspace_free(hvae_workspace *ws);
 
 /* Width of decoder 1's output: D, or 2D for the learned-variance Gaussian. */
 int hvae_x_params_dim(const hvae_config *cfg);
+
+/* Width of decoder i's output for level i >= 2 (1-based): d_{i-1}, or 2 d_{i-1} when learned. */
+int hvae_z_params_dim(const hvae_config *cfg, int level);
 
 /* A team of threads (team.c): the caller plus n_threads - 1 workers, 2 <= n_threads <=
  * HVAE_MAX_THREADS; NULL when it cannot be made. hvae_team_run runs fn(ctx, part, n_parts) for

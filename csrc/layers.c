@@ -315,6 +315,48 @@ HVAE_CLONES static void F(gauss_kl_backward)(real *restrict dmulv, real *restric
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* closed-form KL( N(mu, diag exp(lv)) || N(m, diag exp(s)) ), prior block ms (B,2d) = [m, s]    */
+
+/* acc (B,) += 0.5 * sum_j s - lv + (exp(lv) + (mu - m)^2) exp(-s) - 1; mulv, ms (B,2d);
+ * scratch (d,) */
+HVAE_CLONES static void F(gauss_kl_learned_forward)(real *restrict acc, real *restrict scratch,
+                                                    const real *restrict mulv,
+                                                    const real *restrict ms, int B, int d) {
+    for (int b = 0; b < B; b++) {
+        const real *mu = mulv + (size_t)b * 2 * d, *lv = mu + d;
+        const real *m = ms + (size_t)b * 2 * d, *s = m + d;
+        for (int j = 0; j < d; j++) {
+            real diff = mu[j] - m[j];
+            /* exp(lv - s) - 1 - (lv - s) stays exact where the two variances agree */
+            scratch[j] = F(vexpm1)(lv[j] - s[j]) - (lv[j] - s[j]) + diff * diff * F(vexp)(-s[j]);
+        }
+        acc[b] += (real)0.5 * F(lane_sum)(scratch, d);
+    }
+}
+
+/* dmulv (B,2d) +=, dms (B,2d) +=; scale = d loss / d kl_b */
+HVAE_CLONES static void F(gauss_kl_learned_backward)(real *restrict dmulv, real *restrict dms,
+                                                     const real *restrict mulv,
+                                                     const real *restrict ms, real scale, int B,
+                                                     int d) {
+    for (int b = 0; b < B; b++) {
+        const real *mu = mulv + (size_t)b * 2 * d, *lv = mu + d;
+        const real *m = ms + (size_t)b * 2 * d, *s = m + d;
+        real *dmu = dmulv + (size_t)b * 2 * d, *dlv = dmu + d;
+        real *dm = dms + (size_t)b * 2 * d, *ds = dm + d;
+        for (int j = 0; j < d; j++) {
+            real diff = mu[j] - m[j], prec = F(vexp)(-s[j]);
+            real ratm1 = F(vexpm1)(lv[j] - s[j]); /* exp(lv - s) - 1 */
+            real g = scale * diff * prec;
+            dmu[j] += g;
+            dm[j] -= g;
+            dlv[j] += scale * (real)0.5 * ratm1;
+            ds[j] -= scale * (real)0.5 * (ratm1 + diff * diff * prec);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* negative entropy of N(mu, diag exp(logvar)): -H = -0.5 * sum_j (1 + log 2pi + lv)            */
 
 /* acc (B,) += -H; mulv (B,2d) */
@@ -411,9 +453,11 @@ HVAE_CLONES static void F(gaussian_learned_nll_forward)(real *restrict acc, real
     }
 }
 
-/* dml (B,2n) += */
-HVAE_CLONES static void F(gaussian_learned_nll_backward)(real *restrict dml, const real *restrict ml,
-                                             const real *restrict t, real scale, int B, int n) {
+/* dml (B,2n) +=, dt (B,n) += or NULL (the target is a latent sample for p(z_{i-1} | z_i)) */
+HVAE_CLONES static void F(gaussian_learned_nll_backward)(real *restrict dml, real *restrict dt,
+                                                         const real *restrict ml,
+                                                         const real *restrict t, real scale,
+                                                         int B, int n) {
     for (int b = 0; b < B; b++) {
         const real *m = ml + (size_t)b * 2 * n, *lv = m + n, *tb = t + (size_t)b * n;
         real *dm = dml + (size_t)b * 2 * n, *dlv = dm + n;
@@ -421,6 +465,10 @@ HVAE_CLONES static void F(gaussian_learned_nll_backward)(real *restrict dml, con
             real diff = tb[j] - m[j], prec = F(vexp)(-lv[j]);
             dm[j] -= scale * diff * prec;
             dlv[j] += scale * (real)0.5 * ((real)1 - diff * diff * prec);
+        }
+        if (dt) {
+            real *dtb = dt + (size_t)b * n;
+            for (int j = 0; j < n; j++) dtb[j] += scale * (tb[j] - m[j]) * F(vexp)(-lv[j]);
         }
     }
 }

@@ -113,7 +113,7 @@ static void F(likelihood_backward)(real *dxp, const hvae_config *c, const real *
     switch (c->likelihood) {
     case HVAE_BERNOULLI: F(bernoulli_nll_backward)(dxp, xp, target, scale, B, c->x_dim); break;
     case HVAE_GAUSSIAN: F(gaussian_nll_backward)(dxp, NULL, xp, target, scale, B, c->x_dim); break;
-    default: F(gaussian_learned_nll_backward)(dxp, xp, target, scale, B, c->x_dim); break;
+    default: F(gaussian_learned_nll_backward)(dxp, NULL, xp, target, scale, B, c->x_dim); break;
     }
 }
 
@@ -145,6 +145,30 @@ static void F(likelihood_over_team)(F(likelihood_job) *j) {
                   F(likelihood_part), j);
 }
 
+/* Is p(z_i | z_{i+1}) (level i, 1-based) a learned-variance Gaussian? p(z_T) is N(0, I). */
+static int F(learned_prior)(const hvae_config *c, int i) {
+    return c->prior_var == HVAE_PRIOR_LEARNED && i < c->n_levels;
+}
+
+/* acc (B,) += -log p(z_i | z_{i+1}) at z (B,d); prior: zhat (B,d), [mean, logvar] (B,2d) when
+ * learned, or NULL for N(0, I); scratch (d,) */
+static void F(prior_nll_forward)(real *acc, real *scratch, const hvae_config *c, int i,
+                                 const real *prior, const real *z, int B, int d) {
+    if (F(learned_prior)(c, i))
+        F(gaussian_learned_nll_forward)(acc, scratch, prior, z, B, d);
+    else
+        F(gaussian_nll_forward)(acc, scratch, prior, z, B, d);
+}
+
+/* dprior (same shape as prior) +=, dz (B,d) += or NULL */
+static void F(prior_nll_backward)(real *dprior, real *dz, const hvae_config *c, int i,
+                                  const real *prior, const real *z, real scale, int B, int d) {
+    if (F(learned_prior)(c, i))
+        F(gaussian_learned_nll_backward)(dprior, dz, prior, z, scale, B, d);
+    else
+        F(gaussian_nll_backward)(dprior, dz, prior, z, scale, B, d);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* public entry points                                                                          */
 
@@ -163,7 +187,8 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
     /* q: z_1 .. z_T */
     F(encode_pass)(&bf, m, params, x, eps, B);
     /* p: zhat_{i-1} = dec_i(z_i), x's parameters from dec_1(z_1) */
-    const real *zhat[HVAE_MAX_LEVELS + 1]; /* zhat[i]: the mean of p(z_i | z_{i+1}), 1-based */
+    /* zhat[i]: the mean of p(z_i | z_{i+1}) (1-based), [mean, logvar] when learned */
+    const real *zhat[HVAE_MAX_LEVELS + 1];
     for (int i = 0; i < T; i++) zhat[i] = F(decoder)(&bf, m, params, i, bf.z[i], B);
     zhat[T] = NULL; /* p(z_T) = N(0, I) */
 
@@ -176,11 +201,13 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
         const real *mulv = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
         int d = c->z_dim[i - 1];
         if (c->deterministic) {
-            if (i < T) F(gaussian_nll_forward)(kl, scratch, zhat[i], bf.z[i - 1], B, d);
+            if (i < T) F(prior_nll_forward)(kl, scratch, c, i, zhat[i], bf.z[i - 1], B, d);
+        } else if (c->kl == HVAE_KL_ANALYTIC && F(learned_prior)(c, i)) {
+            F(gauss_kl_learned_forward)(kl, scratch, mulv, zhat[i], B, d);
         } else if (c->kl == HVAE_KL_ANALYTIC || i == T) {
             F(gauss_kl_forward)(kl, scratch, mulv, zhat[i], B, d);
         } else { /* mc: -log p(z_i | z_{i+1}) at the sample, minus the entropy of q */
-            F(gaussian_nll_forward)(kl, scratch, zhat[i], bf.z[i - 1], B, d);
+            F(prior_nll_forward)(kl, scratch, c, i, zhat[i], bf.z[i - 1], B, d);
             F(gauss_negentropy_forward)(kl, mulv, B, d);
         }
     }
@@ -196,7 +223,8 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
         memcpy(log_weight, terms, sizeof(real) * (size_t)B);
         for (int i = 1; i <= T; i++) {
             const real *mulv = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
-            F(gaussian_nll_forward)(log_weight, scratch, zhat[i], bf.z[i - 1], B, c->z_dim[i - 1]);
+            F(prior_nll_forward)(log_weight, scratch, c, i, zhat[i], bf.z[i - 1], B,
+                                 c->z_dim[i - 1]);
             F(gauss_logq_forward)(log_weight, scratch, mulv, eps[i - 1], B, c->z_dim[i - 1]);
         }
         for (int b = 0; b < B; b++) log_weight[b] = -log_weight[b];
@@ -233,11 +261,14 @@ static hvae_status F(backward_pass)(real *grad, int accumulate, hvae_workspace *
         real *dzhat = i < T ? bf.ddec[i][m->dec[i].n_layers - 1] : NULL;
         int d = c->z_dim[i - 1];
         if (c->deterministic) {
-            if (i < T) F(gaussian_nll_backward)(dzhat, bf.dz[i - 1], zhat, bf.z[i - 1], ks, B, d);
+            if (i < T)
+                F(prior_nll_backward)(dzhat, bf.dz[i - 1], c, i, zhat, bf.z[i - 1], ks, B, d);
+        } else if (c->kl == HVAE_KL_ANALYTIC && F(learned_prior)(c, i)) {
+            F(gauss_kl_learned_backward)(dmulv, dzhat, mulv, zhat, ks, B, d);
         } else if (c->kl == HVAE_KL_ANALYTIC || i == T) {
             F(gauss_kl_backward)(dmulv, dzhat, mulv, zhat, ks, B, d);
         } else {
-            F(gaussian_nll_backward)(dzhat, bf.dz[i - 1], zhat, bf.z[i - 1], ks, B, d);
+            F(prior_nll_backward)(dzhat, bf.dz[i - 1], c, i, zhat, bf.z[i - 1], ks, B, d);
             F(gauss_negentropy_backward)(dmulv, ks, B, d);
         }
     }
@@ -289,11 +320,20 @@ hvae_status F(hvae_decode)(real *x_params, real *const *z, hvae_workspace *ws,
     const real *zi = z_top;
     for (int i = level - 1; i >= 1; i--) { /* z_{i} from p(z_i | z_{i+1}), 0-based i */
         const real *zhat = F(decoder)(&bf, m, params, i, zi, B);
-        size_t n = (size_t)B * m->cfg.z_dim[i - 1];
+        const int d = m->cfg.z_dim[i - 1], learned = F(learned_prior)(&m->cfg, i);
+        const int w = learned ? 2 * d : d; /* row stride of zhat */
         real *out = bf.z[i - 1];
         const real *e = eps ? eps[i - 1] : NULL;
-        for (size_t k = 0; k < n; k++) out[k] = e ? zhat[k] + temperature * e[k] : zhat[k];
-        if (z && z[i - 1]) memcpy(z[i - 1], out, sizeof(real) * n);
+        for (int b = 0; b < B; b++) {
+            const real *mean = zhat + (size_t)b * w, *lv = mean + d;
+            real *ob = out + (size_t)b * d;
+            const real *eb = e ? e + (size_t)b * d : NULL;
+            for (int j = 0; j < d; j++) {
+                real sd = learned ? F(vexp)((real)0.5 * lv[j]) : (real)1;
+                ob[j] = eb ? mean[j] + temperature * sd * eb[j] : mean[j];
+            }
+        }
+        if (z && z[i - 1]) memcpy(z[i - 1], out, sizeof(real) * (size_t)B * d);
         zi = out;
     }
     const real *xp = F(decoder)(&bf, m, params, 0, zi, B);

@@ -9,6 +9,11 @@ int hvae_x_params_dim(const hvae_config *cfg) {
     return cfg->likelihood == HVAE_GAUSSIAN_LEARNED ? 2 * cfg->x_dim : cfg->x_dim;
 }
 
+int hvae_z_params_dim(const hvae_config *cfg, int level) {
+    int d = cfg->z_dim[level - 2];
+    return cfg->prior_var == HVAE_PRIOR_LEARNED ? 2 * d : d;
+}
+
 static int width_ok(int w) { return w >= 1 && w <= HVAE_MAX_WIDTH; }
 
 /* Lay out one MLP in -> widths[0..n-1] (reversed when `reverse`) -> out, starting at *offset. */
@@ -30,7 +35,7 @@ hvae_status hvae_model_init(hvae_model *m, const hvae_config *cfg) {
     int T = cfg->n_levels;
     if (T < 1 || T > HVAE_MAX_LEVELS || !width_ok(cfg->x_dim)) return HVAE_EINVAL;
     if ((unsigned)cfg->likelihood > HVAE_GAUSSIAN_LEARNED || (unsigned)cfg->activation > HVAE_LEAKY_RELU ||
-        (unsigned)cfg->kl > HVAE_KL_MC)
+        (unsigned)cfg->kl > HVAE_KL_MC || (unsigned)cfg->prior_var > HVAE_PRIOR_LEARNED)
         return HVAE_EINVAL;
     for (int i = 0; i < T; i++) {
         if (!width_ok(cfg->z_dim[i]) || cfg->n_hidden[i] < 0 || cfg->n_hidden[i] > HVAE_MAX_HIDDEN)
@@ -45,7 +50,7 @@ hvae_status hvae_model_init(hvae_model *m, const hvae_config *cfg) {
         mlp_init(&m->enc[i], &offset, in, cfg->hidden[i], cfg->n_hidden[i], 0, 2 * cfg->z_dim[i]);
     }
     for (int i = 0; i < T; i++) {
-        int out = i == 0 ? hvae_x_params_dim(cfg) : cfg->z_dim[i - 1];
+        int out = i == 0 ? hvae_x_params_dim(cfg) : hvae_z_params_dim(cfg, i + 1);
         mlp_init(&m->dec[i], &offset, cfg->z_dim[i], cfg->hidden[i], cfg->n_hidden[i], 1, out);
     }
     for (int i = 0; i < T; i++) {

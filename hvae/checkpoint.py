@@ -11,7 +11,9 @@ from .atomic import atomic_write
 FORMAT = "hvae-checkpoint"
 VERSION = 1
 CONFIG_KEYS = ("x_dim", "latent_dims", "hidden_dims", "likelihood", "activation", "kl", "dtype",
-               "seed", "deterministic", "init")
+               "seed", "deterministic", "init", "prior_variance")
+# keys that checkpoints written before they existed lack, with the value those models had
+CONFIG_DEFAULTS = {"prior_variance": "unit"}
 MAX_META_BYTES = 1 << 26  # the JSON block of a real checkpoint is a few hundred kB at most
 
 
@@ -143,7 +145,7 @@ def load(path):
                 raise _bad(path, f"format {meta.get('format')!r}")
             if meta.get("version") != VERSION:
                 raise _bad(path, f"version {meta.get('version')!r}, this hvae reads {VERSION}")
-            config = meta["config"]
+            config = {**CONFIG_DEFAULTS, **meta["config"]}
             if set(config) != set(CONFIG_KEYS):
                 raise _bad(path, f"config keys {sorted(config)}")
             model = HVAE(**config)

@@ -180,6 +180,9 @@ def build_parser():
                    help="KL estimator of the training loss: mc is unbiased (the loss is a true "
                         "negative ELBO); analytic is the closed-form chain, biased for two or "
                         "more levels (default: mc)")
+    g.add_argument("--prior-variance", choices=("unit", "learned"),
+                   help="variance of p(z_{i-1}|z_i) between levels: the seed's identity, or "
+                        "learned by the decoder as in the IWAE paper (default: unit)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="(default: float32)")
     g.add_argument("--seed", type=int,
                    help="seeds initialisation, noise, shuffling and binarization (default: 0)")
@@ -194,6 +197,9 @@ def build_parser():
                    help="Adam step size")
     g.add_argument("--kl-warmup-epochs", type=_nonnegative_float, default=0.0, metavar="E",
                    help="the KL weight rises linearly from 0 to --beta over this many epochs")
+    g.add_argument("--kl-warmup-delay", type=_nonnegative_float, default=0.0, metavar="E",
+                   help="epochs at KL weight 0 before the warm-up starts (keeps the upper "
+                        "levels of a hierarchy from collapsing)")
     g.add_argument("--beta", type=_nonnegative_float, default=1.0, metavar="B",
                    help="KL weight after warm-up (1 for the ELBO)")
     g.add_argument("--patience", type=_positive_int, metavar="N",
@@ -374,7 +380,7 @@ def _check_resume_flags(args, model):
     """With --resume, architecture flags that were given must match the checkpoint."""
     given = {"latent_dims": args.latent_dims, "likelihood": args.likelihood,
              "activation": args.activation, "kl": args.kl, "dtype": args.dtype,
-             "seed": args.seed}
+             "seed": args.seed, "prior_variance": args.prior_variance}
     if args.hidden_dims is not None:
         hd = args.hidden_dims
         given["hidden_dims"] = hd * len(model.latent_dims) if len(hd) == 1 else hd
@@ -403,7 +409,8 @@ def _new_model(args):
     return HVAE(x_dim, latent, hidden, likelihood=args.likelihood or "bernoulli",
                 activation=args.activation or "tanh", kl=args.kl or "mc",
                 dtype=args.dtype or "float32", seed=0 if args.seed is None else args.seed,
-                deterministic=args.deterministic)
+                deterministic=args.deterministic,
+                prior_variance=args.prior_variance or "unit")
 
 
 def _epoch_line(record, total):
@@ -470,8 +477,9 @@ def cmd_train(args, out):
             try:
                 model.fit(X, epochs=remaining, batch_size=args.batch_size, lr=args.lr,
                           validation_data=valid, kl_warmup_epochs=args.kl_warmup_epochs,
-                          beta=args.beta, patience=args.patience, progress=progress,
-                          checkpoint=path, callbacks=[report])
+                          kl_warmup_delay=args.kl_warmup_delay, beta=args.beta,
+                          patience=args.patience, progress=progress, checkpoint=path,
+                          callbacks=[report])
             except FloatingPointError as exc:
                 raise CLIError(f"{exc} {_saved(path, model)}") from None
         if getattr(model, "interrupted_", False):

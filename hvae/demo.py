@@ -31,15 +31,16 @@ from . import cli
 # The full demo on MNIST: about 2 minutes on 2 idle cores (2.6 s per epoch), evaluation included.
 MNIST = {"latent_dims": [100, 50], "hidden_dims": [[200, 200], [100, 100]], "activation":
          "leaky_relu", "epochs": 30, "lr": 2e-3, "batch_size": 200, "kl_warmup_epochs": 5,
-         "eval_k": 1000, "eval_n": 1000, "max_examples": None}
+         "kl_warmup_delay": 1, "eval_k": 1000, "eval_n": 1000, "max_examples": None}
 DIGITS = {"latent_dims": [16, 8], "hidden_dims": [[64, 64], [32, 32]], "activation":
           "leaky_relu", "epochs": 100, "lr": 2e-3, "batch_size": 50, "kl_warmup_epochs": 10,
-          "eval_k": 1000, "eval_n": 297, "max_examples": None}
+          "kl_warmup_delay": 2, "eval_k": 1000, "eval_n": 297, "max_examples": None}
 QUICK = {"binarized_mnist": {"latent_dims": [16, 8], "hidden_dims": [[64, 64], [32, 32]],
-                             "epochs": 2, "kl_warmup_epochs": 1, "max_examples": 1000,
+                             "epochs": 2, "kl_warmup_epochs": 1, "kl_warmup_delay": 0,
+                             "max_examples": 1000,
                              "eval_k": 20, "eval_n": 100},
-         "digits": {"epochs": 3, "kl_warmup_epochs": 1, "max_examples": 500, "eval_k": 20,
-                    "eval_n": 100}}
+         "digits": {"epochs": 3, "kl_warmup_epochs": 1, "kl_warmup_delay": 0,
+                    "max_examples": 500, "eval_k": 20, "eval_n": 100}}
 
 
 def build_parser():
@@ -101,7 +102,7 @@ def run(out_dir="demo", quick=False, data="auto", data_dir=None, seed=0, progres
     train = cli.subset(train, cfg["max_examples"])
 
     model = HVAE(train.shape[1], cfg["latent_dims"], cfg["hidden_dims"], likelihood="bernoulli",
-                 activation=cfg["activation"], kl="mc", seed=seed)
+                 activation=cfg["activation"], kl="mc", prior_variance="learned", seed=seed)
     valid = cli._prepare(valid, name, model, "valid", False)
     test = cli._prepare(test, name, model, "test", False)
     X, redraw = cli.training_data(model, train, grey)
@@ -109,7 +110,8 @@ def run(out_dir="demo", quick=False, data="auto", data_dir=None, seed=0, progres
     print(f"model: {model!r}\n"
           f"data: {name}, train {len(X)}, valid {len(valid)}, test {len(test)}\n"
           f"training {cfg['epochs']} epochs (batch {cfg['batch_size']}, lr {cfg['lr']:g}, KL "
-          f"warm-up {cfg['kl_warmup_epochs']} epochs, kl='mc'), checkpoint {ckpt}",
+          f"weight 0 for {cfg['kl_warmup_delay']} epochs then warm-up over "
+          f"{cfg['kl_warmup_epochs']}, kl='mc'), checkpoint {ckpt}",
           file=out, flush=True)
 
     def report(m, record):
@@ -124,7 +126,8 @@ def run(out_dir="demo", quick=False, data="auto", data_dir=None, seed=0, progres
     t0 = time.perf_counter()
     model.fit(X, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
               validation_data=valid, kl_warmup_epochs=cfg["kl_warmup_epochs"],
-              progress=progress, checkpoint=ckpt, callbacks=[report])
+              kl_warmup_delay=cfg["kl_warmup_delay"], progress=progress, checkpoint=ckpt,
+              callbacks=[report])
     if getattr(model, "interrupted_", False):
         raise KeyboardInterrupt
     t_train = time.perf_counter() - t0

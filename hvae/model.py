@@ -8,6 +8,7 @@ from . import _core, checkpoint, evaluation, training
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 KL_ESTIMATORS = ("analytic", "mc")
+PRIOR_VARIANCES = ("unit", "learned")
 DTYPES = ("float32", "float64")
 INITS = ("torch", "glorot")
 MAX_ROWS = 2 ** 31 - 1  # rows of one core call
@@ -62,6 +63,10 @@ class HVAE:
         "torch": weights and biases ~ U(+-1/sqrt(fan_in)), as ``torch.nn.Linear``; "glorot":
         weights ~ U(+-sqrt(6 / (fan_in + fan_out))), zero biases (Glorot & Bengio 2010, the IWAE
         paper's choice).
+    prior_variance : {"unit", "learned"}
+        The variance of p(z_{i-1} | z_i) for the levels i >= 2: the seed's identity, or a
+        diagonal learned by decoder i, whose output is then [mean, logvar] (width 2 d_{i-1}),
+        as in the IWAE and Ladder VAE papers. No effect when T = 1.
 
     Attributes
     ----------
@@ -71,7 +76,7 @@ class HVAE:
 
     def __init__(self, x_dim, latent_dims, hidden_dims=None, *, likelihood="bernoulli",
                  activation="tanh", kl="analytic", dtype="float32", seed=None,
-                 deterministic=False, init="torch"):
+                 deterministic=False, init="torch", prior_variance="unit"):
         if isinstance(x_dim, bool) or not isinstance(x_dim, (int, np.integer)):
             raise TypeError(f"x_dim: expected an integer, got {x_dim!r}")
         if isinstance(latent_dims, (int, np.integer)) and not isinstance(latent_dims, bool):
@@ -87,9 +92,10 @@ class HVAE:
         hidden_dims = [_int_list(h, f"hidden_dims[{i}]") for i, h in enumerate(hidden_dims)]
         for name, value, choices in (("init", init, INITS), ("likelihood", likelihood, LIKELIHOODS),
                                      ("activation", activation, ACTIVATIONS),
-                                     ("kl", kl, KL_ESTIMATORS), ("dtype", str(np.dtype(dtype))
-                                                                 if _is_dtype(dtype) else dtype,
-                                                                 DTYPES)):
+                                     ("kl", kl, KL_ESTIMATORS),
+                                     ("prior_variance", prior_variance, PRIOR_VARIANCES),
+                                     ("dtype", str(np.dtype(dtype)) if _is_dtype(dtype) else dtype,
+                                      DTYPES)):
             if value not in choices:
                 raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
         self.x_dim = int(x_dim)
@@ -102,6 +108,7 @@ class HVAE:
         self.seed = seed
         self.deterministic = bool(deterministic)
         self.init = init
+        self.prior_variance = prior_variance
         self._core = self._new_core()
         _check_memory(self._core.n_params * np.dtype(self.dtype).itemsize, "the parameters")
         self._rng = np.random.default_rng(seed)
@@ -116,7 +123,8 @@ class HVAE:
     def _new_core(self):
         """A core Model of this architecture (its own workspace)."""
         return _core.Model(self.x_dim, self.latent_dims, self.hidden_dims, self.likelihood,
-                           self.activation, self.kl, self.deterministic, self.dtype)
+                           self.activation, self.kl, self.deterministic, self.dtype,
+                           self.prior_variance)
 
     @property
     def n_levels(self):
@@ -261,8 +269,8 @@ class HVAE:
             self.optimizer_ = training.Adam(self.n_params, self.dtype)
 
     def fit(self, X, *, epochs, batch_size=100, lr=1e-3, validation_data=None,
-            kl_warmup_epochs=0, beta=1.0, patience=None, progress=True, checkpoint=None,
-            callbacks=None, n_jobs=None):
+            kl_warmup_epochs=0, kl_warmup_delay=0, beta=1.0, patience=None, progress=True,
+            checkpoint=None, callbacks=None, n_jobs=None):
         """Train with Adam on shuffled minibatches, continuing from the current state.
 
         Each call runs ``epochs`` more epochs: parameters, Adam moments, the random stream and
@@ -282,6 +290,10 @@ class HVAE:
             Scored after each epoch (``val_loss``: negative ELBO, k = 1, beta = 1).
         kl_warmup_epochs : float
             KL weight rises linearly from 0 to ``beta`` over this many epochs (Ladder VAE).
+        kl_warmup_delay : float
+            Epochs at KL weight 0 (an autoencoder's objective) before the warm-up starts. Keeps
+            the upper levels of a hierarchy alive: without it they tend to collapse to the prior
+            while the decoder still ignores z_1 (README, "MNIST").
         beta : float
             KL weight after warm-up (beta-VAE; 1 for the ELBO).
         patience : int, optional
@@ -311,8 +323,9 @@ class HVAE:
         """
         return training.fit(self, X, epochs=epochs, batch_size=batch_size, lr=lr,
                             validation_data=validation_data, kl_warmup_epochs=kl_warmup_epochs,
-                            beta=beta, patience=patience, progress=progress,
-                            checkpoint=checkpoint, callbacks=callbacks, n_jobs=n_jobs)
+                            kl_warmup_delay=kl_warmup_delay, beta=beta, patience=patience,
+                            progress=progress, checkpoint=checkpoint, callbacks=callbacks,
+                            n_jobs=n_jobs)
 
     def partial_fit(self, X, *, batch_size=100, lr=1e-3, beta=1.0, progress=False, n_jobs=None):
         """One shuffled pass of minibatches over X (one epoch); see :meth:`fit`. Returns self."""
@@ -362,7 +375,7 @@ class HVAE:
         level : int, optional
             1..T (default T, the top).
         temperature : float
-            Scale of the unit noise added at each level below ``level`` (0: the means).
+            Scale of the noise of p(z_{i-1} | z_i) at each level below ``level`` (0: the means).
         return_latents : bool
             Also return the list z_1..z_{level-1}.
 
@@ -392,7 +405,8 @@ class HVAE:
         return self.decode(mulv[0][0], level=1)
 
     def sample(self, n, temperature=1.0, *, return_latents=False):
-        """Ancestral samples z_T ~ N(0, t^2 I), z_{i-1} ~ N(zhat_{i-1}, t^2 I), then E[x | z_1].
+        """Ancestral samples z_T ~ N(0, t^2 I), z_{i-1} ~ N(zhat_{i-1}, t^2 Sigma_{i-1}), then
+        E[x | z_1] (Sigma = I, or the learned variance with ``prior_variance="learned"``).
 
         Parameters
         ----------
@@ -515,7 +529,8 @@ class HVAE:
 
     def __repr__(self):
         flags = (", deterministic=True" if self.deterministic else "") + \
-            (f", init={self.init!r}" if self.init != "torch" else "")
+            (f", init={self.init!r}" if self.init != "torch" else "") + \
+            (f", prior_variance={self.prior_variance!r}" if self.prior_variance != "unit" else "")
         return (f"HVAE(x_dim={self.x_dim}, latent_dims={self.latent_dims}, "
                 f"hidden_dims={self.hidden_dims}, likelihood={self.likelihood!r}, "
                 f"activation={self.activation!r}, kl={self.kl!r}, dtype={self.dtype!r}, "

@@ -67,11 +67,15 @@ class Adam:
         return loss, terms, ok
 
 
-def warmup_beta(beta, warmup_epochs, step, steps_per_epoch):
-    """KL weight at an optimiser step: linear from 0 to beta over the warm-up (Sonderby et al.)."""
+def warmup_beta(beta, warmup_epochs, step, steps_per_epoch, delay_epochs=0):
+    """KL weight at an optimiser step: 0 for ``delay_epochs``, then linear from 0 to beta over
+    ``warmup_epochs`` (Sonderby et al.)."""
+    done = step + 1 - delay_epochs * steps_per_epoch  # steps of the warm-up, this one included
+    if done <= 0:
+        return 0.0
     if warmup_epochs <= 0:
         return beta
-    return beta * min(1.0, (step + 1) / (warmup_epochs * steps_per_epoch))
+    return beta * min(1.0, done / (warmup_epochs * steps_per_epoch))
 
 
 class _Bar:
@@ -98,7 +102,7 @@ class _Bar:
             self.bar.close()
 
 
-def run_epoch(model, X, batch_size, beta, warmup_epochs, bar, epoch, n_jobs):
+def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs):
     """One shuffled pass of minibatches, each step one core call on n_jobs threads. Returns the
     epoch's mean loss and terms.
 
@@ -115,7 +119,7 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, bar, epoch, n_jobs):
         idx = order[s * batch_size:(s + 1) * batch_size]
         xb = X[idx]
         eps = model.draw_eps(len(idx))
-        b = warmup_beta(beta, warmup_epochs, opt.step, steps)
+        b = warmup_beta(beta, warmup_epochs, opt.step, steps, warmup_delay)
         loss, terms, ok = opt.train_step(model._core, model.params, grad, xb,
                                          None if model.deterministic else eps, b, n_jobs)
         if not ok:
@@ -147,7 +151,7 @@ def validation_loss(model, X, rows=4096):
 
 
 def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, beta, patience,
-        progress, checkpoint, callbacks, n_jobs):
+        progress, checkpoint, callbacks, n_jobs, kl_warmup_delay=0):
     """The body of HVAE.fit (see there)."""
     X = model._check_x(X, "X")
     X_val = None if validation_data is None else model._check_x(validation_data,
@@ -161,7 +165,8 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
         raise ValueError("X: expected at least one row, got an empty array")
     if X_val is not None and len(X_val) == 0:
         raise ValueError("validation_data: expected at least one row, got an empty array")
-    for name, value in (("lr", lr), ("beta", beta), ("kl_warmup_epochs", kl_warmup_epochs)):
+    for name, value in (("lr", lr), ("beta", beta), ("kl_warmup_epochs", kl_warmup_epochs),
+                        ("kl_warmup_delay", kl_warmup_delay)):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
                                                              np.floating)):
             raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
@@ -198,8 +203,8 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
             bar.set_description(f"epoch {epoch + 1}")
             t0 = time.perf_counter()
             with blas_for(n_jobs):
-                record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs, bar, epoch,
-                                   n_jobs)
+                record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs,
+                                   kl_warmup_delay, bar, epoch, n_jobs)
             record["epoch"] = epoch + 1
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
             record["seconds"] = time.perf_counter() - t0

@@ -14,8 +14,12 @@ Model summary
   ``(mu_i, logvar_i)``; ``z_i = mu_i + exp(0.5*logvar_i) * eps_i``
   (or ``z_i = mu_i`` in deterministic mode).
 * Decoder ``i``: MLP ``z_i -> reversed(hidden_dims[i-1]) -> out`` where
-  ``out`` is ``zhat_{i-1}`` (width ``d_{i-1}``) for ``i >= 2`` and the
-  likelihood parameters of ``x`` (width ``D`` or ``2*D``) for ``i = 1``.
+  ``out`` is the likelihood parameters of ``x`` (width ``D`` or ``2*D``) for
+  ``i = 1`` and, for ``i >= 2``, the parameters of ``p(z_{i-1} | z_i)``:
+  ``zhat_{i-1}`` (width ``d_{i-1}``, ``p = N(zhat, I)``) with
+  ``prior_variance="unit"``, or ``[m, s]`` (width ``2*d_{i-1}``,
+  ``p = N(m, diag exp(s))``) with ``prior_variance="learned"``.
+  ``p(z_T) = N(0, I)`` in both cases.
 * Loss ``= mean_b(rec_b + beta * sum_i kl_{i,b})``.
 
 Parameters live in one flat vector: all encoders (level 1..T, layer by layer,
@@ -29,6 +33,7 @@ LOG2PI = float(np.log(2.0 * np.pi))
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 KL_ESTIMATORS = ("analytic", "mc")
+PRIOR_VARIANCES = ("unit", "learned")
 LEAKY_SLOPE = 0.01
 
 
@@ -59,7 +64,8 @@ def _encoder_widths(level, x_dim, latent_dims, hidden_dims):
     return [in_dim] + [int(h) for h in hidden_dims[level - 1]] + [2 * latent_dims[level - 1]]
 
 
-def _decoder_widths(level, x_dim, latent_dims, hidden_dims, likelihood):
+def _decoder_widths(level, x_dim, latent_dims, hidden_dims, likelihood,
+                    prior_variance="unit"):
     """Layer widths of decoder ``level`` (1-based), input first.
 
     Parameters
@@ -74,6 +80,9 @@ def _decoder_widths(level, x_dim, latent_dims, hidden_dims, likelihood):
         Hidden widths per level (used reversed).
     likelihood : str
         One of ``LIKELIHOODS``; sets the output width of decoder 1.
+    prior_variance : {"unit", "learned"}, optional
+        Sets the output width of decoders ``i >= 2``: ``d_{i-1}`` for
+        ``"unit"``, ``2*d_{i-1}`` (mean, then log-variance) for ``"learned"``.
 
     Returns
     -------
@@ -82,13 +91,16 @@ def _decoder_widths(level, x_dim, latent_dims, hidden_dims, likelihood):
     """
     if level == 1:
         out_dim = 2 * x_dim if likelihood == "gaussian_learned" else x_dim
+    elif prior_variance == "learned":
+        out_dim = 2 * latent_dims[level - 2]
     else:
         out_dim = latent_dims[level - 2]
     hidden = [int(h) for h in hidden_dims[level - 1]][::-1]
     return [latent_dims[level - 1]] + hidden + [out_dim]
 
 
-def _check_config(x_dim, latent_dims, hidden_dims, likelihood, activation=None, kl=None):
+def _check_config(x_dim, latent_dims, hidden_dims, likelihood, activation=None, kl=None,
+                  prior_variance="unit"):
     """Validate the model configuration, raising ``ValueError`` if inconsistent."""
     if len(latent_dims) < 1:
         raise ValueError("need at least one level (latent_dims non-empty)")
@@ -102,9 +114,12 @@ def _check_config(x_dim, latent_dims, hidden_dims, likelihood, activation=None, 
         raise ValueError(f"unknown activation {activation!r}")
     if kl is not None and kl not in KL_ESTIMATORS:
         raise ValueError(f"unknown kl estimator {kl!r}")
+    if not isinstance(prior_variance, str) or prior_variance not in PRIOR_VARIANCES:
+        raise ValueError(f"unknown prior_variance {prior_variance!r} "
+                         f"(expected one of {PRIOR_VARIANCES})")
 
 
-def param_shapes(x_dim, latent_dims, hidden_dims, likelihood):
+def param_shapes(x_dim, latent_dims, hidden_dims, likelihood, *, prior_variance="unit"):
     """Names and shapes of all parameters, in flat-vector layout order.
 
     Parameters
@@ -118,6 +133,10 @@ def param_shapes(x_dim, latent_dims, hidden_dims, likelihood):
     likelihood : {"bernoulli", "gaussian", "gaussian_learned"}
         Observation model; decoder 1 outputs ``2*D`` values for
         ``"gaussian_learned"`` and ``D`` otherwise.
+    prior_variance : {"unit", "learned"}, optional
+        Variance of ``p(z_{i-1} | z_i)``, ``i >= 2``; decoders ``2..T`` output
+        ``d_{i-1}`` values for ``"unit"`` and ``2*d_{i-1}`` (mean, then
+        log-variance) for ``"learned"``.  Decoder 1 is unaffected.
 
     Returns
     -------
@@ -126,7 +145,7 @@ def param_shapes(x_dim, latent_dims, hidden_dims, likelihood):
         for every layer ``j`` of every encoder ``i = 1..T``, then the same for
         the decoders ``"dec{i}.{j}.*"``.
     """
-    _check_config(x_dim, latent_dims, hidden_dims, likelihood)
+    _check_config(x_dim, latent_dims, hidden_dims, likelihood, prior_variance=prior_variance)
     T = len(latent_dims)
     shapes = []
     for i in range(1, T + 1):
@@ -135,7 +154,7 @@ def param_shapes(x_dim, latent_dims, hidden_dims, likelihood):
             shapes.append((f"enc{i}.{j}.weight", (w[j + 1], w[j])))
             shapes.append((f"enc{i}.{j}.bias", (w[j + 1],)))
     for i in range(1, T + 1):
-        w = _decoder_widths(i, x_dim, latent_dims, hidden_dims, likelihood)
+        w = _decoder_widths(i, x_dim, latent_dims, hidden_dims, likelihood, prior_variance)
         for j in range(len(w) - 1):
             shapes.append((f"dec{i}.{j}.weight", (w[j + 1], w[j])))
             shapes.append((f"dec{i}.{j}.bias", (w[j + 1],)))
@@ -250,6 +269,29 @@ def _kl_diag_to_unit(mu, logvar, prior_mean):
     """
     r = mu - prior_mean
     return 0.5 * np.sum(r * r + np.exp(logvar) - 1.0 - logvar, axis=-1)
+
+
+def _kl_diag_to_diag(mu, logvar, prior_mean, prior_logvar):
+    """Analytic ``KL(N(mu, diag exp(logvar)) || N(prior_mean, diag exp(prior_logvar)))``.
+
+    Parameters
+    ----------
+    mu, logvar : ndarray, shape (B, d)
+        Posterior mean and log-variance.
+    prior_mean, prior_logvar : ndarray, shape (B, d)
+        Prior mean ``m`` and log-variance ``s``.
+
+    Returns
+    -------
+    ndarray, shape (B,)
+        ``0.5 * sum(s - logvar + (exp(logvar) + (mu - m)^2) * exp(-s) - 1)``,
+        summed in an order that reproduces :func:`_kl_diag_to_unit` bit for
+        bit when ``s == 0``.
+    """
+    r = mu - prior_mean
+    inv_var = np.exp(-prior_logvar)
+    return 0.5 * np.sum(r * r * inv_var + np.exp(logvar) * inv_var - 1.0 - logvar
+                        + prior_logvar, axis=-1)
 
 
 def _log_normal_unit(z, mean):
@@ -381,12 +423,14 @@ def _reconstruction(x_params, target, likelihood):
 # ---------------------------------------------------------------------------
 
 def _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
-                  likelihood, activation, kl, deterministic, beta):
+                  likelihood, activation, kl, deterministic, beta, prior_variance):
     """Forward pass returning the public result dict plus a backprop cache."""
-    _check_config(x_dim, latent_dims, hidden_dims, likelihood, activation, kl)
+    _check_config(x_dim, latent_dims, hidden_dims, likelihood, activation, kl, prior_variance)
     latent_dims = [int(d) for d in latent_dims]
     T = len(latent_dims)
-    shapes = param_shapes(x_dim, latent_dims, hidden_dims, likelihood)
+    learned = prior_variance == "learned"
+    shapes = param_shapes(x_dim, latent_dims, hidden_dims, likelihood,
+                          prior_variance=prior_variance)
     params = np.ascontiguousarray(np.asarray(params, dtype=np.float64))
     p = unflatten(params, shapes)
 
@@ -425,17 +469,25 @@ def _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
         enc_caches.append(cache)
         h = z
 
-    # Decoders: decoder i maps z_i to zhat_{i-1} (i >= 2) or x_params (i = 1).
-    # zhats[i] (0-based) is the prior mean of z_{i+1} (1-based), from decoder i+2.
+    # Decoders: decoder i maps z_i to the parameters of p(z_{i-1} | z_i)
+    # (i >= 2) or x_params (i = 1).  zhats[i] (0-based) is the prior mean of
+    # z_{i+1} (1-based), from decoder i+2; prior_lvs[i] its log-variance
+    # (second half of that decoder's output) under "learned", None under "unit".
     dec_outs, dec_caches = [], []
     for i in range(T):
         level = i + 1
-        n_layers = len(_decoder_widths(level, x_dim, latent_dims, hidden_dims, likelihood)) - 1
+        n_layers = len(_decoder_widths(level, x_dim, latent_dims, hidden_dims, likelihood,
+                                       prior_variance)) - 1
         out, cache = _mlp_forward(p, f"dec{level}", n_layers, zs[i], activation)
         dec_outs.append(out)
         dec_caches.append(cache)
     x_params = dec_outs[0]
-    zhats = [dec_outs[i + 1] for i in range(T - 1)]
+    if learned:
+        zhats = [dec_outs[i + 1][:, :latent_dims[i]].copy() for i in range(T - 1)]
+        prior_lvs = [dec_outs[i + 1][:, latent_dims[i]:].copy() for i in range(T - 1)]
+    else:
+        zhats = [dec_outs[i + 1] for i in range(T - 1)]
+        prior_lvs = [None] * (T - 1)
 
     rec, drec = _reconstruction(x_params, target, likelihood)
 
@@ -446,16 +498,26 @@ def _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
         if deterministic:
             if top:
                 kls.append(np.zeros(B))
+            elif learned:
+                # -log N(mu_i; m, diag exp(s))
+                kls.append(-_log_normal_diag(mus[i], zhats[i], prior_lvs[i]))
             else:
                 r = mus[i] - zhats[i]
                 kls.append(0.5 * np.sum(r * r, axis=1) + 0.5 * d * LOG2PI)
         elif top:
             kls.append(_kl_diag_to_unit(mus[i], logvars[i], 0.0))
         elif kl == "analytic":
-            kls.append(_kl_diag_to_unit(mus[i], logvars[i], zhats[i]))
-        else:  # "mc"
+            if learned:
+                kls.append(_kl_diag_to_diag(mus[i], logvars[i], zhats[i], prior_lvs[i]))
+            else:
+                kls.append(_kl_diag_to_unit(mus[i], logvars[i], zhats[i]))
+        else:  # "mc": -log p(z_i | z_{i+1}) - H(q(z_i | z_{i-1})), the log(2 pi) cancel
             r = zs[i] - zhats[i]
-            kls.append(0.5 * np.sum(r * r - 1.0 - logvars[i], axis=1))
+            if learned:
+                s = prior_lvs[i]
+                kls.append(0.5 * np.sum(r * r * np.exp(-s) - 1.0 - logvars[i] + s, axis=1))
+            else:
+                kls.append(0.5 * np.sum(r * r - 1.0 - logvars[i], axis=1))
 
     per_example = rec + beta * sum(kls)
     loss = float(np.mean(per_example))
@@ -465,7 +527,10 @@ def _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
     else:
         log_p = -rec + _log_normal_unit(zs[T - 1], 0.0)
         for i in range(T - 1):
-            log_p = log_p + _log_normal_unit(zs[i], zhats[i])
+            if learned:
+                log_p = log_p + _log_normal_diag(zs[i], zhats[i], prior_lvs[i])
+            else:
+                log_p = log_p + _log_normal_unit(zs[i], zhats[i])
         log_q = np.zeros(B)
         for i in range(T):
             log_q = log_q + _log_normal_diag(zs[i], mus[i], logvars[i])
@@ -480,17 +545,21 @@ def _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
         "logvar": logvars,
         "z": zs,
         "x_params": x_params,
+        "prior_mean": zhats,
+        "prior_logvar": prior_lvs,
     }
     cache = {
         "p": p, "shapes": shapes, "B": B, "T": T, "eps": eps, "zhats": zhats,
-        "drec": drec, "enc_caches": enc_caches, "dec_caches": dec_caches,
+        "prior_lvs": prior_lvs, "learned": learned, "drec": drec, "enc_caches": enc_caches,
+        "dec_caches": dec_caches,
         "latent_dims": latent_dims,
     }
     return result, cache
 
 
 def forward(params, x_in, target, eps, *, x_dim, latent_dims, hidden_dims,
-            likelihood, activation, kl, deterministic=False, beta=1.0):
+            likelihood, activation, kl, deterministic=False, beta=1.0,
+            prior_variance="unit"):
     """Hierarchical VAE forward pass and loss.
 
     Parameters
@@ -519,6 +588,13 @@ def forward(params, x_in, target, eps, *, x_dim, latent_dims, hidden_dims,
         Autoencoder mode: ``z_i = mu_i``, logvar outputs unused.
     beta : float, optional
         Weight of the KL terms.
+    prior_variance : {"unit", "learned"}, optional
+        ``p(z_i | z_{i+1})`` for ``i < T``: ``N(zhat_i, I)`` (``"unit"``) or
+        ``N(m_i, diag exp(s_i))`` with ``[m_i, s_i]`` the output of decoder
+        ``i+1`` (``"learned"``).  Under ``"learned"`` the term of level
+        ``i < T`` is ``KL(q || N(m, e^s))`` in closed form (analytic),
+        ``-log N(z_i; m, e^s) - H(q)`` (mc), or ``-log N(mu_i; m, e^s)``
+        (deterministic), and ``log_weight`` uses ``log N(z_i; m, e^s)``.
 
     Returns
     -------
@@ -529,10 +605,15 @@ def forward(params, x_in, target, eps, *, x_dim, latent_dims, hidden_dims,
         ``"log_weight"`` : ndarray (B,) ``log p(x,z) - log q(z|x)``, or None
         when ``deterministic``;
         ``"mu"``, ``"logvar"``, ``"z"`` : lists of T ndarrays (B, d_i);
-        ``"x_params"`` : ndarray (B, D) or (B, 2D), decoder-1 output.
+        ``"x_params"`` : ndarray (B, D) or (B, 2D), decoder-1 output;
+        ``"prior_mean"`` : list of T-1 ndarrays (B, d_i), the mean of
+        ``p(z_i | z_{i+1})`` (``zhat_i`` or ``m_i``), level 1 first;
+        ``"prior_logvar"`` : list of T-1 entries, the log-variance ``s_i``
+        (ndarray (B, d_i)) under ``"learned"``, None under ``"unit"``.
     """
     result, _ = _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
-                              likelihood, activation, kl, deterministic, float(beta))
+                              likelihood, activation, kl, deterministic, float(beta),
+                              prior_variance)
     return result
 
 
@@ -541,13 +622,14 @@ def forward(params, x_in, target, eps, *, x_dim, latent_dims, hidden_dims,
 # ---------------------------------------------------------------------------
 
 def loss_and_grad(params, x_in, target, eps, *, x_dim, latent_dims, hidden_dims,
-                  likelihood, activation, kl, deterministic=False, beta=1.0):
+                  likelihood, activation, kl, deterministic=False, beta=1.0,
+                  prior_variance="unit"):
     """Loss and its exact gradient by manual backpropagation.
 
     Parameters
     ----------
     params, x_in, target, eps, x_dim, latent_dims, hidden_dims, likelihood,
-    activation, kl, deterministic, beta
+    activation, kl, deterministic, beta, prior_variance
         As in :func:`forward`.
 
     Returns
@@ -571,8 +653,20 @@ def loss_and_grad(params, x_in, target, eps, *, x_dim, latent_dims, hidden_dims,
     * level ``i < T``, deterministic: ``r = mu_i - zhat_i`` with
       ``z_i = mu_i``, ``dz_i += c*r``, ``dzhat_i -= c*r``.
 
-    The decoders are then backpropagated (``dzhat_{i-1}`` or ``dx_params``
-    into decoder ``i`` gives a contribution to ``dz_i``).  Finally the
+    With ``prior_variance="learned"`` the prior of level ``i < T`` is
+    ``N(m_i, diag exp(s_i))``; with ``w = exp(-s_i)``:
+
+    * analytic: ``r = mu_i - m_i``, ``dmu_i += c*r*w``, ``dm_i -= c*r*w``,
+      ``dlv_i += c*0.5*(exp(lv_i)*w - 1)``,
+      ``ds_i += c*0.5*(1 - (exp(lv_i) + r^2)*w)``;
+    * mc: ``r = z_i - m_i``, ``dz_i += c*r*w``, ``dm_i -= c*r*w``,
+      ``ds_i += c*0.5*(1 - r^2*w)``, ``dlv_i -= 0.5*c``;
+    * deterministic: ``r = mu_i - m_i`` with ``z_i = mu_i``,
+      ``dz_i += c*r*w``, ``dm_i -= c*r*w``, ``ds_i += c*0.5*(1 - r^2*w)``.
+
+    The decoders are then backpropagated (``dzhat_{i-1}``, ``[dm_{i-1},
+    ds_{i-1}]`` or ``dx_params`` into decoder ``i`` gives a contribution to
+    ``dz_i``).  Finally the
     encoders are processed top-down so that ``dz_i`` is complete (kl term,
     decoder ``i`` and encoder ``i+1`` input) before it is pushed through the
     reparameterization: ``dmu_i += dz_i``,
@@ -581,13 +675,16 @@ def loss_and_grad(params, x_in, target, eps, *, x_dim, latent_dims, hidden_dims,
     """
     beta = float(beta)
     result, cache = _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
-                                  likelihood, activation, kl, deterministic, beta)
+                                  likelihood, activation, kl, deterministic, beta,
+                                  prior_variance)
     p = cache["p"]
     shapes = cache["shapes"]
     B = cache["B"]
     T = cache["T"]
     eps = cache["eps"]
     zhats = cache["zhats"]
+    prior_lvs = cache["prior_lvs"]
+    learned = cache["learned"]
     mus, logvars, zs = result["mu"], result["logvar"], result["z"]
 
     grad = np.zeros(num_params(shapes))
@@ -598,11 +695,33 @@ def loss_and_grad(params, x_in, target, eps, *, x_dim, latent_dims, hidden_dims,
     dlv = [np.zeros_like(m) for m in mus]
     dz = [np.zeros_like(m) for m in mus]
     dzhat = [np.zeros_like(zh) for zh in zhats]
+    dprior_lv = [None if s is None else np.zeros_like(s) for s in prior_lvs]
 
     # KL terms.
     for i in range(T):
         top = i == T - 1
-        if deterministic:
+        if learned and not top:
+            # prior N(m, diag exp(s)), m = zhats[i], s = prior_lvs[i]
+            w = np.exp(-prior_lvs[i])
+            if deterministic:
+                r = mus[i] - zhats[i]
+                dz[i] += c * r * w
+                dzhat[i] -= c * r * w
+                dprior_lv[i] += c * 0.5 * (1.0 - r * r * w)
+            elif kl == "analytic":
+                r = mus[i] - zhats[i]
+                e = np.exp(logvars[i])
+                dmu[i] += c * r * w
+                dzhat[i] -= c * r * w
+                dlv[i] += c * 0.5 * (e * w - 1.0)
+                dprior_lv[i] += c * 0.5 * (1.0 - (e + r * r) * w)
+            else:  # "mc"
+                r = zs[i] - zhats[i]
+                dz[i] += c * r * w
+                dzhat[i] -= c * r * w
+                dprior_lv[i] += c * 0.5 * (1.0 - r * r * w)
+                dlv[i] += -0.5 * c
+        elif deterministic:
             if not top:
                 r = mus[i] - zhats[i]
                 dz[i] += c * r
@@ -626,7 +745,12 @@ def loss_and_grad(params, x_in, target, eps, *, x_dim, latent_dims, hidden_dims,
 
     # Decoders: decoder level i+1 (0-based i) takes z_i.
     for i in range(T):
-        dout = dx_params if i == 0 else dzhat[i - 1]
+        if i == 0:
+            dout = dx_params
+        elif learned:
+            dout = np.concatenate([dzhat[i - 1], dprior_lv[i - 1]], axis=1)
+        else:
+            dout = dzhat[i - 1]
         dz[i] += _mlp_backward(p, g, f"dec{i + 1}", cache["dec_caches"][i], dout, activation)
 
     # Encoders, top-down; z_i also feeds encoder i+1 (processed before it).

@@ -33,6 +33,8 @@ def data(m, batch=4):
     (dict(x_dim=4, latent_dims=[2], kl="exact"), ValueError, "kl"),
     (dict(x_dim=4, latent_dims=[2], dtype="float16"), ValueError, "dtype"),
     (dict(x_dim=4, latent_dims=[2], init="he"), ValueError, "init"),
+    (dict(x_dim=4, latent_dims=[2], prior_variance="diag"), ValueError, "prior_variance"),
+    (dict(x_dim=4, latent_dims=[2], prior_variance=None), ValueError, "prior_variance"),
 ])
 def test_constructor_rejects(kwargs, exc, words):
     with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import hvae
 from hvae import datasets
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,4 +32,8 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
     for r in rows.values():
         assert r["epochs"] == 2 and -800 < r["test_ll"] < 0 and r["test_ll"] >= r["test_elbo"] - 5
     assert (tmp_path / "vae1.npz").exists() and (tmp_path / "hvae2-mc.npz").exists()
+    # the two-level model is the IWAE architecture (learned variance of p(z1|z2)) and waits
+    # before its KL warm-up
+    assert hvae.load(tmp_path / "hvae2-mc.npz").prior_variance == "learned"
+    assert rows["hvae2-mc"]["warmup"] == "0.5 + 1" and rows["vae1"]["warmup"] == "0.5 + 1"
     assert "test log-likelihood" in capsys.readouterr().out

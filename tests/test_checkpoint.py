@@ -36,6 +36,30 @@ def test_round_trip(trained):
     assert hvae.load(path).optimizer_ is None
 
 
+def test_prior_variance_round_trip_and_older_files(tmp_path):
+    """prior_variance survives save/load; a file written before the option existed (no such
+    key in its config) loads as the unit-variance model it was."""
+    m = hvae.HVAE(10, [4, 2], [[8], [5]], kl="mc", prior_variance="learned", seed=1)
+    path = tmp_path / "learned.npz"
+    m.save(path)
+    r = hvae.load(path)
+    assert r.prior_variance == "learned" and repr(r) == repr(m)
+    x = (np.random.default_rng(0).random((3, 10)) < 0.5).astype(np.float32)
+    eps = m.draw_eps(3)
+    np.testing.assert_array_equal(r.loss_and_grad(x, eps)[1], m.loss_and_grad(x, eps)[1])
+    old = hvae.HVAE(10, [4, 2], [[8], [5]], seed=1)
+    old.save(path)
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(bytes(arrays.pop("meta")).decode())
+    del meta["config"]["prior_variance"]
+    blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, meta=blob, **arrays)
+    r = hvae.load(path)
+    assert r.prior_variance == "unit"
+    np.testing.assert_array_equal(r.params, old.params)
+
+
 def test_save_is_atomic(trained, tmp_path, monkeypatch):
     """A failure while writing leaves the previous file intact and no temporary behind."""
     m, path = trained

@@ -113,12 +113,22 @@ def test_train_architecture_flags(tmp_path, capsys):
                        "--activation", "relu", "--kl", "analytic", "--dtype", "float64",
                        "--seed", "7", "--epochs", "1", "--batch-size", "25", "--lr", "0.002",
                        "--kl-warmup-epochs", "1", "--beta", "0.5", "--patience", "3",
-                       "--no-progress", "--checkpoint", path)
+                       "--prior-variance", "learned", "--no-progress", "--checkpoint", path)
     assert code == 0, err
     m = hvae.load(path)
     assert m.hidden_dims == [[20, 10], []] and m.activation == "relu" and m.kl == "analytic"
-    assert m.dtype == "float64" and m.seed == 7
+    assert m.dtype == "float64" and m.seed == 7 and m.prior_variance == "learned"
     assert m.history_[0]["beta"] == pytest.approx(0.5)
+    code, _, err = run(capsys, "train", "--data", "digits", "--max-examples", "50",
+                       "--latent-dims", "6", "3", "--epochs", "2", "--batch-size", "25",
+                       "--kl-warmup-epochs", "1", "--kl-warmup-delay", "1", "--no-progress",
+                       "--checkpoint", tmp_path / "delay.npz")
+    assert code == 0, err
+    assert [r["beta"] for r in hvae.load(tmp_path / "delay.npz").history_] == [0.0, 1.0]
+    code, _, err = run(capsys, "train", "--data", "digits", "--latent-dims", "6", "3",
+                       "--prior-variance", "unit", "--epochs", "3", "--checkpoint", path,
+                       "--resume")
+    assert_clean_error(code, err, 1, "--prior-variance", "does not match")
 
 
 def test_train_refuses_to_overwrite_and_checks_resume_flags(trained, tmp_path, capsys):

@@ -21,11 +21,13 @@ ARCH = {
 X_DIM = 6
 
 
-def make_case(T, likelihood, activation, kl, deterministic, batch, dtype="float64", seed=0):
+def make_case(T, likelihood, activation, kl, deterministic, batch, dtype="float64", seed=0,
+              prior_variance="unit"):
     """A model with moderately scaled random parameters, data suiting the likelihood, noise."""
     latent, hidden = ARCH[T]
     m = hvae.HVAE(X_DIM, latent, hidden, likelihood=likelihood, activation=activation, kl=kl,
-                  dtype=dtype, seed=seed, deterministic=deterministic)
+                  dtype=dtype, seed=seed, deterministic=deterministic,
+                  prior_variance=prior_variance)
     rng = np.random.default_rng(seed + 1)
     m.params[:] = rng.normal(0, 0.5, m.n_params)
     if likelihood == "bernoulli":
@@ -41,23 +43,26 @@ def make_case(T, likelihood, activation, kl, deterministic, batch, dtype="float6
 def ref_kwargs(m):
     return dict(x_dim=m.x_dim, latent_dims=m.latent_dims, hidden_dims=m.hidden_dims,
                 likelihood=m.likelihood, activation=m.activation, kl=m.kl,
-                deterministic=m.deterministic)
+                deterministic=m.deterministic, prior_variance=m.prior_variance)
 
 
 MODES = [("analytic", False), ("mc", False), ("analytic", True)]  # (kl, deterministic)
-ALL = list(itertools.product([1, 2, 3, 4], ref.LIKELIHOODS, ref.ACTIVATIONS, MODES, [1, 7]))
+ALL = (list(itertools.product([1, 2, 3, 4], ref.LIKELIHOODS, ref.ACTIVATIONS, MODES, [1, 7],
+                               ["unit"]))
+       + list(itertools.product([2, 3, 4], ref.LIKELIHOODS, ["tanh", "relu"], MODES, [1, 7],
+                                ["learned"])))
 
 
 def _ids(case):
-    T, lik, act, (kl, det), B = case
-    return f"T{T}-{lik}-{act}-{'ae' if det else kl}-B{B}"
+    T, lik, act, (kl, det), B, pv = case
+    return f"T{T}-{lik}-{act}-{'ae' if det else kl}-B{B}" + ("-learnedvar" if pv != "unit" else "")
 
 
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-10), ("float32", 1e-4)])
 @pytest.mark.parametrize("case", ALL, ids=_ids)
 def test_matches_reference(case, dtype, rtol):
-    T, lik, act, (kl, det), B = case
-    m, x, target, eps = make_case(T, lik, act, kl, det, B, dtype)
+    T, lik, act, (kl, det), B, pv = case
+    m, x, target, eps = make_case(T, lik, act, kl, det, B, dtype, prior_variance=pv)
     beta = 0.7
     p64 = m.params.astype(np.float64)
     x64, t64, e64 = x.astype(np.float64), target.astype(np.float64), [e.astype(np.float64) for e in eps]
@@ -86,17 +91,20 @@ def test_matches_reference(case, dtype, rtol):
         np.testing.assert_allclose(z[i], want["z"][i], rtol=rtol, atol=rtol)
 
 
-@pytest.mark.parametrize("T,lik,act,kl,det", [
-    (1, "bernoulli", "tanh", "analytic", False),
-    (2, "gaussian", "relu", "mc", False),
-    (3, "gaussian_learned", "leaky_relu", "analytic", False),
-    (3, "bernoulli", "tanh", "mc", False),
-    (4, "gaussian_learned", "tanh", "mc", False),
-    (2, "gaussian", "tanh", "analytic", True),
+@pytest.mark.parametrize("T,lik,act,kl,det,pv", [
+    (1, "bernoulli", "tanh", "analytic", False, "unit"),
+    (2, "gaussian", "relu", "mc", False, "unit"),
+    (3, "gaussian_learned", "leaky_relu", "analytic", False, "unit"),
+    (3, "bernoulli", "tanh", "mc", False, "unit"),
+    (4, "gaussian_learned", "tanh", "mc", False, "unit"),
+    (2, "gaussian", "tanh", "analytic", True, "unit"),
+    (2, "bernoulli", "tanh", "analytic", False, "learned"),
+    (3, "gaussian_learned", "relu", "mc", False, "learned"),
+    (3, "gaussian", "tanh", "analytic", True, "learned"),
 ])
-def test_finite_differences(T, lik, act, kl, det):
+def test_finite_differences(T, lik, act, kl, det, pv):
     """Central differences of the C loss against the C gradient, every parameter block."""
-    m, x, target, eps = make_case(T, lik, act, kl, det, 5)
+    m, x, target, eps = make_case(T, lik, act, kl, det, 5, prior_variance=pv)
     beta = 1.3
     _, grad = m.loss_and_grad(x, eps, target=target, beta=beta)
     h = 1e-6
@@ -147,6 +155,23 @@ def test_seed_formula(T):
     terms = m.elbo_terms(x, eps)
     per_example = terms["reconstruction"] + sum(terms["kl"])
     np.testing.assert_allclose(L, 2 * per_example - X_DIM * LOG2PI, rtol=1e-12)
+
+
+@pytest.mark.parametrize("pv", ["unit", "learned"])
+def test_decode_samples_the_prior_conditionals(pv):
+    """decode draws z_{i-1} = mean + temperature * std * eps from p(z_{i-1} | z_i): the
+    reference's prior means and (learned) log-variances at the same z_i."""
+    m, x, _, eps = make_case(3, "bernoulli", "tanh", "mc", False, 4, prior_variance=pv)
+    want = ref.forward(m.params, x, x, eps, **ref_kwargs(m))
+    t = 0.7
+    for i in range(1, 3):  # z_i (1-based) from the reference's sample of z_{i+1}
+        noise = [np.random.default_rng(i).standard_normal((4, d)) for d in m.latent_dims[:i]]
+        _, zs = m._core.decode(m.params, want["z"][i], level=i + 1, eps=noise, temperature=t)
+        sd = 1.0 if pv == "unit" else np.exp(0.5 * want["prior_logvar"][i - 1])
+        np.testing.assert_allclose(zs[-1], want["prior_mean"][i - 1] + t * sd * noise[-1],
+                                   rtol=1e-12, atol=1e-12)
+        _, means = m._core.decode(m.params, want["z"][i], level=i + 1)
+        np.testing.assert_allclose(means[-1], want["prior_mean"][i - 1], rtol=1e-12, atol=1e-12)
 
 
 def test_single_level_matches_textbook_vae():

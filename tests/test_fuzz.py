@@ -43,6 +43,8 @@ MODELS = [
     _core.Model(4, [3], [[5]], "bernoulli", "tanh", "analytic", False, "float32"),
     _core.Model(3, [2, 1], [[4], []], "gaussian_learned", "relu", "mc", False, "float64"),
     _core.Model(5, [2, 2], [[3, 2], [2]], "gaussian", "leaky_relu", "analytic", True, "float64"),
+    _core.Model(3, [2, 2, 1], [[3], [2], []], "bernoulli", "tanh", "analytic", False, "float32",
+                "learned"),
 ]
 
 

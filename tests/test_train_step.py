@@ -17,6 +17,8 @@ CONFIGS = [
          activation="leaky_relu"),
     dict(x_dim=6, latent_dims=[3, 2], hidden_dims=[[5], [4]], likelihood="gaussian_learned"),
     dict(x_dim=8, latent_dims=[3, 2], hidden_dims=[[6], [4]], deterministic=True),
+    dict(x_dim=8, latent_dims=[4, 3, 2], hidden_dims=[[6], [5], [4]], kl="mc",
+         prior_variance="learned"),
     # wide enough for the team to split GEMMs, activations, the likelihood and Adam
     dict(x_dim=300, latent_dims=[40, 10], hidden_dims=[[256], [64]]),
     # one row is enough for the team to split the likelihood
@@ -65,7 +67,7 @@ def test_one_thread_equals_forward_then_adam_bit_for_bit(cfg, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[5], CONFIGS[6]])
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[5], CONFIGS[6], CONFIGS[7]])
 def test_threads_match_one_thread_and_are_reproducible(cfg, dtype):
     for B in (1, 3, 64):
         one = run(cfg, dtype, 3, B, 1)
@@ -80,7 +82,7 @@ def test_threads_match_one_thread_and_are_reproducible(cfg, dtype):
 
 
 def test_forward_threads_match_one_thread():
-    m = hvae.HVAE(**CONFIGS[5], dtype="float64", seed=3)
+    m = hvae.HVAE(**CONFIGS[6], dtype="float64", seed=3)
     x = (np.random.default_rng(0).random((50, m.x_dim)) < 0.4).astype(np.float64)
     eps = m.draw_eps(50)
     g1, g2 = np.empty_like(m.params), np.empty_like(m.params)
@@ -119,7 +121,7 @@ def test_fit_n_jobs_in_python_threads_matches_sequential():
     X = (np.random.default_rng(0).random((256, 300)) < 0.3).astype(np.float32)
 
     def train(seed):
-        return hvae.HVAE(**CONFIGS[5], seed=seed).fit(X, epochs=2, batch_size=64, progress=False,
+        return hvae.HVAE(**CONFIGS[6], seed=seed).fit(X, epochs=2, batch_size=64, progress=False,
                                                       n_jobs=2)
     want = [train(s).params for s in (0, 1)]
     got = [None, None]
@@ -145,7 +147,7 @@ def test_forked_child_trains_with_threads():
     """A child forked after training with n_jobs=2 has none of the parent's worker threads: it
     starts its own team instead of waiting for them."""
     X = (np.random.default_rng(0).random((128, 300)) < 0.3).astype(np.float32)
-    m = hvae.HVAE(**CONFIGS[5], seed=0).fit(X, epochs=1, batch_size=64, progress=False,
+    m = hvae.HVAE(**CONFIGS[6], seed=0).fit(X, epochs=1, batch_size=64, progress=False,
                                             n_jobs=2)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()

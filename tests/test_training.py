@@ -62,6 +62,26 @@ def test_kl_warmup_and_beta():
     np.testing.assert_allclose(r["loss"], r["reconstruction"] + 4 * sum(r["kl"]), rtol=1e-5)
 
 
+def test_kl_warmup_delay():
+    """KL weight 0 for the delay, then the linear warm-up; a delay of 0 changes nothing."""
+    assert warmup_beta(1.0, 2, 0, 10, delay_epochs=1) == 0.0
+    assert warmup_beta(1.0, 2, 9, 10, delay_epochs=1) == 0.0
+    assert warmup_beta(1.0, 2, 10, 10, delay_epochs=1) == pytest.approx(0.05)
+    assert warmup_beta(1.0, 2, 29, 10, delay_epochs=1) == pytest.approx(1.0)
+    assert warmup_beta(0.5, 0, 10, 10, delay_epochs=1) == 0.5
+    assert warmup_beta(0.5, 0, 9, 10, delay_epochs=1) == 0.0
+    X = binary_data()
+    m = small().fit(X, epochs=4, batch_size=100, kl_warmup_epochs=2, kl_warmup_delay=1,
+                    progress=False)
+    assert [r["beta"] for r in m.history_] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+    r = m.history_[0]  # at beta = 0 the loss is the reconstruction alone
+    np.testing.assert_allclose(r["loss"], r["reconstruction"], rtol=1e-6)
+    a = small().fit(X, epochs=2, batch_size=100, kl_warmup_epochs=1, progress=False)
+    b = small().fit(X, epochs=2, batch_size=100, kl_warmup_epochs=1, kl_warmup_delay=0,
+                    progress=False)
+    np.testing.assert_array_equal(a.params, b.params)
+
+
 def test_early_stopping_keeps_best_parameters():
     X = binary_data()
     seen = []

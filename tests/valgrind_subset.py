@@ -70,6 +70,8 @@ def main():
         if dt == "float32" and LIKELIHOODS.index(lik) != ACTIVATIONS.index(act):
             continue  # keep the tour short: float32 with three (likelihood, activation) pairs
         models.append(_core.Model(5, lat, hid, lik, act, kl, det, dt))
+        if len(lat) > 1 and dt == "float64" and act == "tanh":  # learned prior variances
+            models.append(_core.Model(5, lat, hid, lik, act, kl, det, dt, "learned"))
     for k, m in enumerate(models):
         tour(m, rng, B=1 + k % 4)
     # the workspace grows and is reused
