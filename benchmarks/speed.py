@@ -2,8 +2,9 @@
 
 One training step is one call of the core's fused step (`_core.Model.train_step`: forward +
 backward + Adam, the numbers of `HVAE.loss_and_grad` + `hvae._core.adam_update`), as `fit` takes
-it; with k > 1 threads the core's team of k threads splits each layer's work. The noise eps and the batches are drawn before the timed region, for
-every implementation alike (a pool of 4 batches is cycled). Peers:
+it; with k > 1 threads the core's team of k threads splits each layer's work. The noise eps
+and the batches are drawn before the timed region, for every implementation alike (a pool of 4
+batches is cycled). Peers:
 
 - torch: the same network and loss in PyTorch on the CPU (benchmarks/torch_peer.py), the same
   parameter values and eps, `torch.optim.Adam`; threads set with `torch.set_num_threads`.

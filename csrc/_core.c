@@ -653,7 +653,8 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
     if (batch_parse(self, x_obj, target_obj, eps_obj, &in) < 0) goto done;
     npy_intp B = in.B;
     if (m->cfg.deterministic && want_lw) {
-        PyErr_SetString(PyExc_ValueError, "log_weight: not defined for a deterministic autoencoder");
+        PyErr_SetString(PyExc_ValueError,
+                        "log_weight: not defined for a deterministic autoencoder");
         goto done;
     }
     if (grad_obj != Py_None) { /* the core writes grad, then reads the inputs */

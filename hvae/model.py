@@ -233,8 +233,9 @@ class HVAE:
         out : ndarray, shape (n_params,), optional
             Buffer for the gradient (the model's dtype); a new array when None.
         n_jobs : int, optional
-            Threads (see :meth:`fit`; None: 1, -1: every CPU); BLAS runs at one thread
-            meanwhile.
+            Threads of the core (see :meth:`fit`; None: 1, -1: every CPU). Here BLAS threads
+            are left as they are: limit them to one, e.g. with threadpoolctl, for the best
+            speed.
 
         Returns
         -------
@@ -243,9 +244,8 @@ class HVAE:
         grad : ndarray, shape (n_params,)
         """
         grad = np.empty(self.n_params, self.dtype) if out is None else out
-        n_jobs = training.resolve_n_jobs(n_jobs)
-        with training.blas_for(n_jobs):
-            loss, _, _ = self._forward(x, eps, target, beta, grad=grad, threads=n_jobs)
+        loss, _, _ = self._forward(x, eps, target, beta, grad=grad,
+                                   threads=training.resolve_n_jobs(n_jobs))
         return loss, grad
 
     def elbo_terms(self, x, eps=None, *, target=None):

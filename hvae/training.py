@@ -23,10 +23,6 @@ def resolve_n_jobs(n_jobs):
     return min(os.cpu_count() or 1, _core.MAX_THREADS) if n_jobs == -1 else int(n_jobs)
 
 
-def blas_for(n_jobs):
-    """The context core calls on n_jobs threads run in: BLAS at one thread when n_jobs > 1 (the
-    core's threads split the work), BLAS as it is otherwise."""
-    return threadpool_limits(1, user_api="blas") if n_jobs > 1 else contextlib.nullcontext()
 
 
 class Adam:
@@ -202,7 +198,9 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
             epoch = len(model.history_)
             bar.set_description(f"epoch {epoch + 1}")
             t0 = time.perf_counter()
-            with blas_for(n_jobs):
+            # with n_jobs > 1 the core's threads split the work, BLAS at one thread each
+            blas = threadpool_limits(1, user_api="blas") if n_jobs > 1 else contextlib.nullcontext()
+            with blas:
                 record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs,
                                    kl_warmup_delay, bar, epoch, n_jobs)
             record["epoch"] = epoch + 1

@@ -167,7 +167,8 @@ def _args(core, dtype, P, B=2, D=4, T=1):
 
 
 BAD = [  # (change to the valid arguments, exception, words in the message)
-    (lambda a: a.update(params=a["params"].astype(np.float64)), TypeError, "params: expected dtype"),
+    (lambda a: a.update(params=a["params"].astype(np.float64)), TypeError,
+     "params: expected dtype"),
     (lambda a: a.update(params=list(a["params"])), TypeError, "params: expected a numpy.ndarray"),
     (lambda a: a.update(m=a["m"][:-1]), ValueError, "m: expected shape"),
     (lambda a: a.update(v=np.zeros(2 * len(a["v"]), np.float32)[::2]), ValueError,
