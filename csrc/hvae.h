@@ -146,7 +146,9 @@ typedef struct {
      * log_weight), then, when the loss is finite, the gradient into grad (P,) (overwritten, not \
      * added to), then, when every gradient is finite, one Adam step on params, m1, m2 (P,),    \
      * equal to adam_update. *updated says whether the step was taken (params, m1, m2 are       \
-     * untouched otherwise). The numbers equal hvae_forward + hvae_backward + adam_update's. */   \
+     * untouched otherwise). With a NULL team the numbers are hvae_forward + hvae_backward +   \
+     * adam_update's bit for bit; a team changes them by rounding (OpenBLAS picks its kernels by \
+     * size), the same for a given team size. */                                               \
     hvae_status hvae_train_step_##sfx(real *terms, real *loss, int *updated, real *grad,         \
                                       real *params, real *m1, real *m2, hvae_workspace *ws,       \
                                       const hvae_model *m, const real *x, const real *target,     \
