@@ -153,17 +153,15 @@ static int check_2d(PyArrayObject *a, const char *name, npy_intp rows, npy_intp 
 
 static int check_finite(PyArrayObject *a, const char *name) {
     npy_intp n = PyArray_SIZE(a), cols = PyArray_NDIM(a) == 2 ? PyArray_DIM(a, 1) : 1;
+    int bad = 0; /* a loop without an early exit: it vectorises */
     if (PyArray_TYPE(a) == NPY_FLOAT32) {
         const float *p = (const float *)PyArray_DATA(a);
-        for (npy_intp k = 0; k < n; k++)
-            if (!isfinite(p[k])) goto bad;
+        for (npy_intp k = 0; k < n; k++) bad |= !isfinite(p[k]);
     } else {
         const double *p = (const double *)PyArray_DATA(a);
-        for (npy_intp k = 0; k < n; k++)
-            if (!isfinite(p[k])) goto bad;
+        for (npy_intp k = 0; k < n; k++) bad |= !isfinite(p[k]);
     }
-    return 0;
-bad:;
+    if (!bad) return 0;
     /* find the first row again for the message */
     npy_intp k = 0;
     if (PyArray_TYPE(a) == NPY_FLOAT32) {
