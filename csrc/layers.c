@@ -17,7 +17,7 @@
 
 /* Work below these sizes runs on the calling thread alone: a fork-join costs about a
  * microsecond. */
-#define PAR_MIN_FLOPS ((double)(1 << 18)) /* of one GEMM */
+#define PAR_MIN_FLOPS ((double)(1 << 20)) /* of one GEMM */
 #define PAR_MIN_ELEMS ((size_t)1 << 13)  /* of one elementwise pass */
 #define ALIGN_ROWS 4  /* parts of a GEMM's rows: OpenBLAS's sgemm kernels take 4 at a time */
 #define ALIGN_ELEMS 8 /* parts of a row or of a vector: 32 bytes, whole vector registers */

@@ -25,8 +25,8 @@
 #define CPU_RELAX() ((void)0)
 #endif
 
-#define SPIN_WAIT_NS 200000L /* a worker spins this long for the next job, then sleeps */
-#define SPIN_JOIN_NS 20000L  /* the caller spins this long for the workers, then yields */
+#define SPIN_WAIT_NS 300000L /* a worker spins this long for the next job, then sleeps */
+#define SPIN_JOIN_NS 5000L   /* the caller spins this long for the workers, then yields */
 #define SPIN_CHECK 64        /* pause loops between two readings of the clock */
 
 static long now_ns(void) {
