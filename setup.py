@@ -44,15 +44,17 @@ extra = shlex.split(os.environ.get("HVAE_EXTRA_CFLAGS", ""))
 
 core = Extension(
     "hvae._core",
-    sources=["csrc/_core.c", "csrc/f32.c", "csrc/f64.c", "csrc/table.c"],
-    depends=["csrc/hvae.h", "csrc/real.h", "csrc/layers.c", "csrc/model.c"],
+    sources=["csrc/_core.c", "csrc/f32.c", "csrc/f64.c", "csrc/table.c", "csrc/team.c"],
+    depends=["csrc/hvae.h", "csrc/real.h", "csrc/vecmath.c", "csrc/layers.c", "csrc/model.c",
+             "csrc/step.c"],
     include_dirs=["csrc", numpy.get_include()],
     extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-fno-fast-math",
                         # let GCC vectorise the branch-free clamps of vecmath.c and sqrt in
                         # Adam; they change no result (nothing reads FP exception flags or
                         # errno) and, unlike fast-math, touch no process-wide FP state
-                        "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off", *blas_c, *extra],
-    extra_link_args=[*blas_l, *extra],
+                        "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off",
+                        "-pthread", *blas_c, *extra],
+    extra_link_args=["-pthread", *blas_l, *extra],
 )
 
 setup(ext_modules=[core])

@@ -1,8 +1,10 @@
 """Speed of one hvae training step against peers measured in the same run.
 
-One training step is forward + backward (`HVAE.loss_and_grad`) + the optimiser update
-(`hvae._core.adam_update`). The noise eps and the batches are drawn before the timed region, for
-every implementation alike (a pool of 4 batches is cycled). Peers:
+One training step is one call of the core's fused step (`_core.Model.train_step`: forward +
+backward + Adam, the numbers of `HVAE.loss_and_grad` + `hvae._core.adam_update`), as `fit` takes
+it; with k > 1 threads the core's team of k threads splits each layer's work. The noise eps
+and the batches are drawn before the timed region, for every implementation alike (a pool of 4
+batches is cycled). Peers:
 
 - torch: the same network and loss in PyTorch on the CPU (benchmarks/torch_peer.py), the same
   parameter values and eps, `torch.optim.Adam`; threads set with `torch.set_num_threads`.
@@ -80,7 +82,7 @@ GUARD_TOL = {"float32": (1e-4, 1e-3, 1e-6), "float64": (1e-10, 1e-8, 1e-12)}
 def parse_args(argv=None):
     """The command line; --quick overrides the sizes, and torch drops out when absent."""
     p = argparse.ArgumentParser(
-        description="Time one hvae training step (loss_and_grad + adam_update) against PyTorch "
+        description="Time one hvae training step (forward + backward + Adam) against PyTorch "
                     "and the NumPy reference, report GFLOP/s against the OpenBLAS GEMM peak, "
                     "time one MNIST-sized epoch, and check the project's speed targets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -282,17 +284,16 @@ def batch_pool(data, m, batch, seed):
 # ----------------------------------------------------------------------------------------------
 # one training step of each implementation
 
-def hvae_stepper(m, pool, n_jobs=None):
-    """step(): one hvae training step on the next batch of the pool (the batch split over
-    n_jobs threads when given)."""
+def hvae_stepper(m, pool, threads=1):
+    """step(): one hvae training step on the next batch of the pool, on the core's team of
+    `threads` threads."""
     g = np.empty_like(m.params)
     m1, m2 = np.zeros_like(g), np.zeros_like(g)
     batches, count = itertools.cycle(pool), itertools.count(1)
 
     def step():
         x, eps = next(batches)
-        m.loss_and_grad(x, eps, out=g, n_jobs=n_jobs)
-        _core.adam_update(m.params, m1, m2, g, next(count), lr=LR)
+        m._core.train_step(m.params, m1, m2, g, x, eps, next(count), lr=LR, threads=threads)
     return step
 
 
@@ -438,8 +439,8 @@ def hvae_epoch(m, X, batch, rng):
     m1, m2 = np.zeros_like(g), np.zeros_like(g)
     order = rng.permutation(len(X))
     for t, k in enumerate(range(0, len(X) - batch + 1, batch), start=1):
-        m.loss_and_grad(X[order[k:k + batch]], m.draw_eps(batch), out=g)
-        _core.adam_update(m.params, m1, m2, g, t, lr=LR)
+        m._core.train_step(m.params, m1, m2, g, X[order[k:k + batch]], m.draw_eps(batch), t,
+                           lr=LR)
 
 
 def hvae_fit_epoch(m, X, batch, n_jobs=None):
@@ -476,7 +477,7 @@ def measure_epochs(args, data):
         with threadpoolctl.threadpool_limits(th, user_api="blas"):
             m = make_model(EPOCH["model"], EPOCH["dtype"], args.seed)
             rng = np.random.default_rng(args.seed)
-            out.append(("hvae: loss_and_grad + adam_update loop", th,
+            out.append(("hvae: train_step loop", th,
                         time_epochs(lambda X: hvae_epoch(m, X, B, rng), X, args.epoch_repeats)))
             m = make_model(EPOCH["model"], EPOCH["dtype"], args.seed)
             out.append(("hvae: HVAE.fit(epochs=1)", th,
@@ -516,8 +517,8 @@ def measure_steps(args, data, peaks):
                 pool = batch_pool(data, make_model(name, dtype, args.seed), B, args.seed)
                 for th in args.threads:
                     m = make_model(name, dtype, args.seed)
-                    # hvae with th > 1 threads: the batch split over th threads, BLAS at one each
-                    steps = {"hvae": hvae_stepper(m, pool, n_jobs=th if th > 1 else None)}
+                    # hvae with th > 1 threads: the core's team of th threads, BLAS at one each
+                    steps = {"hvae": hvae_stepper(m, pool, threads=th)}
                     repeats = {"hvae": args.repeats}
                     contexts = {"hvae": lambda: threadpoolctl.threadpool_limits(
                         1, user_api="blas")} if th > 1 else {}
@@ -640,7 +641,8 @@ def report(args, info, peaks, rows, epochs, data_note):
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/speed.py",
                                                  *sys.argv[1:]])
     method = (
-        "One step = `loss_and_grad` (forward + backward) + `adam_update` (lr 1e-3); torch: "
+        "One step = one `train_step` call (forward + backward + Adam, lr 1e-3, the numbers of "
+        "`loss_and_grad` + `adam_update`); torch: "
         "`zero_grad` + forward + `backward` + `torch.optim.Adam.step` "
         f"({args.torch_adam}); numpy: `tests/reference.py` (always float64) + a NumPy Adam. "
         f"x and eps pre-drawn outside the timed region (a pool of {POOL} batches cycled). "
@@ -648,8 +650,9 @@ def report(args, info, peaks, rows, epochs, data_note):
         f"time of a block of >= {args.min_time} s, after {args.warmup} s of warm-up; the "
         "blocks of hvae and its peers alternate (a drift in background load hits all alike), "
         f"{args.settle} s idle before each block with 2+ threads; GC off while timing. Threads: "
-        "hvae with k > 1 threads splits each batch over k threads (`n_jobs=k`, BLAS at one "
-        "thread each); numpy: threadpoolctl on its BLAS; torch: `torch.set_num_threads`. GFLOP/s "
+        "hvae with k > 1 threads: the core's team of k threads splits each layer's GEMMs, "
+        "activations and the Adam update (`threads=k`; `n_jobs=k` in fit), BLAS at one "
+        "thread each; numpy: threadpoolctl on its BLAS; torch: `torch.set_num_threads`. GFLOP/s "
         "counts the GEMMs of forward + backward: 6*B*in*out per layer minus 2*B*in*out for the "
         "input gradient of the first layer. % GEMM peak: against the linked OpenBLAS's "
         f"{args.gemm_size}^3 GEMM at the same dtype and threads (the better of two "

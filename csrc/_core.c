@@ -153,17 +153,15 @@ static int check_2d(PyArrayObject *a, const char *name, npy_intp rows, npy_intp 
 
 static int check_finite(PyArrayObject *a, const char *name) {
     npy_intp n = PyArray_SIZE(a), cols = PyArray_NDIM(a) == 2 ? PyArray_DIM(a, 1) : 1;
+    int bad = 0; /* a loop without an early exit: it vectorises */
     if (PyArray_TYPE(a) == NPY_FLOAT32) {
         const float *p = (const float *)PyArray_DATA(a);
-        for (npy_intp k = 0; k < n; k++)
-            if (!isfinite(p[k])) goto bad;
+        for (npy_intp k = 0; k < n; k++) bad |= !isfinite(p[k]);
     } else {
         const double *p = (const double *)PyArray_DATA(a);
-        for (npy_intp k = 0; k < n; k++)
-            if (!isfinite(p[k])) goto bad;
+        for (npy_intp k = 0; k < n; k++) bad |= !isfinite(p[k]);
     }
-    return 0;
-bad:;
+    if (!bad) return 0;
     /* find the first row again for the message */
     npy_intp k = 0;
     if (PyArray_TYPE(a) == NPY_FLOAT32) {
@@ -330,6 +328,8 @@ typedef struct {
     hvae_workspace ws;
     int typenum; /* NPY_FLOAT32 or NPY_FLOAT64 */
     PyThread_type_lock lock; /* one core call at a time on ws */
+    hvae_team *team;         /* threads of the last call with threads > 1, or NULL */
+    pid_t team_pid;          /* the process that made it */
     int ready;               /* __init__ succeeded */
 } ModelObject;
 
@@ -470,6 +470,7 @@ static int not_ready(ModelObject *self) {
 
 static void Model_dealloc(ModelObject *self) {
     hvae_workspace_free(&self->ws);
+    if (self->team_pid == getpid()) hvae_team_free(self->team); /* not in a forked child */
     if (self->lock) PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -526,71 +527,142 @@ static void release_all(PyArrayObject **arrs, int n) {
     for (int i = 0; i < n; i++) Py_XDECREF(arrs[i]);
 }
 
+/* A batch's inputs: x (B, D), target (B, D) (x itself when None), eps (T arrays (B, d_i); none
+ * for a deterministic model). */
+typedef struct {
+    PyArrayObject *x, *target, *eps[HVAE_MAX_LEVELS];
+    npy_intp B;
+} batch_args;
+
+static void batch_release(batch_args *a, int T) {
+    Py_XDECREF(a->x);
+    Py_XDECREF(a->target);
+    release_all(a->eps, T);
+}
+
+/* Convert and check x, target, eps into *a (zeroed first); 0, or -1 with an exception (the
+ * caller still calls batch_release). */
+static int batch_parse(ModelObject *self, PyObject *x_obj, PyObject *target_obj,
+                       PyObject *eps_obj, batch_args *a) {
+    const hvae_model *m = &self->model;
+    memset(a, 0, sizeof *a);
+    if (!(a->x = input_2d(x_obj, "x", self->typenum, -1, m->cfg.x_dim))) return -1;
+    a->B = PyArray_DIM(a->x, 0);
+    if (target_obj == Py_None) {
+        Py_INCREF(a->x);
+        a->target = a->x;
+    } else if (!(a->target = input_2d(target_obj, "target", self->typenum, a->B, m->cfg.x_dim))) {
+        return -1;
+    }
+    if (m->cfg.deterministic) return 0;
+    if (eps_obj == Py_None) {
+        PyErr_Format(PyExc_ValueError, "eps: expected a list of %d noise arrays, got None",
+                     m->cfg.n_levels);
+        return -1;
+    }
+    return eps_arg(self, eps_obj, "eps", m->cfg.n_levels, a->B, a->eps);
+}
+
+/* An array the core writes must share no memory with the batch's inputs. */
+static int check_not_batch(PyArrayObject *out, const char *name, const batch_args *a, int T) {
+    const char *shared = overlaps(out, a->x) ? "x" : overlaps(out, a->target) ? "target" : NULL;
+    for (int i = 0; i < T && !shared; i++)
+        if (a->eps[i] && overlaps(out, a->eps[i])) shared = "eps";
+    if (shared) {
+        PyErr_Format(PyExc_ValueError, "%s: must not share memory with %s", name, shared);
+        return -1;
+    }
+    return 0;
+}
+
+/* The core's eps pointers of a batch: NULL for a deterministic model. */
+static const void *const *batch_eps(const batch_args *a, const hvae_model *m,
+                                    const void *ptrs[HVAE_MAX_LEVELS]) {
+    for (int i = 0; i < m->cfg.n_levels; i++) ptrs[i] = a->eps[i] ? PyArray_DATA(a->eps[i]) : NULL;
+    return m->cfg.deterministic ? NULL : ptrs;
+}
+
+/* The model's team of `threads` threads (NULL for one thread), made or remade on first use;
+ * called with the model's lock held. 0, or -1 when the threads could not be started. */
+static int model_team(ModelObject *self, int threads, hvae_team **team) {
+    if (self->team && self->team_pid != getpid())
+        self->team = NULL; /* a forked child: the workers stayed in the parent (leaked here) */
+    if (threads != hvae_team_size(self->team)) {
+        hvae_team_free(self->team);
+        self->team = threads > 1 ? hvae_team_create(threads) : NULL;
+        self->team_pid = getpid();
+        if (threads > 1 && !self->team) return -1;
+    }
+    *team = self->team;
+    return 0;
+}
+
+/* After a core call on a batch of B rows of x: an exception when the team could not start or
+ * the status is not HVAE_OK, and -1; else 0. */
+static int batch_call_error(int team_failed, int threads, hvae_status st, const hvae_model *m,
+                            int typenum, npy_intp B) {
+    if (team_failed) {
+        PyErr_Format(PyExc_RuntimeError, "threads: could not start %d threads", threads);
+        return -1;
+    }
+    return st == HVAE_OK ? 0 : batch_status_error(st, m, typenum, B, "x");
+}
+
 PyDoc_STRVAR(forward_doc,
-"forward(params, x, target=None, eps=None, beta=1.0, grad=None, log_weight=False)\n"
+"forward(params, x, target=None, eps=None, beta=1.0, grad=None, log_weight=False, threads=1)\n"
 "--\n\n"
 "Loss terms of a batch, and optionally the gradient and the log importance weights.\n\n"
 "params: (P,); x: (B, D) encoder input; target: (B, D) what the likelihood scores (default x);\n"
 "eps: list of T arrays (B, d_i) of standard normal noise (required unless deterministic);\n"
 "beta: weight of the KL terms; grad: None or a (P,) array of the model's dtype, overwritten\n"
-"with the gradient of the loss; log_weight: when true, also return log p(x,z) - log q(z|x).\n\n"
+"with the gradient of the loss; log_weight: when true, also return log p(x,z) - log q(z|x);\n"
+"threads: the model's team of threads splits the work (the same numbers; BLAS must run\n"
+"single-threaded).\n\n"
 "Returns (loss, terms, log_weight): loss the batch mean of rec + beta * sum(kl), terms (T+1, B)\n"
 "with row 0 the reconstruction term -log p(x|z_1) and row i the KL term of level i, log_weight\n"
 "(B,) or None.");
 
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"params", "x", "target", "eps", "beta", "grad", "log_weight", NULL};
+    static char *kwlist[] = {"params", "x", "target", "eps", "beta", "grad", "log_weight",
+                             "threads", NULL};
     PyObject *params_obj, *x_obj, *target_obj = Py_None, *eps_obj = Py_None, *grad_obj = Py_None;
-    PyObject *beta_obj = NULL, *lw_obj = NULL;
+    PyObject *beta_obj = NULL, *lw_obj = NULL, *threads_obj = NULL;
     double beta = 1.0;
-    int want_lw = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOOOO", kwlist, &params_obj, &x_obj,
-                                     &target_obj, &eps_obj, &beta_obj, &grad_obj, &lw_obj))
+    int want_lw = 0, threads = 1, team_failed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOOOOO", kwlist, &params_obj, &x_obj,
+                                     &target_obj, &eps_obj, &beta_obj, &grad_obj, &lw_obj,
+                                     &threads_obj))
         return NULL;
     if (lw_obj && as_flag(lw_obj, "log_weight", &want_lw) < 0) return NULL;
+    if (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0)
+        return NULL;
     if (not_ready(self)) return NULL;
     const hvae_model *m = &self->model;
     const int T = m->cfg.n_levels, tn = self->typenum;
-    PyArrayObject *params = NULL, *x = NULL, *target = NULL, *eps[HVAE_MAX_LEVELS] = {0};
-    PyArrayObject *terms = NULL, *lw = NULL;
+    PyArrayObject *params = NULL, *terms = NULL, *lw = NULL;
+    batch_args in;
     PyObject *result = NULL;
     hvae_status st = HVAE_OK;
 
+    memset(&in, 0, sizeof in);
     if (beta_obj && as_bounded_double(beta_obj, "beta", 0, 0, INFINITY, 0, &beta) < 0)
         return NULL;
     if (!(params = params_arg(self, params_obj))) goto done;
-    if (!(x = input_2d(x_obj, "x", tn, -1, m->cfg.x_dim))) goto done;
-    npy_intp B = PyArray_DIM(x, 0);
-    if (target_obj == Py_None) {
-        Py_INCREF(x);
-        target = x;
-    } else if (!(target = input_2d(target_obj, "target", tn, B, m->cfg.x_dim))) {
+    if (batch_parse(self, x_obj, target_obj, eps_obj, &in) < 0) goto done;
+    npy_intp B = in.B;
+    if (m->cfg.deterministic && want_lw) {
+        PyErr_SetString(PyExc_ValueError,
+                        "log_weight: not defined for a deterministic autoencoder");
         goto done;
     }
-    if (m->cfg.deterministic) {
-        if (want_lw) {
-            PyErr_SetString(PyExc_ValueError,
-                            "log_weight: not defined for a deterministic autoencoder");
-            goto done;
-        }
-    } else if (eps_obj == Py_None) {
-        PyErr_Format(PyExc_ValueError, "eps: expected a list of %d noise arrays, got None", T);
-        goto done;
-    } else if (eps_arg(self, eps_obj, "eps", T, B, eps) < 0) {
-        goto done;
-    }
-    if (grad_obj != Py_None && check_output(grad_obj, "grad", tn, (npy_intp)m->n_params) < 0)
-        goto done;
-    if (grad_obj != Py_None) { /* the core zeroes grad first, then reads the inputs */
+    if (grad_obj != Py_None) { /* the core writes grad, then reads the inputs */
+        if (check_output(grad_obj, "grad", tn, (npy_intp)m->n_params) < 0) goto done;
         PyArrayObject *g = (PyArrayObject *)grad_obj;
-        const char *shared = overlaps(g, params) ? "params" : overlaps(g, x) ? "x"
-                             : overlaps(g, target) ? "target" : NULL;
-        for (int i = 0; i < T && !shared; i++)
-            if (eps[i] && overlaps(g, eps[i])) shared = "eps";
-        if (shared) {
-            PyErr_Format(PyExc_ValueError, "grad: must not share memory with %s", shared);
+        if (overlaps(g, params)) {
+            PyErr_SetString(PyExc_ValueError, "grad: must not share memory with params");
             goto done;
         }
+        if (check_not_batch(g, "grad", &in, T) < 0) goto done;
     }
     if (check_workspace(m, tn, B, "x") < 0) goto done;
     npy_intp tdims[2] = {T + 1, B};
@@ -598,51 +670,175 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
     if (want_lw && !(lw = (PyArrayObject *)PyArray_SimpleNew(1, &B, tn))) goto done;
 
     const void *eps_ptr[HVAE_MAX_LEVELS];
-    for (int i = 0; i < T; i++) eps_ptr[i] = eps[i] ? PyArray_DATA(eps[i]) : NULL;
-    const void *const *ep = m->cfg.deterministic ? NULL : eps_ptr;
+    const void *const *ep = batch_eps(&in, m, eps_ptr);
     void *gp = grad_obj == Py_None ? NULL : PyArray_DATA((PyArrayObject *)grad_obj);
+    const void *pp = PyArray_DATA(params), *xp = PyArray_DATA(in.x), *tp = PyArray_DATA(in.target);
     size_t P = m->n_params;
     double loss = 0;
-    if (tn == NPY_FLOAT32) {
-        float lossf = 0;
-        CORE_CALL(self, {
-            st = hvae_forward_f32(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &lossf,
-                                  &self->ws, m, PyArray_DATA(params), PyArray_DATA(x),
-                                  PyArray_DATA(target), (const float *const *)ep, (int)B,
-                                  (float)beta);
-            if (st == HVAE_OK && gp) {
-                memset(gp, 0, P * sizeof(float));
-                st = hvae_backward_f32(gp, &self->ws, m, PyArray_DATA(params), PyArray_DATA(x),
-                                       PyArray_DATA(target), (const float *const *)ep, (int)B,
-                                       (float)beta);
+    hvae_team *team;
+    CORE_CALL(self, {
+        if (model_team(self, threads, &team) < 0) {
+            team_failed = 1;
+        } else {
+            hvae_team_set_current(team);
+            if (tn == NPY_FLOAT32) {
+                float lossf = 0;
+                st = hvae_forward_f32(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &lossf,
+                                      &self->ws, m, pp, xp, tp, (const float *const *)ep, (int)B,
+                                      (float)beta);
+                if (st == HVAE_OK && gp) {
+                    memset(gp, 0, P * sizeof(float));
+                    st = hvae_backward_f32(gp, &self->ws, m, pp, xp, tp,
+                                           (const float *const *)ep, (int)B, (float)beta);
+                }
+                loss = lossf;
+            } else {
+                st = hvae_forward_f64(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &loss,
+                                      &self->ws, m, pp, xp, tp, (const double *const *)ep, (int)B,
+                                      beta);
+                if (st == HVAE_OK && gp) {
+                    memset(gp, 0, P * sizeof(double));
+                    st = hvae_backward_f64(gp, &self->ws, m, pp, xp, tp,
+                                           (const double *const *)ep, (int)B, beta);
+                }
             }
-        });
-        loss = lossf;
-    } else {
-        CORE_CALL(self, {
-            st = hvae_forward_f64(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &loss,
-                                  &self->ws, m, PyArray_DATA(params), PyArray_DATA(x),
-                                  PyArray_DATA(target), (const double *const *)ep, (int)B, beta);
-            if (st == HVAE_OK && gp) {
-                memset(gp, 0, P * sizeof(double));
-                st = hvae_backward_f64(gp, &self->ws, m, PyArray_DATA(params), PyArray_DATA(x),
-                                       PyArray_DATA(target), (const double *const *)ep, (int)B,
-                                       beta);
-            }
-        });
-    }
-    if (st != HVAE_OK) {
-        batch_status_error(st, m, tn, B, "x");
-        goto done;
-    }
+            hvae_team_set_current(NULL);
+        }
+    });
+    if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;
     result = Py_BuildValue("dOO", loss, (PyObject *)terms, lw ? (PyObject *)lw : Py_None);
 done:
     Py_XDECREF(params);
-    Py_XDECREF(x);
-    Py_XDECREF(target);
-    release_all(eps, T);
+    batch_release(&in, T);
     Py_XDECREF(terms);
     Py_XDECREF(lw);
+    return result;
+}
+
+/* Adam's hyperparameters from optional objects (NULL: the default), checked in the working
+ * precision tn: lr finite >= 0, beta1 and beta2 in [0, 1) (a bias correction 1 - beta^t of 0
+ * divides by zero), eps > 0 (0 / (sqrt(0) + 0) is NaN). 0, or -1 with an exception naming the
+ * argument (eps_name: the name of eps). */
+static int adam_args(PyObject *step_obj, PyObject *lr_obj, PyObject *b1_obj, PyObject *b2_obj,
+                     PyObject *eps_obj, const char *eps_name, int tn, hvae_adam *opt) {
+    *opt = (hvae_adam){1e-3, 0.9, 0.999, 1e-8, 1};
+    if (as_long(step_obj, "step", 1, LONG_MAX, &opt->step) < 0 ||
+        (lr_obj && as_bounded_double(lr_obj, "lr", 0, 0, INFINITY, 0, &opt->lr) < 0) ||
+        (b1_obj && as_bounded_double(b1_obj, "beta1", 0, 0, 1, 1, &opt->beta1) < 0) ||
+        (b2_obj && as_bounded_double(b2_obj, "beta2", 0, 0, 1, 1, &opt->beta2) < 0) ||
+        (eps_obj && as_bounded_double(eps_obj, eps_name, 0, 1, INFINITY, 0, &opt->eps) < 0))
+        return -1;
+    const char *name = NULL, *want = NULL;
+    int f32 = tn == NPY_FLOAT32;
+    if (f32 ? (float)opt->beta1 >= 1.0f : opt->beta1 >= 1.0)
+        name = "beta1", want = "a number < 1";
+    else if (f32 ? (float)opt->beta2 >= 1.0f : opt->beta2 >= 1.0)
+        name = "beta2", want = "a number < 1";
+    else if (f32 && !((float)opt->eps > 0))
+        name = eps_name, want = "a number > 0";
+    else if (f32 && !isfinite((float)opt->lr))
+        name = "lr", want = "a finite number";
+    if (name) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %s in the precision of params (%s)", name,
+                     want, f32 ? "float32" : "float64");
+        return -1;
+    }
+    return 0;
+}
+
+/* The core's pointers are restrict: no two of the n arrays may overlap. */
+static int check_disjoint(PyArrayObject **arr, const char *const *names, int n) {
+    for (int i = 1; i < n; i++)
+        for (int j = 0; j < i; j++)
+            if (overlaps(arr[i], arr[j])) {
+                PyErr_Format(PyExc_ValueError, "%s: must not share memory with %s", names[i],
+                             names[j]);
+                return -1;
+            }
+    return 0;
+}
+
+PyDoc_STRVAR(train_step_doc,
+"train_step(params, m, v, grad, x, eps, step, target=None, beta=1.0, lr=1e-3, beta1=0.9,\n"
+"           beta2=0.999, adam_eps=1e-8, threads=1)\n"
+"--\n\n"
+"One training step in one call: forward(params, x, target, eps, beta, grad) then, when the loss\n"
+"and every gradient are finite, adam_update(params, m, v, grad, step, lr, beta1, beta2,\n"
+"adam_eps), with the same numbers as those two calls. params, m, v, grad: (P,) arrays of the\n"
+"model's dtype, C-contiguous and writeable, sharing no memory; grad is overwritten with the\n"
+"gradient (unspecified when the loss is not finite). threads: the model's team of threads\n"
+"splits the work (the same numbers; BLAS must run single-threaded).\n\n"
+"Returns (loss, terms, updated): loss and terms as forward's, updated False when the step was\n"
+"not taken (params, m, v untouched).");
+
+static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"params", "m", "v", "grad", "x", "eps", "step", "target", "beta",
+                             "lr", "beta1", "beta2", "adam_eps", "threads", NULL};
+    PyObject *p_obj, *m_obj, *v_obj, *g_obj, *x_obj, *eps_obj, *step_obj, *target_obj = Py_None;
+    PyObject *beta_obj = NULL, *lr_obj = NULL, *b1_obj = NULL, *b2_obj = NULL,
+             *aeps_obj = NULL, *threads_obj = NULL;
+    double beta = 1.0;
+    int threads = 1, team_failed = 0, updated = 0;
+    hvae_adam opt;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|OOOOOOO", kwlist, &p_obj, &m_obj,
+                                     &v_obj, &g_obj, &x_obj, &eps_obj, &step_obj, &target_obj,
+                                     &beta_obj, &lr_obj, &b1_obj, &b2_obj, &aeps_obj,
+                                     &threads_obj))
+        return NULL;
+    if (not_ready(self)) return NULL;
+    const hvae_model *m = &self->model;
+    const int T = m->cfg.n_levels, tn = self->typenum;
+    const npy_intp P = (npy_intp)m->n_params;
+    if (check_output(p_obj, "params", tn, P) < 0 || check_output(m_obj, "m", tn, P) < 0 ||
+        check_output(v_obj, "v", tn, P) < 0 || check_output(g_obj, "grad", tn, P) < 0)
+        return NULL;
+    if (adam_args(step_obj, lr_obj, b1_obj, b2_obj, aeps_obj, "adam_eps", tn, &opt) < 0 ||
+        (beta_obj && as_bounded_double(beta_obj, "beta", 0, 0, INFINITY, 0, &beta) < 0) ||
+        (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0))
+        return NULL;
+    PyArrayObject *outs[4] = {(PyArrayObject *)p_obj, (PyArrayObject *)m_obj,
+                              (PyArrayObject *)v_obj, (PyArrayObject *)g_obj};
+    static const char *const names[4] = {"params", "m", "v", "grad"};
+    if (check_disjoint(outs, names, 4) < 0) return NULL;
+    PyArrayObject *terms = NULL;
+    PyObject *result = NULL;
+    batch_args in;
+    hvae_status st = HVAE_OK;
+    if (batch_parse(self, x_obj, target_obj, eps_obj, &in) < 0) goto done;
+    for (int k = 0; k < 4; k++)
+        if (check_not_batch(outs[k], names[k], &in, T) < 0) goto done;
+    npy_intp B = in.B;
+    if (check_workspace(m, tn, B, "x") < 0) goto done;
+    npy_intp tdims[2] = {T + 1, B};
+    if (!(terms = (PyArrayObject *)PyArray_SimpleNew(2, tdims, tn))) goto done;
+
+    const void *eps_ptr[HVAE_MAX_LEVELS];
+    const void *const *ep = batch_eps(&in, m, eps_ptr);
+    void *pp = PyArray_DATA(outs[0]), *mp = PyArray_DATA(outs[1]), *vp = PyArray_DATA(outs[2]),
+         *gp = PyArray_DATA(outs[3]);
+    const void *xp = PyArray_DATA(in.x), *tp = PyArray_DATA(in.target);
+    double loss = 0;
+    hvae_team *team;
+    CORE_CALL(self, {
+        if (model_team(self, threads, &team) < 0) {
+            team_failed = 1;
+        } else if (tn == NPY_FLOAT32) {
+            float lossf = 0;
+            st = hvae_train_step_f32(PyArray_DATA(terms), &lossf, &updated, gp, pp, mp, vp,
+                                     &self->ws, m, xp, tp, (const float *const *)ep, (int)B,
+                                     (float)beta, &opt, team);
+            loss = lossf;
+        } else {
+            st = hvae_train_step_f64(PyArray_DATA(terms), &loss, &updated, gp, pp, mp, vp,
+                                     &self->ws, m, xp, tp, (const double *const *)ep, (int)B,
+                                     beta, &opt, team);
+        }
+    });
+    if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;
+    result = Py_BuildValue("dON", loss, (PyObject *)terms, PyBool_FromLong(updated));
+done:
+    batch_release(&in, T);
+    Py_XDECREF(terms);
     return result;
 }
 
@@ -834,6 +1030,8 @@ static PyObject *Model_get_x_params_dim(ModelObject *self, void *Py_UNUSED(closu
 
 static PyMethodDef Model_methods[] = {
     {"forward", (PyCFunction)(void (*)(void))Model_forward, METH_VARARGS | METH_KEYWORDS, forward_doc},
+    {"train_step", (PyCFunction)(void (*)(void))Model_train_step, METH_VARARGS | METH_KEYWORDS,
+     train_step_doc},
     {"encode", (PyCFunction)(void (*)(void))Model_encode, METH_VARARGS | METH_KEYWORDS, encode_doc},
     {"decode", (PyCFunction)(void (*)(void))Model_decode, METH_VARARGS | METH_KEYWORDS, decode_doc},
     {"param_table", (PyCFunction)Model_param_table, METH_NOARGS, param_table_doc},
@@ -881,16 +1079,9 @@ static PyObject *adam_update(PyObject *Py_UNUSED(mod), PyObject *args, PyObject 
     static char *kwlist[] = {"params", "m", "v", "grad", "step", "lr", "beta1", "beta2", "eps", NULL};
     PyObject *p, *m1, *m2, *g, *step_obj, *lr_obj = NULL, *b1_obj = NULL, *b2_obj = NULL,
              *eps_obj = NULL;
-    long step;
-    double lr = 1e-3, b1 = 0.9, b2 = 0.999, eps = 1e-8;
+    hvae_adam opt;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|OOOO", kwlist, &p, &m1, &m2, &g,
                                      &step_obj, &lr_obj, &b1_obj, &b2_obj, &eps_obj))
-        return NULL;
-    if (as_long(step_obj, "step", 1, LONG_MAX, &step) < 0 ||
-        (lr_obj && as_bounded_double(lr_obj, "lr", 0, 0, INFINITY, 0, &lr) < 0) ||
-        (b1_obj && as_bounded_double(b1_obj, "beta1", 0, 0, 1, 1, &b1) < 0) ||
-        (b2_obj && as_bounded_double(b2_obj, "beta2", 0, 0, 1, 1, &b2) < 0) ||
-        (eps_obj && as_bounded_double(eps_obj, "eps", 0, 1, INFINITY, 0, &eps) < 0))
         return NULL;
     if (!PyArray_Check(p)) {
         PyErr_Format(PyExc_TypeError, "params: expected a numpy.ndarray, got %R",
@@ -903,6 +1094,7 @@ static PyObject *adam_update(PyObject *Py_UNUSED(mod), PyObject *args, PyObject 
                      (PyObject *)PyArray_DESCR((PyArrayObject *)p));
         return NULL;
     }
+    if (adam_args(step_obj, lr_obj, b1_obj, b2_obj, eps_obj, "eps", tn, &opt) < 0) return NULL;
     npy_intp n = PyArray_SIZE((PyArrayObject *)p);
     if (check_output(p, "params", tn, n) < 0 || check_output(m1, "m", tn, n) < 0 ||
         check_output(m2, "v", tn, n) < 0)
@@ -915,46 +1107,22 @@ static PyObject *adam_update(PyObject *Py_UNUSED(mod), PyObject *args, PyObject 
         Py_DECREF(grad);
         return NULL;
     }
-    /* in the working precision: beta1, beta2 < 1 (a bias correction 1 - beta^t of 0 divides by
-     * zero), eps > 0 (0 / (sqrt(0) + 0) is NaN) and lr finite */
-    const char *bad = NULL;
-    if (tn == NPY_FLOAT32 ? (float)b1 >= 1.0f : b1 >= 1.0)
-        bad = "beta1: expected a number < 1";
-    else if (tn == NPY_FLOAT32 ? (float)b2 >= 1.0f : b2 >= 1.0)
-        bad = "beta2: expected a number < 1";
-    else if (tn == NPY_FLOAT32 && !((float)eps > 0))
-        bad = "eps: expected a number > 0";
-    else if (tn == NPY_FLOAT32 && !isfinite((float)lr))
-        bad = "lr: expected a finite number";
-    if (bad) {
-        PyErr_Format(PyExc_ValueError, "%s in the precision of params (%s)", bad,
-                     tn == NPY_FLOAT32 ? "float32" : "float64");
+    PyArrayObject *arr[4] = {(PyArrayObject *)p, (PyArrayObject *)m1, (PyArrayObject *)m2, grad};
+    static const char *const names[4] = {"params", "m", "v", "grad"};
+    if (check_disjoint(arr, names, 4) < 0) {
         Py_DECREF(grad);
         return NULL;
-    }
-    /* the core's pointers are restrict: no two of params, m, v, grad may overlap */
-    {
-        PyArrayObject *arr[4] = {(PyArrayObject *)p, (PyArrayObject *)m1, (PyArrayObject *)m2,
-                                 grad};
-        static const char *const names[4] = {"params", "m", "v", "grad"};
-        for (int i = 1; i < 4; i++)
-            for (int j = 0; j < i; j++)
-                if (overlaps(arr[i], arr[j])) {
-                    PyErr_Format(PyExc_ValueError, "%s: must not share memory with %s",
-                                 names[i], names[j]);
-                    Py_DECREF(grad);
-                    return NULL;
-                }
     }
     void *pp = PyArray_DATA((PyArrayObject *)p), *a = PyArray_DATA((PyArrayObject *)m1),
          *b = PyArray_DATA((PyArrayObject *)m2), *gp = PyArray_DATA(grad);
     int done;
     Py_BEGIN_ALLOW_THREADS
     if (tn == NPY_FLOAT32)
-        done = adam_update_f32(pp, a, b, gp, (size_t)n, (float)lr, (float)b1, (float)b2,
-                               (float)eps, step);
+        done = adam_update_f32(pp, a, b, gp, (size_t)n, (float)opt.lr, (float)opt.beta1,
+                               (float)opt.beta2, (float)opt.eps, opt.step);
     else
-        done = adam_update_f64(pp, a, b, gp, (size_t)n, lr, b1, b2, eps, step);
+        done = adam_update_f64(pp, a, b, gp, (size_t)n, opt.lr, opt.beta1, opt.beta2, opt.eps,
+                               opt.step);
     Py_END_ALLOW_THREADS
     Py_DECREF(grad);
     return PyBool_FromLong(done);
@@ -1011,7 +1179,8 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (PyModule_AddObject(mod, "Model", (PyObject *)&ModelType) < 0 ||
         PyModule_AddIntConstant(mod, "MAX_LEVELS", HVAE_MAX_LEVELS) < 0 ||
         PyModule_AddIntConstant(mod, "MAX_HIDDEN", HVAE_MAX_HIDDEN) < 0 ||
-        PyModule_AddIntConstant(mod, "MAX_WIDTH", HVAE_MAX_WIDTH) < 0) {
+        PyModule_AddIntConstant(mod, "MAX_WIDTH", HVAE_MAX_WIDTH) < 0 ||
+        PyModule_AddIntConstant(mod, "MAX_THREADS", HVAE_MAX_THREADS) < 0) {
         Py_DECREF(&ModelType);
         Py_DECREF(mod);
         return NULL;

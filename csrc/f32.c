@@ -1,4 +1,5 @@
-/* f32.c - the float32 build of the generic core (vecmath.c + layers.c + model.c). */
+/* f32.c - the float32 build of the generic core (vecmath.c + layers.c + model.c + step.c). */
 #include "vecmath.c"
 #include "layers.c"
 #include "model.c"
+#include "step.c"

@@ -16,6 +16,7 @@
 #define HVAE_MAX_LEVELS 16 /* T at most */
 #define HVAE_MAX_HIDDEN 8  /* hidden layers in one MLP at most */
 #define HVAE_MAX_WIDTH (1 << 24)
+#define HVAE_MAX_THREADS 64 /* threads of one team at most */
 
 typedef enum {
     HVAE_OK = 0,
@@ -86,6 +87,27 @@ int hvae_x_params_dim(const hvae_config *cfg);
 /* Width of decoder i's output for level i >= 2 (1-based): d_{i-1}, or 2 d_{i-1} when learned. */
 int hvae_z_params_dim(const hvae_config *cfg, int level);
 
+/* A team of threads (team.c): the caller plus n_threads - 1 workers, 2 <= n_threads <=
+ * HVAE_MAX_THREADS; NULL when it cannot be made. hvae_team_run runs fn(ctx, part, n_parts) for
+ * part 0 on the caller and parts 1.. on the workers, and returns when all are done (a NULL team
+ * runs fn(ctx, 0, 1)). Core calls split their GEMMs, elementwise passes and Adam over the
+ * current team of the calling thread (NULL: none); each part of the work is done by the same
+ * thread index every time, so results do not depend on timing. One team serves one call at a
+ * time; BLAS must run single-threaded inside a team. */
+typedef struct hvae_team hvae_team;
+hvae_team *hvae_team_create(int n_threads);
+void hvae_team_free(hvae_team *tm);
+int hvae_team_size(const hvae_team *tm);
+void hvae_team_run(hvae_team *tm, void (*fn)(void *ctx, int part, int n_parts), void *ctx);
+hvae_team *hvae_team_current(void);
+void hvae_team_set_current(hvae_team *tm);
+
+/* Adam's hyperparameters and the number of this update (step >= 1). */
+typedef struct {
+    double lr, beta1, beta2, eps;
+    long step;
+} hvae_adam;
+
 #define HVAE_DECLARE(real, sfx)                                                                   \
     /* Forward pass. terms (T+1, B): row 0 the reconstruction term -log p(x|z_1), row i the   \
      * KL term of level i; log_weight (B,) or NULL: log p(x,z) - log q(z|x) at the samples (stochastic     \
@@ -119,7 +141,19 @@ int hvae_z_params_dim(const hvae_config *cfg, int level);
      * 3 tanh, 4 softplus, 5 sigmoid. */                                                         \
     hvae_status hvae_vecmath_##sfx(real *out, const real *in, size_t n, int op);                  \
     int adam_update_##sfx(real *params, real *m1, real *m2, const real *grad, size_t n,          \
-                           real lr, real beta1, real beta2, real eps, long t);
+                           real lr, real beta1, real beta2, real eps, long t);                  \
+    /* One training step over `team` (NULL: the calling thread alone): hvae_forward (no         \
+     * log_weight), then, when the loss is finite, the gradient into grad (P,) (overwritten, not \
+     * added to), then, when every gradient is finite, one Adam step on params, m1, m2 (P,),    \
+     * equal to adam_update. *updated says whether the step was taken (params, m1, m2 are       \
+     * untouched otherwise). With a NULL team the numbers are hvae_forward + hvae_backward +   \
+     * adam_update's bit for bit; a team changes them by rounding (OpenBLAS picks its kernels by \
+     * size), the same for a given team size. */                                               \
+    hvae_status hvae_train_step_##sfx(real *terms, real *loss, int *updated, real *grad,         \
+                                      real *params, real *m1, real *m2, hvae_workspace *ws,       \
+                                      const hvae_model *m, const real *x, const real *target,     \
+                                      const real *const *eps, int batch, real beta,               \
+                                      const hvae_adam *opt, hvae_team *team);
 
 HVAE_DECLARE(float, f32)
 HVAE_DECLARE(double, f64)

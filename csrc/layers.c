@@ -7,37 +7,146 @@
  * beta / B for a KL term of the batch-mean loss.
  * A Gaussian parameter block `mulv` is (B, 2d): row b holds mu (d values) then logvar (d values).
  */
+#include <string.h>
+
 #include "real.h"
 /* F(vexp), F(vtanh), ... come from vecmath.c, included before this file */
 
 /* ------------------------------------------------------------------------------------------ */
+/* GEMMs and elementwise passes split over the current team (hvae.h)                            */
+
+/* Work below these sizes runs on the calling thread alone: a fork-join costs about a
+ * microsecond. */
+#define PAR_MIN_FLOPS ((double)(1 << 20)) /* of one GEMM */
+#define PAR_MIN_ELEMS ((size_t)1 << 13)  /* of one elementwise pass */
+#define ALIGN_ROWS 4  /* parts of a GEMM's rows: OpenBLAS's sgemm kernels take 4 at a time */
+#define ALIGN_ELEMS 8 /* parts of a row or of a vector: 32 bytes, whole vector registers */
+
+/* The start of part `part` of n_parts of len items: the multiple of align nearest to an equal
+ * share (part n_parts starts at len). */
+static size_t part_start(size_t len, size_t align, int part, int n_parts) {
+    if (part >= n_parts) return len;
+    size_t at = (len * (size_t)part / (size_t)n_parts + align / 2) / align * align;
+    return at < len ? at : len;
+}
+
+/* [*lo, *hi): part `part` of n_parts of len items (a part may be empty) */
+static void part_range(size_t len, size_t align, int part, int n_parts, size_t *lo, size_t *hi) {
+    *lo = part_start(len, align, part, n_parts);
+    *hi = part_start(len, align, part + 1, n_parts);
+}
+
+/* How part `part` of a GEMM's output C (M,N) is cut: its rows [lo, hi) when M >= N (*by_rows),
+ * else its columns [lo, hi). */
+static void gemm_split(int M, int N, int part, int n_parts, int *by_rows, size_t *lo,
+                       size_t *hi) {
+    *by_rows = M >= N;
+    part_range((size_t)(*by_rows ? M : N), *by_rows ? ALIGN_ROWS : ALIGN_ELEMS, part, n_parts,
+               lo, hi);
+}
+
+/* The team a pass of `work` units (FLOPs or elements) above `min` runs on: the current one, or
+ * NULL (the calling thread alone). */
+static hvae_team *team_for(double work, double min) {
+    return work >= min ? hvae_team_current() : NULL;
+}
+
+/* One GEMM C (M,N) = A op(B) + beta C, row-major (A (M,K) or, transposed, (K,M); B (K,N) or,
+ * transposed, (N,K)), split by part: the rows of C when M >= N, else its columns. Every element
+ * of C is the same dot product whichever part computes it. */
+typedef struct {
+    int trans_a, trans_b, M, N, K, lda, ldb, ldc;
+    const real *A, *B;
+    real beta, *C;
+} F(gemm_args);
+
+static void F(gemm_part)(const F(gemm_args) *g, int part, int n_parts) {
+    size_t lo, hi;
+    int by_rows;
+    gemm_split(g->M, g->N, part, n_parts, &by_rows, &lo, &hi);
+    if (hi <= lo) return;
+    const real *A = g->A, *B = g->B;
+    real *C = g->C;
+    int M = g->M, N = g->N;
+    if (by_rows) {
+        A += g->trans_a ? lo : lo * (size_t)g->lda;
+        C += lo * (size_t)g->ldc;
+        M = (int)(hi - lo);
+    } else {
+        B += g->trans_b ? lo * (size_t)g->ldb : lo;
+        C += lo;
+        N = (int)(hi - lo);
+    }
+    GEMM(CblasRowMajor, g->trans_a ? CblasTrans : CblasNoTrans,
+         g->trans_b ? CblasTrans : CblasNoTrans, M, N, g->K, (real)1, A, g->lda, B, g->ldb,
+         g->beta, C, g->ldc);
+}
+
 /* dense layer: out = in @ W^T + b                                                              */
+
+typedef struct {
+    F(gemm_args) g;
+    const real *bias;
+} F(linear_fwd_job);
+
+static void F(linear_forward_part)(void *p, int part, int n_parts) {
+    const F(linear_fwd_job) *j = p;
+    const F(gemm_args) *g = &j->g;
+    size_t lo, hi;
+    int by_rows;
+    gemm_split(g->M, g->N, part, n_parts, &by_rows, &lo, &hi);
+    size_t b0 = by_rows ? lo : 0, b1 = by_rows ? hi : (size_t)g->M;
+    size_t o0 = by_rows ? 0 : lo, o1 = by_rows ? (size_t)g->N : hi;
+    for (size_t b = b0; b < b1; b++) {
+        real *row = g->C + b * (size_t)g->ldc;
+        for (size_t o = o0; o < o1; o++) row[o] = j->bias[o];
+    }
+    F(gemm_part)(g, part, n_parts);
+}
 
 /* out (B,O), in (B,I), weight (O,I), bias (O,); I and O are n_in and n_out */
 static void F(linear_forward)(real *out, const real *in, const real *weight, const real *bias,
                               int B, int n_in, int n_out) {
-    for (int b = 0; b < B; b++) {
-        real *row = out + (size_t)b * n_out;
-        for (int o = 0; o < n_out; o++) row[o] = bias[o];
-    }
-    GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, B, n_out, n_in, (real)1, in, n_in, weight, n_in,
-         (real)1, out, n_out);
+    F(linear_fwd_job) j = {{0, 1, B, n_out, n_in, n_in, n_in, n_out, in, weight, (real)1, out},
+                           bias};
+    hvae_team_run(team_for(2.0 * B * n_in * n_out, PAR_MIN_FLOPS), F(linear_forward_part), &j);
 }
 
-/* din (B,I) or NULL, dweight (O,I), dbias (O,) += ; dout (B,O), in (B,I), weight (O,I) */
-static void F(linear_backward)(real *din, real *dweight, real *dbias, const real *dout,
-                               const real *in, const real *weight, int B, int n_in, int n_out) {
-    /* dW += dout^T @ in */
-    GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, n_out, n_in, B, (real)1, dout, n_out, in, n_in,
-         (real)1, dweight, n_in);
+typedef struct {
+    F(gemm_args) dw, din;
+    real *dbias;
+    const real *dout;
+    int accumulate;
+} F(linear_bwd_job);
+
+static void F(linear_backward_part)(void *p, int part, int n_parts) {
+    const F(linear_bwd_job) *j = p;
+    int B = j->dw.K, n_out = j->dw.M;
+    size_t lo, hi;
+    part_range((size_t)n_out, ALIGN_ELEMS, part, n_parts, &lo, &hi);
+    if (!j->accumulate)
+        for (size_t o = lo; o < hi; o++) j->dbias[o] = 0;
     for (int b = 0; b < B; b++) {
-        const real *row = dout + (size_t)b * n_out;
-        for (int o = 0; o < n_out; o++) dbias[o] += row[o];
+        const real *row = j->dout + (size_t)b * n_out;
+        for (size_t o = lo; o < hi; o++) j->dbias[o] += row[o];
     }
-    /* din += dout @ W */
-    if (din)
-        GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, B, n_in, n_out, (real)1, dout, n_out,
-             weight, n_in, (real)1, din, n_in);
+    F(gemm_part)(&j->dw, part, n_parts);
+    if (j->din.C) F(gemm_part)(&j->din, part, n_parts);
+}
+
+/* din (B,I) += or NULL; dweight (O,I), dbias (O,) += (accumulate) or = (not); dout (B,O),
+ * in (B,I), weight (O,I) */
+static void F(linear_backward)(real *din, real *dweight, real *dbias, const real *dout,
+                               const real *in, const real *weight, int B, int n_in, int n_out,
+                               int accumulate) {
+    F(linear_bwd_job) j = {
+        /* dW = dout^T @ in */
+        {1, 0, n_out, n_in, B, n_out, n_in, n_in, dout, in, (real)accumulate, dweight},
+        /* din += dout @ W */
+        {0, 0, B, n_in, n_out, n_out, n_in, n_in, dout, weight, (real)1, din},
+        dbias, dout, accumulate};
+    double flops = 2.0 * B * n_in * n_out * (din ? 2 : 1);
+    hvae_team_run(team_for(flops, PAR_MIN_FLOPS), F(linear_backward_part), &j);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -46,7 +155,7 @@ static void F(linear_backward)(real *din, real *dweight, real *dbias, const real
 #define LEAKY_SLOPE ((real)0.01)
 
 /* y (n,) = act(y) in place */
-HVAE_CLONES static void F(act_forward)(real *y, size_t n, int act) {
+HVAE_CLONES static void F(act_forward_range)(real *y, size_t n, int act) {
     switch (act) {
     case 0: /* tanh */
         for (size_t k = 0; k < n; k++) y[k] = F(vtanh)(y[k]);
@@ -61,7 +170,7 @@ HVAE_CLONES static void F(act_forward)(real *y, size_t n, int act) {
 }
 
 /* dy (n,) *= act'(pre) in place, written through the output y (same sign as pre for relus) */
-HVAE_CLONES static void F(act_backward)(real *dy, const real *y, size_t n, int act) {
+HVAE_CLONES static void F(act_backward_range)(real *dy, const real *y, size_t n, int act) {
     switch (act) {
     case 0:
         for (size_t k = 0; k < n; k++) dy[k] *= (real)1 - y[k] * y[k];
@@ -73,6 +182,48 @@ HVAE_CLONES static void F(act_backward)(real *dy, const real *y, size_t n, int a
         for (size_t k = 0; k < n; k++) dy[k] = y[k] > 0 ? dy[k] : LEAKY_SLOPE * dy[k];
         break;
     }
+}
+
+/* both directions over the current team, each part a range of the n values */
+typedef struct {
+    real *v;
+    const real *y; /* NULL: forward on v; else backward, v is dy */
+    size_t n;
+    int act;
+} F(act_job);
+
+static void F(act_part)(void *p, int part, int n_parts) {
+    const F(act_job) *j = p;
+    size_t lo, hi;
+    part_range(j->n, ALIGN_ELEMS, part, n_parts, &lo, &hi);
+    if (hi <= lo) return;
+    if (j->y)
+        F(act_backward_range)(j->v + lo, j->y + lo, hi - lo, j->act);
+    else
+        F(act_forward_range)(j->v + lo, hi - lo, j->act);
+}
+
+static void F(act_forward)(real *y, size_t n, int act) {
+    F(act_job) j = {y, NULL, n, act};
+    hvae_team_run(team_for((double)n, (double)PAR_MIN_ELEMS), F(act_part), &j);
+}
+
+static void F(act_backward)(real *dy, const real *y, size_t n, int act) {
+    F(act_job) j = {dy, y, n, act};
+    hvae_team_run(team_for((double)n, (double)PAR_MIN_ELEMS), F(act_part), &j);
+}
+
+/* v (n,) = 0 over the current team */
+static void F(zero_part)(void *p, int part, int n_parts) {
+    const F(act_job) *j = p;
+    size_t lo, hi;
+    part_range(j->n, ALIGN_ELEMS, part, n_parts, &lo, &hi);
+    if (hi > lo) memset(j->v + lo, 0, sizeof(real) * (hi - lo));
+}
+
+static void F(zero)(real *v, size_t n) {
+    F(act_job) j = {v, NULL, n, 0};
+    hvae_team_run(team_for((double)n, (double)PAR_MIN_ELEMS), F(zero_part), &j);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -325,18 +476,45 @@ HVAE_CLONES static void F(gaussian_learned_nll_backward)(real *restrict dml, rea
 /* ------------------------------------------------------------------------------------------ */
 /* Adam (Kingma & Ba 2015, bias-corrected), one pass over the flat buffer; public (hvae.h)       */
 
-HVAE_CLONES int F(adam_update)(real *restrict params, real *restrict m1, real *restrict m2,
-                   const real *restrict grad, size_t n, real lr, real beta1, real beta2, real eps,
-                   long t) {
-    /* A gradient that is not finite, or so large that g*g overflows the second moment, changes
-     * nothing: the caller keeps its last finite parameters (fit then stops with a message). */
-    if (!F(all_below)(grad, n, SQRT(REAL_MAX) * (real)0.5)) return 0;
-    real c1 = (real)1 - POW(beta1, (real)t), sc2 = SQRT((real)1 - POW(beta2, (real)t));
+/* The constants of update t: beta1, beta2, eps, step = lr / (1 - beta1^t) and
+ * inv_sc2 = 1 / sqrt(1 - beta2^t) (the bias corrections). */
+typedef struct {
+    real beta1, beta2, eps, step, inv_sc2;
+} F(adam_consts);
+
+static F(adam_consts) F(adam_consts_at)(real lr, real beta1, real beta2, real eps, long t) {
+    F(adam_consts) a = {beta1, beta2, eps, lr / ((real)1 - POW(beta1, (real)t)),
+                        (real)1 / SQRT((real)1 - POW(beta2, (real)t))};
+    return a;
+}
+
+/* The update of n parameters without the finiteness check, one division each:
+ * p -= step * (m / (sqrt(v) * inv_sc2 + eps)), PyTorch's order of operations except for the
+ * reciprocal; eps > 0 keeps the denominator positive. */
+HVAE_CLONES static void F(adam_range)(real *restrict params, real *restrict m1,
+                                      real *restrict m2, const real *restrict grad, size_t n,
+                                      const F(adam_consts) *a) {
+    const real beta1 = a->beta1, beta2 = a->beta2, eps = a->eps, step = a->step,
+               inv_sc2 = a->inv_sc2;
     for (size_t k = 0; k < n; k++) {
         real g = grad[k];
         m1[k] = beta1 * m1[k] + ((real)1 - beta1) * g;
         m2[k] = beta2 * m2[k] + ((real)1 - beta2) * g * g;
-        params[k] -= lr * (m1[k] / c1) / (SQRT(m2[k]) / sc2 + eps);
+        params[k] -= step * (m1[k] / (SQRT(m2[k]) * inv_sc2 + eps));
     }
+}
+
+/* A gradient that is not finite, or so large that g*g overflows the second moment, changes
+ * nothing: the caller keeps its last finite parameters (fit then stops with a message). */
+HVAE_CLONES static int F(adam_grad_ok)(const real *grad, size_t n) {
+    return F(all_below)(grad, n, SQRT(REAL_MAX) * (real)0.5);
+}
+
+int F(adam_update)(real *restrict params, real *restrict m1, real *restrict m2,
+                   const real *restrict grad, size_t n, real lr, real beta1, real beta2, real eps,
+                   long t) {
+    if (!F(adam_grad_ok)(grad, n)) return 0;
+    F(adam_consts) a = F(adam_consts_at)(lr, beta1, beta2, eps, t);
+    F(adam_range)(params, m1, m2, grad, n, &a);
     return 1;
 }

@@ -62,16 +62,17 @@ static void F(mlp_forward)(real *const *outs, const hvae_mlp *mlp, const real *p
     }
 }
 
-/* grad (P,) +=, din (B, in_0) += or NULL; douts[last] holds d output, the rest start at zero
- * and are used as scratch; outs, in as in the forward */
+/* grad (P,) += (accumulate) or = (not), din (B, in_0) += or NULL; douts[last] holds d output,
+ * the rest start at zero and are used as scratch; outs, in as in the forward */
 static void F(mlp_backward)(real *grad, real *din, real *const *douts, real *const *outs,
                             const hvae_mlp *mlp, const real *params, const real *in, int B,
-                            int act) {
+                            int act, int accumulate) {
     for (int j = mlp->n_layers - 1; j >= 0; j--) {
         const hvae_linear *l = &mlp->layer[j];
         if (j < mlp->n_layers - 1) F(act_backward)(douts[j], outs[j], (size_t)B * l->out, act);
         F(linear_backward)(j > 0 ? douts[j - 1] : din, grad + l->weight, grad + l->bias, douts[j],
-                           j > 0 ? outs[j - 1] : in, params + l->weight, B, l->in, l->out);
+                           j > 0 ? outs[j - 1] : in, params + l->weight, B, l->in, l->out,
+                           accumulate);
     }
 }
 
@@ -114,6 +115,34 @@ static void F(likelihood_backward)(real *dxp, const hvae_config *c, const real *
     case HVAE_GAUSSIAN: F(gaussian_nll_backward)(dxp, NULL, xp, target, scale, B, c->x_dim); break;
     default: F(gaussian_learned_nll_backward)(dxp, NULL, xp, target, scale, B, c->x_dim); break;
     }
+}
+
+/* Either over the current team, each part a range of rows (an example's term is the same
+ * whichever thread computes it): the forward when acc is given (scratch (B, D): rows [lo, hi)
+ * use row lo), else the backward into dxp. */
+typedef struct {
+    real *acc, *scratch, *dxp;
+    const hvae_config *c;
+    const real *xp, *target;
+    real scale;
+    int B;
+} F(likelihood_job);
+
+static void F(likelihood_part)(void *p, int part, int n_parts) {
+    const F(likelihood_job) *j = p;
+    size_t lo, hi, w = (size_t)hvae_x_params_dim(j->c), D = (size_t)j->c->x_dim;
+    part_range((size_t)j->B, ALIGN_ROWS, part, n_parts, &lo, &hi);
+    if (hi <= lo) return;
+    const real *xp = j->xp + lo * w, *t = j->target + lo * D;
+    if (j->acc)
+        F(likelihood_forward)(j->acc + lo, j->scratch + lo * D, j->c, xp, t, (int)(hi - lo));
+    else
+        F(likelihood_backward)(j->dxp + lo * w, j->c, xp, t, j->scale, (int)(hi - lo));
+}
+
+static void F(likelihood_over_team)(F(likelihood_job) *j) {
+    hvae_team_run(team_for((double)j->B * j->c->x_dim, (double)PAR_MIN_ELEMS),
+                  F(likelihood_part), j);
 }
 
 /* Is p(z_i | z_{i+1}) (level i, 1-based) a learned-variance Gaussian? p(z_T) is N(0, I). */
@@ -164,8 +193,9 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
     zhat[T] = NULL; /* p(z_T) = N(0, I) */
 
     memset(terms, 0, sizeof(real) * (size_t)B * (T + 1));
-    real *scratch = bf.grads; /* (max(D, d_i),): the gradient half is free during the forward */
-    F(likelihood_forward)(terms, scratch, c, zhat[0], target, B);
+    real *scratch = bf.grads; /* (B, max(D, d_i)): the gradient half is free during the forward */
+    F(likelihood_job) lj = {terms, scratch, NULL, c, zhat[0], target, 0, B};
+    F(likelihood_over_team)(&lj);
     for (int i = 1; i <= T; i++) {
         real *kl = terms + (size_t)i * B;
         const real *mulv = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
@@ -202,9 +232,11 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
     return HVAE_OK;
 }
 
-hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m,
-                             const real *params, const real *x, const real *target,
-                             const real *const *eps, int B, real beta) {
+/* hvae_backward, or with accumulate 0 the gradient written into grad instead of added to it */
+static hvae_status F(backward_pass)(real *grad, int accumulate, hvae_workspace *ws,
+                                    const hvae_model *m, const real *params, const real *x,
+                                    const real *target, const real *const *eps, int B,
+                                    real beta) {
     const hvae_config *c = &m->cfg;
     const int T = c->n_levels;
     F(buffers) bf;
@@ -213,12 +245,13 @@ hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m
     hvae_status st = F(carve)(&bf, ws, m, B);
     if (st != HVAE_OK) return st;
     if (c->deterministic) eps = NULL;
-    memset(bf.grads, 0, sizeof(real) * bf.grads_len);
+    F(zero)(bf.grads, bf.grads_len);
     const real rs = (real)1 / (real)B, ks = beta / (real)B;
 
     /* likelihood -> d decoder-1 output */
-    F(likelihood_backward)(bf.ddec[0][m->dec[0].n_layers - 1], c, F(last)(bf.dec[0], &m->dec[0]),
-                           target, rs, B);
+    F(likelihood_job) lj = {NULL, NULL, bf.ddec[0][m->dec[0].n_layers - 1], c,
+                            F(last)(bf.dec[0], &m->dec[0]), target, rs, B};
+    F(likelihood_over_team)(&lj);
     /* KL terms -> d mulv_i, d zhat_i, d z_i */
     for (int i = 1; i <= T; i++) {
         const hvae_mlp *enc = &m->enc[i - 1];
@@ -242,16 +275,22 @@ hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m
     /* decoders: d z_i from dec_i's input */
     for (int i = T - 1; i >= 0; i--)
         F(mlp_backward)(grad, bf.dz[i], bf.ddec[i], bf.dec[i], &m->dec[i], params, bf.z[i], B,
-                        c->activation);
+                        c->activation, accumulate);
     /* encoders top down: d z_i is complete once encoder i+1 has passed it back */
     for (int i = T - 1; i >= 0; i--) {
         const hvae_mlp *enc = &m->enc[i];
         F(reparam_backward)(bf.denc[i][enc->n_layers - 1], bf.dz[i], F(last)(bf.enc[i], enc),
                             eps ? eps[i] : NULL, B, c->z_dim[i]);
         F(mlp_backward)(grad, i > 0 ? bf.dz[i - 1] : NULL, bf.denc[i], bf.enc[i], enc, params,
-                        i > 0 ? bf.z[i - 1] : x, B, c->activation);
+                        i > 0 ? bf.z[i - 1] : x, B, c->activation, accumulate);
     }
     return HVAE_OK;
+}
+
+hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m,
+                             const real *params, const real *x, const real *target,
+                             const real *const *eps, int B, real beta) {
+    return F(backward_pass)(grad, 1, ws, m, params, x, target, eps, B, beta);
 }
 
 hvae_status F(hvae_encode)(real *const *mulv, real *const *z, hvae_workspace *ws,

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from . import _core, checkpoint, evaluation, parallel, training
+from . import _core, checkpoint, evaluation, training
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
@@ -120,15 +120,6 @@ class HVAE:
     # ------------------------------------------------------------------------------------------
     # parameters
 
-    def _splitter(self, n_jobs):
-        """The cached SplitForward over n_jobs threads (made on first use)."""
-        split = getattr(self, "_split", None)
-        if split is None or len(split.cores) != n_jobs:
-            if split is not None:
-                split.close()
-            split = self._split = parallel.SplitForward(self, n_jobs)
-        return split
-
     def _new_core(self):
         """A core Model of this architecture (its own workspace)."""
         return _core.Model(self.x_dim, self.latent_dims, self.hidden_dims, self.likelihood,
@@ -215,14 +206,14 @@ class HVAE:
         """The NumPy scalar type of the model's dtype."""
         return np.dtype(self.dtype).type
 
-    def _forward(self, x, eps, target, beta, grad=None, log_weight=False):
+    def _forward(self, x, eps, target, beta, grad=None, log_weight=False, threads=1):
         x = self._check_x(x, finite=False)
         if target is not None:
             target = self._check_x(target, "target", finite=False)
         if eps is None and not self.deterministic:
             eps = self.draw_eps(len(x))
         return self._core.forward(self.params, x, target, None if self.deterministic else eps,
-                                  beta=beta, grad=grad, log_weight=log_weight)
+                                  beta=beta, grad=grad, log_weight=log_weight, threads=threads)
 
     def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, out=None, n_jobs=None):
         """Loss of a batch and its exact gradient with respect to :attr:`params`.
@@ -242,9 +233,9 @@ class HVAE:
         out : ndarray, shape (n_params,), optional
             Buffer for the gradient (the model's dtype); a new array when None.
         n_jobs : int, optional
-            Split the batch over this many threads (see :meth:`fit`; here BLAS threads are left
-            as they are: limit them to one, e.g. with threadpoolctl, for the best speed). A
-            denoising ``target`` runs on one thread.
+            Threads of the core (see :meth:`fit`; None: 1, -1: every CPU). Here BLAS threads
+            are left as they are: limit them to one, e.g. with threadpoolctl, for the best
+            speed.
 
         Returns
         -------
@@ -253,17 +244,8 @@ class HVAE:
         grad : ndarray, shape (n_params,)
         """
         grad = np.empty(self.n_params, self.dtype) if out is None else out
-        n_jobs = parallel.resolve_n_jobs(n_jobs)
-        if n_jobs > 1 and target is None:
-            x = self._check_x(x, finite=False)
-            if eps is None and not self.deterministic:
-                eps = self.draw_eps(len(x))
-            if not self.deterministic and not isinstance(eps, (list, tuple)):
-                raise TypeError(f"eps: expected a list of {self.n_levels} arrays, got "
-                                f"{type(eps).__name__}")
-            loss, _, _ = self._splitter(n_jobs).forward(self.params, x, eps, beta, grad)
-            return loss, grad
-        loss, _, _ = self._forward(x, eps, target, beta, grad=grad)
+        loss, _, _ = self._forward(x, eps, target, beta, grad=grad,
+                                   threads=training.resolve_n_jobs(n_jobs))
         return loss, grad
 
     def elbo_terms(self, x, eps=None, *, target=None):
@@ -324,9 +306,10 @@ class HVAE:
         callbacks : list of callable, optional
             ``cb(model, record)`` after every epoch; returning True stops training.
         n_jobs : int, optional
-            Threads: each minibatch is split into n_jobs parts computed in parallel, BLAS at one
-            thread each (None: 1; -1: every CPU). Results are reproducible for a given n_jobs
-            and equal the one-thread results up to rounding.
+            Threads of the core (None: 1; -1: every CPU): each layer's matrix products,
+            elementwise passes and the Adam update are split between them, BLAS at one thread
+            each. Results are reproducible for a given n_jobs and equal the one-thread results
+            up to rounding.
 
         Returns
         -------

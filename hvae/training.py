@@ -1,5 +1,5 @@
 """The training loop behind HVAE.fit / partial_fit: Adam on the flat buffer, KL warm-up, early
-stopping, progress bar, per-epoch history, checkpoints, safe stops (NaN, Ctrl-C)."""
+stopping, progress bar, per-epoch history, checkpoints, safe stops (NaN, Ctrl-C), threads."""
 import contextlib
 import os
 import time
@@ -8,7 +8,21 @@ import warnings
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from . import _core, parallel
+from . import _core
+
+
+def resolve_n_jobs(n_jobs):
+    """scikit-learn's convention: None -> 1, -1 -> every CPU (at most _core.MAX_THREADS),
+    k >= 1 -> k."""
+    if n_jobs is None:
+        return 1
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0 \
+            or n_jobs < -1 or n_jobs > _core.MAX_THREADS:
+        raise ValueError(f"n_jobs: expected None, -1 or an integer in [1, {_core.MAX_THREADS}], "
+                         f"got {n_jobs!r}")
+    return min(os.cpu_count() or 1, _core.MAX_THREADS) if n_jobs == -1 else int(n_jobs)
+
+
 
 
 class Adam:
@@ -35,6 +49,18 @@ class Adam:
         if ok:
             self.step += 1
         return ok
+
+    def train_step(self, core, params, grad, x, eps, beta, threads=1):
+        """Loss, gradient (into grad) and this update in one core call
+        (``_core.Model.train_step``): the numbers of ``core.forward`` then :meth:`update`.
+        Returns (loss, terms, updated); nothing changes when the loss or gradient is not
+        finite."""
+        loss, terms, ok = core.train_step(params, self.m, self.v, grad, x, eps, self.step + 1,
+                                          beta=beta, lr=self.lr, beta1=self.beta1,
+                                          beta2=self.beta2, adam_eps=self.eps, threads=threads)
+        if ok:
+            self.step += 1
+        return loss, terms, ok
 
 
 def warmup_beta(beta, warmup_epochs, step, steps_per_epoch, delay_epochs=0):
@@ -72,9 +98,9 @@ class _Bar:
             self.bar.close()
 
 
-def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, forward):
-    """One shuffled pass of minibatches, each step through ``forward`` (the core's, or a
-    SplitForward's). Returns the epoch's mean loss and terms.
+def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs):
+    """One shuffled pass of minibatches, each step one core call on n_jobs threads. Returns the
+    epoch's mean loss and terms.
 
     Raises FloatingPointError on a non-finite loss or gradient (parameters untouched by that step).
     """
@@ -90,8 +116,9 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoc
         xb = X[idx]
         eps = model.draw_eps(len(idx))
         b = warmup_beta(beta, warmup_epochs, opt.step, steps, warmup_delay)
-        loss, terms, _ = forward(model.params, xb, None if model.deterministic else eps, b, grad)
-        if not np.isfinite(loss) or not opt.update(model.params, grad):
+        loss, terms, ok = opt.train_step(model._core, model.params, grad, xb,
+                                         None if model.deterministic else eps, b, n_jobs)
+        if not ok:
             what = "loss" if not np.isfinite(loss) else "gradient"
             raise FloatingPointError(
                 f"non-finite {what} at epoch {epoch + 1}, step {s + 1} (loss={loss}); training "
@@ -99,8 +126,9 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoc
                 "float64, or check the data.")
         means = terms.mean(axis=1)
         sums += len(idx) * np.r_[loss, means]
-        bar.update(1, loss=f"{loss:.2f}", rec=f"{means[0]:.2f}",
-                   kl="/".join(f"{k:.2f}" for k in means[1:]))
+        if bar.bar is not None:
+            bar.update(1, loss=f"{loss:.2f}", rec=f"{means[0]:.2f}",
+                       kl="/".join(f"{k:.2f}" for k in means[1:]))
     sums /= n
     return {"loss": float(sums[0]), "reconstruction": float(sums[1]),
             "kl": [float(k) for k in sums[2:]], "beta": float(b)}
@@ -156,7 +184,7 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
         raise ValueError("patience: early stopping needs validation_data")
     if patience is not None and (not isinstance(patience, (int, np.integer)) or patience < 1):
         raise ValueError(f"patience: expected None or an integer >= 1, got {patience!r}")
-    n_jobs = parallel.resolve_n_jobs(n_jobs)
+    n_jobs = resolve_n_jobs(n_jobs)
     model._ensure_optimizer()
     model.optimizer_.lr = float(lr)
     batch_size = min(int(batch_size), len(X))
@@ -165,18 +193,16 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
     wait = 0
     bar = _Bar(epochs * steps, progress, "epoch")
     model.interrupted_ = False
-    split = model._splitter(n_jobs) if n_jobs > 1 else None
-    forward = split.forward if split else (
-        lambda params, x, eps, beta, grad: model._core.forward(params, x, None, eps, beta=beta,
-                                                               grad=grad))
     try:
         for e in range(epochs):
             epoch = len(model.history_)
             bar.set_description(f"epoch {epoch + 1}")
             t0 = time.perf_counter()
-            with threadpool_limits(1, user_api="blas") if split else contextlib.nullcontext():
+            # with n_jobs > 1 the core's threads split the work, BLAS at one thread each
+            blas = threadpool_limits(1, user_api="blas") if n_jobs > 1 else contextlib.nullcontext()
+            with blas:
                 record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs,
-                                   kl_warmup_delay, bar, epoch, forward)
+                                   kl_warmup_delay, bar, epoch, n_jobs)
             record["epoch"] = epoch + 1
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
             record["seconds"] = time.perf_counter() - t0

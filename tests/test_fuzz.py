@@ -1,6 +1,7 @@
 """Property-based fuzzing of the binding hvae._core: thousands of random, mostly malformed calls
 (wrong dtypes, shapes, layouts, NaN, lists, None, strings, byte order, unaligned and read-only
-memory) to Model(...), forward, encode, decode, param_table, adam_update and _vecmath.
+memory) to Model(...), forward, train_step, encode, decode, param_table, adam_update and
+_vecmath.
 
 Every call either raises TypeError / ValueError / MemoryError with a message that starts with
 the name of an argument, or succeeds; a successful call gives bit for bit the result of the same
@@ -29,10 +30,11 @@ ALLOWED = (TypeError, ValueError, MemoryError)
 # an error message names what was wrong: an argument (x, eps[1], hidden_dims[0][2], ...) or,
 # for CPython's own argument parsing, the function
 NAMED = re.compile(r"^(params|x|target|eps|beta|grad|log_weight|z|level|temperature|m|v|step|"
-                   r"lr|beta1|beta2|op|x_dim|latent_dims|hidden_dims|likelihood|activation|kl|"
-                   r"dtype|deterministic)(\[\d+\])*:|argument|embedded null|.*keyword argument|"
-                   r"function|.* must be |.*takes|Model\(\)|forward\(\)|encode\(\)|decode\(\)|"
-                   r"adam_update\(\)|_vecmath\(\)")
+                   r"lr|beta1|beta2|adam_eps|threads|op|x_dim|latent_dims|hidden_dims|"
+                   r"likelihood|activation|kl|dtype|deterministic)(\[\d+\])*:|argument|"
+                   r"embedded null|.*keyword argument|function|.* must be |.*takes|Model\(\)|"
+                   r"forward\(\)|train_step\(\)|encode\(\)|decode\(\)|adam_update\(\)|"
+                   r"_vecmath\(\)")
 
 DTYPES = [np.float64, np.float32, ">f8", ">f4", np.float16, np.int64, np.int8, np.uint32,
           np.bool_, np.complex128, "U2", "M8[s]", object]
@@ -223,6 +225,58 @@ def test_forward_fuzz(data):
     same([loss, terms, lw], list(want))
     if grad is not None:
         same(grad, g2)
+
+
+THREADS = st.integers(1, 3)
+
+
+@FUZZ
+@given(st.data())
+def test_train_step_fuzz(data):
+    """A failed call writes nothing; a successful one gives the result of forward + adam_update
+    on plain arrays (one thread: bit for bit; with threads: the same call again)."""
+    draw = data.draw
+    m, dt, lat, D, P = draw(PICK_MODEL)
+    B = draw(ROWS)
+    outs = [np.random.default_rng(k).random(P).astype(dt) if draw(CHOICE) else draw(ANYTHING)
+            for k in range(4)]  # params, m, v, grad
+    x = sometimes_bad(draw, valid_array((B, D), dt))
+    eps = eps_list(draw, B, lat, dt)
+    step = sometimes_bad(draw, STEPS)
+    kwargs = {k: sometimes_bad(draw, HYPER_VALUES)
+              for k in draw(st.lists(st.sampled_from(["lr", "beta1", "beta2", "adam_eps"]),
+                                     unique=True, max_size=4))}
+    if draw(FLAG):
+        kwargs["target"] = sometimes_bad(draw, valid_array((B, D), dt))
+    if draw(FLAG):
+        kwargs["beta"] = sometimes_bad(draw, BETAS)
+    if draw(FLAG):
+        kwargs["threads"] = sometimes_bad(draw, THREADS)
+    before = [np.array(b, copy=True) if isinstance(b, np.ndarray) else None for b in outs]
+    out, ok = call(m.train_step, *outs, x, eps, step, **kwargs)
+    if not ok:  # nothing written
+        for b, b0 in zip(outs, before):
+            if b0 is not None:
+                assert b.tobytes() == b0.tobytes()
+        return
+    loss, terms, updated = out
+    p, m1, m2, g = (b.copy() for b in before)
+    eps2 = [canonical(e, dt) for e in eps] if isinstance(eps, (list, tuple)) else eps
+    tg = kwargs.get("target")
+    x2, tg2 = canonical(x, dt), None if tg is None else canonical(tg, dt)
+    if kwargs.get("threads", 1) == 1:
+        want = m.forward(p, x2, tg2, eps2, beta=kwargs.get("beta", 1.0), grad=g)[:2]
+        adam = {("eps" if k == "adam_eps" else k): v for k, v in kwargs.items()
+                if k in ("lr", "beta1", "beta2", "adam_eps")}
+        want_updated = bool(np.isfinite(want[0])) and _core.adam_update(p, m1, m2, g, step, **adam)
+    else:
+        want = m.train_step(p, m1, m2, g, x2, eps2, step, **dict(kwargs, target=tg2))
+        want_updated = want[2]
+    same([loss, terms], list(want[:2]))
+    assert updated is want_updated
+    same(outs[:3], [p, m1, m2])
+    if np.isfinite(loss):  # else the gradient was not computed
+        same(outs[3], g)
 
 
 LEVELS = st.one_of(st.none(), st.integers(0, 3))

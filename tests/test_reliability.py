@@ -641,14 +641,14 @@ def test_diverging_training_stops_cleanly():
     m = hvae.HVAE(6, [3, 2], [[8], [8]], likelihood="gaussian", activation="relu", seed=0)
     m._ensure_optimizer()
     snapshots = []
-    update = m.optimizer_.update
+    train_step = m.optimizer_.train_step
 
-    def recording_update(params, grad):
-        ok = update(params, grad)
+    def recording_train_step(core, params, *args):
+        loss, terms, ok = train_step(core, params, *args)
         if ok:
             snapshots.append(params.copy())
-        return ok
-    m.optimizer_.update = recording_update
+        return loss, terms, ok
+    m.optimizer_.train_step = recording_train_step
     with pytest.raises(FloatingPointError, match=r"non-finite \w+ at epoch \d+, step \d+"):
         m.fit(X, epochs=20, batch_size=16, lr=1e6, progress=False)
     assert snapshots, "diverged before any step"

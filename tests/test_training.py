@@ -102,21 +102,22 @@ def test_callback_can_stop():
 
 
 class FaultyCore:
-    """Wraps the core: makes step `at` return a NaN loss or raise KeyboardInterrupt."""
+    """Wraps the core: makes training step `at` return a NaN loss (the step not taken) or raise
+    KeyboardInterrupt."""
 
     def __init__(self, core, at, fault):
         self.core, self.at, self.fault, self.calls, self.params_before = core, at, fault, 0, None
 
-    def forward(self, params, *args, **kw):
-        if kw.get("grad") is not None:
-            self.calls += 1
-            if self.calls == self.at:
-                self.params_before = params.copy()
-                if self.fault == "interrupt":
-                    raise KeyboardInterrupt
-                loss, terms, lw = self.core.forward(params, *args, **kw)
-                return float("nan"), terms, lw
-        return self.core.forward(params, *args, **kw)
+    def train_step(self, params, *args, **kw):
+        self.calls += 1
+        if self.calls == self.at:
+            self.params_before = params.copy()
+            if self.fault == "interrupt":
+                raise KeyboardInterrupt
+            _, _, _, x, eps, _ = args
+            _, terms, _ = self.core.forward(params, x, None, eps)
+            return float("nan"), terms, False
+        return self.core.train_step(params, *args, **kw)
 
     def __getattr__(self, name):
         return getattr(self.core, name)

@@ -1,6 +1,7 @@
 """A small tour of the C core for valgrind (.ci/valgrind.sh): forward, backward, encode, decode,
-Adam and the elementwise math on tiny models of every kind, both precisions, odd layouts, the
-error paths (after conversions), a grow-and-reuse of the workspace, two threads. Prints "ok".
+Adam, the fused training step (on one thread and on a team of two) and the elementwise math on
+tiny models of every kind, both precisions, odd layouts, the error paths (after conversions), a
+grow-and-reuse of the workspace, two threads. Prints "ok".
 
 Not a pytest file (no test_ prefix): run it as `python tests/valgrind_subset.py`.
 """
@@ -45,8 +46,10 @@ def tour(m, rng, B):
     opt = [np.zeros(m.n_params, dt) for _ in range(2)]
     for step in (1, 2, 3):
         _core.adam_update(p, opt[0], opt[1], g, step)
+    for threads in (1, 2):
+        m.train_step(p, opt[0], opt[1], g, x, eps, 4, beta=0.5, threads=threads)
     g[0] = np.nan
-    _core.adam_update(p, opt[0], opt[1], g, 4)  # refused: non-finite gradient
+    _core.adam_update(p, opt[0], opt[1], g, 6)  # refused: non-finite gradient
     for bad in (lambda: m.forward(p, x, None, [eps[0][:, :0]] + eps[1:], grad=g),
                 lambda: m.forward(p[:-1], x, None, eps),
                 lambda: m.encode(p, x * np.nan),

@@ -1,0 +1,55 @@
+/* step.c - one training step in one call: forward, backward and Adam over the model's team
+ * (hvae.h), no round trip to the caller between them. Generic in `real`; compiled through
+ * f32.c and f64.c after model.c, whose static backward_pass it calls. */
+#include "hvae.h"
+#include "real.h"
+
+/* Adam over the team: first every part checks its range of the gradient, then, when all are
+ * finite, every part updates its range (the same ranges, each on the thread that checked it). */
+typedef struct {
+    real *params, *m1, *m2;
+    const real *grad;
+    size_t n;
+    F(adam_consts) consts;
+    int ok[HVAE_MAX_THREADS]; /* of the check, per part */
+    int update;               /* 0: check, 1: update */
+} F(adam_job);
+
+static void F(adam_part)(void *p, int part, int n_parts) {
+    F(adam_job) *j = p;
+    size_t lo, hi;
+    part_range(j->n, ALIGN_ELEMS, part, n_parts, &lo, &hi);
+    if (!j->update)
+        j->ok[part] = F(adam_grad_ok)(j->grad + lo, hi - lo);
+    else
+        F(adam_range)(j->params + lo, j->m1 + lo, j->m2 + lo, j->grad + lo, hi - lo, &j->consts);
+}
+
+hvae_status F(hvae_train_step)(real *terms, real *loss, int *updated, real *grad, real *params,
+                               real *m1, real *m2, hvae_workspace *ws, const hvae_model *m,
+                               const real *x, const real *target, const real *const *eps, int B,
+                               real beta, const hvae_adam *opt, hvae_team *team) {
+    hvae_team *caller_team = hvae_team_current();
+    hvae_team_set_current(team);
+    *updated = 0;
+    hvae_status st = F(hvae_forward)(terms, NULL, loss, ws, m, params, x, target, eps, B, beta);
+    if (st == HVAE_OK && isfinite(*loss))
+        st = F(backward_pass)(grad, 0, ws, m, params, x, target, eps, B, beta);
+    if (st == HVAE_OK && isfinite(*loss)) {
+        F(adam_job) j = {params, m1, m2, grad, m->n_params,
+                         F(adam_consts_at)((real)opt->lr, (real)opt->beta1, (real)opt->beta2,
+                                           (real)opt->eps, opt->step),
+                         {0}, 0};
+        hvae_team *at = team_for((double)m->n_params, (double)PAR_MIN_ELEMS);
+        int n_parts = hvae_team_size(at), ok = 1;
+        hvae_team_run(at, F(adam_part), &j);
+        for (int k = 0; k < n_parts; k++) ok &= j.ok[k];
+        if (ok) {
+            j.update = 1;
+            hvae_team_run(at, F(adam_part), &j);
+            *updated = 1;
+        }
+    }
+    hvae_team_set_current(caller_team);
+    return st;
+}

@@ -1,0 +1,235 @@
+"""The fused training step (_core.Model.train_step) and the core's thread team: one thread gives
+bit for bit forward + adam_update; more threads give the same to round-off, reproducibly; a
+non-finite loss or gradient takes no step; bad arguments raise exceptions naming them."""
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+
+import hvae
+from hvae import _core
+
+CONFIGS = [
+    dict(x_dim=9, latent_dims=[4], hidden_dims=[[7]]),
+    dict(x_dim=9, latent_dims=[5, 3], hidden_dims=[[8, 6], [4]], kl="mc", activation="relu"),
+    dict(x_dim=7, latent_dims=[4, 3, 2], hidden_dims=[[6], [], [5]], likelihood="gaussian",
+         activation="leaky_relu"),
+    dict(x_dim=6, latent_dims=[3, 2], hidden_dims=[[5], [4]], likelihood="gaussian_learned"),
+    dict(x_dim=8, latent_dims=[3, 2], hidden_dims=[[6], [4]], deterministic=True),
+    dict(x_dim=8, latent_dims=[4, 3, 2], hidden_dims=[[6], [5], [4]], kl="mc",
+         prior_variance="learned"),
+    # wide enough for the team to split GEMMs, activations, the likelihood and Adam
+    dict(x_dim=300, latent_dims=[40, 10], hidden_dims=[[256], [64]]),
+    # one row is enough for the team to split the likelihood
+    dict(x_dim=9000, latent_dims=[2], hidden_dims=[[4]], likelihood="gaussian_learned"),
+]
+# Adam's step is about lr whatever the gradient's size, so a gradient near zero that rounds
+# differently moves a parameter differently: float32 parameters get an absolute tolerance of
+# 1% of lr
+TOL = {"float32": dict(rtol=1e-4, atol=3e-5), "float64": dict(rtol=1e-10, atol=1e-13)}
+
+
+def run(cfg, dtype, steps, B, threads, *, target=False, seed=0):
+    """(params, m, v, grad, losses, terms) after `steps` train_step calls; threads None: the
+    two-call path (forward with grad, then adam_update)."""
+    m = hvae.HVAE(**cfg, dtype=dtype, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    grad, m1, m2 = np.zeros_like(m.params), np.zeros_like(m.params), np.zeros_like(m.params)
+    losses, terms = [], []
+    for t in range(1, steps + 1):
+        x = (rng.random((B, m.x_dim)) < 0.4).astype(dtype)
+        tg = (rng.random((B, m.x_dim)) < 0.4).astype(dtype) if target else None
+        eps = None if m.deterministic else m.draw_eps(B)
+        kw = dict(beta=0.7, lr=3e-3, beta1=0.8, beta2=0.99)
+        if threads is None:
+            loss, tm, _ = m._core.forward(m.params, x, tg, eps, beta=kw["beta"], grad=grad)
+            assert _core.adam_update(m.params, m1, m2, grad, t, lr=kw["lr"], beta1=kw["beta1"],
+                                     beta2=kw["beta2"])
+        else:
+            loss, tm, ok = m._core.train_step(m.params, m1, m2, grad, x, eps, t, target=tg,
+                                              threads=threads, **kw)
+            assert ok is True
+        losses.append(loss)
+        terms.append(tm)
+    return m.params, m1, m2, grad, losses, terms
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_one_thread_equals_forward_then_adam_bit_for_bit(cfg, dtype):
+    for B, target in ((1, False), (5, True), (33, False)):
+        want = run(cfg, dtype, 3, B, None, target=target)
+        got = run(cfg, dtype, 3, B, 1, target=target)
+        for a, b in zip(got, want):
+            for u, w in zip(a, b) if isinstance(a, list) else [(a, b)]:
+                np.testing.assert_array_equal(u, w)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[5], CONFIGS[6], CONFIGS[7]])
+def test_threads_match_one_thread_and_are_reproducible(cfg, dtype):
+    for B in (1, 3, 64):
+        one = run(cfg, dtype, 3, B, 1)
+        for threads in (2, 3):
+            got = run(cfg, dtype, 3, B, threads)
+            np.testing.assert_allclose(got[0], one[0], **TOL[dtype])
+            np.testing.assert_allclose(got[4], one[4], rtol=TOL[dtype]["rtol"])
+            again = run(cfg, dtype, 3, B, threads)
+            for a, b in zip(got[:4], again[:4]):
+                np.testing.assert_array_equal(a, b)
+            assert got[4] == again[4]
+
+
+def test_forward_threads_match_one_thread():
+    m = hvae.HVAE(**CONFIGS[6], dtype="float64", seed=3)
+    x = (np.random.default_rng(0).random((50, m.x_dim)) < 0.4).astype(np.float64)
+    eps = m.draw_eps(50)
+    g1, g2 = np.empty_like(m.params), np.empty_like(m.params)
+    one = m._core.forward(m.params, x, None, eps, grad=g1, log_weight=True)
+    two = m._core.forward(m.params, x, None, eps, grad=g2, log_weight=True, threads=2)
+    assert two[0] == pytest.approx(one[0], rel=1e-12)
+    np.testing.assert_allclose(two[1], one[1], rtol=1e-12)
+    np.testing.assert_allclose(two[2], one[2], rtol=1e-12)
+    np.testing.assert_allclose(g2, g1, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_non_finite_gradient_or_loss_takes_no_step(threads):
+    """float32 Bernoulli with x = 1e20: a finite loss whose gradient fails adam_update's check
+    (g * g would overflow); x = 3e38: an infinite loss. Neither changes params, m or v."""
+    m = hvae.HVAE(5, [2], [[4]], seed=0)
+    x = np.full((3, 5), 1e20, np.float32)
+    eps = m.draw_eps(3)
+    m1, m2, grad = np.zeros_like(m.params), np.ones_like(m.params), np.zeros_like(m.params)
+    before = [a.copy() for a in (m.params, m1, m2)]
+    loss, terms, ok = m._core.train_step(m.params, m1, m2, grad, x, eps, 1, threads=threads)
+    assert np.isfinite(loss) and not ok
+    assert not _core.adam_update(m.params.copy(), m1.copy(), m2.copy(), grad, 1)
+    for a, b in zip((m.params, m1, m2), before):
+        np.testing.assert_array_equal(a, b)
+    loss, terms, ok = m._core.train_step(m.params, m1, m2, grad, np.full((3, 5), 3e38, np.float32),
+                                         eps, 1, threads=threads)
+    assert not np.isfinite(loss) and not ok and terms.shape == (2, 3)
+    for a, b in zip((m.params, m1, m2), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fit_n_jobs_in_python_threads_matches_sequential():
+    """Two models trained at once from two Python threads, each on a team of two threads, give
+    the results of training them one after the other."""
+    X = (np.random.default_rng(0).random((256, 300)) < 0.3).astype(np.float32)
+
+    def train(seed):
+        return hvae.HVAE(**CONFIGS[6], seed=seed).fit(X, epochs=2, batch_size=64, progress=False,
+                                                      n_jobs=2)
+    want = [train(s).params for s in (0, 1)]
+    got = [None, None]
+
+    def work(k):
+        got[k] = train(k).params
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def _train_in_child(model, X, queue):
+    model.fit(X, epochs=1, batch_size=64, progress=False, n_jobs=2)
+    queue.put(model.params.copy())
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
+def test_forked_child_trains_with_threads():
+    """A child forked after training with n_jobs=2 has none of the parent's worker threads: it
+    starts its own team instead of waiting for them."""
+    X = (np.random.default_rng(0).random((128, 300)) < 0.3).astype(np.float32)
+    m = hvae.HVAE(**CONFIGS[6], seed=0).fit(X, epochs=1, batch_size=64, progress=False,
+                                            n_jobs=2)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_train_in_child, args=(m, X, queue))
+    child.start()
+    params = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    m.fit(X, epochs=1, batch_size=64, progress=False, n_jobs=2)
+    np.testing.assert_array_equal(params, m.params)
+
+
+def _args(core, dtype, P, B=2, D=4, T=1):
+    return dict(params=np.zeros(P, dtype), m=np.zeros(P, dtype), v=np.zeros(P, dtype),
+                grad=np.zeros(P, dtype), x=np.zeros((B, D), dtype),
+                eps=[np.zeros((B, 3), dtype)][:T], step=1)
+
+
+BAD = [  # (change to the valid arguments, exception, words in the message)
+    (lambda a: a.update(params=a["params"].astype(np.float64)), TypeError,
+     "params: expected dtype"),
+    (lambda a: a.update(params=list(a["params"])), TypeError, "params: expected a numpy.ndarray"),
+    (lambda a: a.update(m=a["m"][:-1]), ValueError, "m: expected shape"),
+    (lambda a: a.update(v=np.zeros(2 * len(a["v"]), np.float32)[::2]), ValueError,
+     "v: expected a C-contiguous"),
+    (lambda a: a.update(grad=a["params"]), ValueError, "grad: must not share memory with params"),
+    (lambda a: a.update(v=a["m"]), ValueError, "v: must not share memory with m"),
+    (lambda a: a.update(x=a["x"][:, :3]), ValueError, "x: expected shape (batch, 4)"),
+    (lambda a: a.update(x=np.full((2, 4), np.nan, np.float32)), ValueError, "x: expected finite"),
+    (lambda a: a.update(x="abc"), TypeError, "x: expected"),
+    (lambda a: a.update(eps=None), ValueError, "eps: expected a list"),
+    (lambda a: a.update(eps=[np.zeros((3, 3), np.float32)]), ValueError, "eps[0]: expected shape"),
+    (lambda a: a.update(step=0), ValueError, "step: expected an integer in [1"),
+    (lambda a: a.update(step=1.5), TypeError, "step: expected an integer"),
+    (lambda a: a.update(lr=-1.0), ValueError, "lr: expected"),
+    (lambda a: a.update(beta1=1.0), ValueError, "beta1: expected"),
+    (lambda a: a.update(beta2=1 - 1e-9), ValueError, "beta2: expected a number < 1"),
+    (lambda a: a.update(adam_eps=0.0), ValueError, "adam_eps: expected"),
+    (lambda a: a.update(adam_eps=1e-50), ValueError, "adam_eps: expected a number > 0"),
+    (lambda a: a.update(beta="x"), TypeError, "beta: expected a number"),
+    (lambda a: a.update(target=np.zeros((3, 4), np.float32)), ValueError, "target: expected shape"),
+    (lambda a: a.update(threads=0), ValueError, "threads: expected an integer in [1, 64]"),
+    (lambda a: a.update(threads=_core.MAX_THREADS + 1), ValueError, "threads: expected"),
+    (lambda a: a.update(threads="2"), TypeError, "threads: expected an integer"),
+]
+
+
+@pytest.mark.parametrize("change, exc, words", BAD)
+def test_train_step_rejects(change, exc, words):
+    core = _core.Model(4, [3], [[5]], dtype="float32")
+    args = _args(core, np.float32, core.n_params)
+    change(args)
+    before = {k: np.array(v, copy=True) for k, v in args.items()
+              if k in ("params", "m", "v", "grad") and isinstance(v, np.ndarray)}
+    with pytest.raises(exc) as info:
+        core.train_step(**args)
+    assert str(info.value).startswith(words), str(info.value)
+    for k, b in before.items():
+        np.testing.assert_array_equal(args[k], b)
+
+
+def test_train_step_rejects_grad_sharing_the_batch():
+    core = _core.Model(4, [3], [[5]], dtype="float32")
+    P = core.n_params
+    buf = np.zeros(P + 8, np.float32)
+    args = _args(core, np.float32, P)
+    args["grad"] = buf[:P]
+    args["x"] = buf[P - 4:P + 4].reshape(2, 4)
+    with pytest.raises(ValueError, match="grad: must not share memory with x"):
+        core.train_step(**args)
+
+
+def test_forward_rejects_bad_threads():
+    core = _core.Model(4, [3], [[5]], dtype="float32")
+    x, eps = np.zeros((2, 4), np.float32), [np.zeros((2, 3), np.float32)]
+    with pytest.raises(ValueError, match=r"threads: expected an integer in \[1, 64\], got 0"):
+        core.forward(np.zeros(core.n_params, np.float32), x, None, eps, threads=0)
+    with pytest.raises(TypeError, match="threads: expected an integer"):
+        core.forward(np.zeros(core.n_params, np.float32), x, None, eps, threads=None)
+
+
+def test_n_jobs_out_of_range():
+    m = hvae.HVAE(4, [2], [[3]], seed=0)
+    with pytest.raises(ValueError, match="n_jobs"):
+        m.loss_and_grad(np.zeros((2, 4)), n_jobs=_core.MAX_THREADS + 1)
