@@ -100,6 +100,10 @@ void hvae_team_free(hvae_team *tm);
 int hvae_team_size(const hvae_team *tm);
 void hvae_team_run(hvae_team *tm, void (*fn)(void *ctx, int part, int n_parts), void *ctx);
 hvae_team *hvae_team_current(void);
+/* A grow-only scratch buffer of at least `bytes` owned by the team (freed with it), for the
+ * caller to hand to a job; NULL when it cannot be had (the caller then splits its work another
+ * way). Allocates only when a larger buffer than ever before is asked for. */
+void *hvae_team_scratch(hvae_team *tm, size_t bytes);
 void hvae_team_set_current(hvae_team *tm);
 
 /* Adam's hyperparameters and the number of this update (step >= 1). */

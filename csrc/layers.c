@@ -13,13 +13,13 @@
 /* F(vexp), F(vtanh), ... come from vecmath.c, included before this file */
 
 /* ------------------------------------------------------------------------------------------ */
-/* GEMMs and elementwise passes split over the current team (hvae.h)                            */
+/* work split over the current team (hvae.h)                                                    */
 
 /* Work below these sizes runs on the calling thread alone: a fork-join costs about a
  * microsecond. */
 #define PAR_MIN_FLOPS ((double)(1 << 20)) /* of one GEMM */
 #define PAR_MIN_ELEMS ((size_t)1 << 13)  /* of one elementwise pass */
-#define ALIGN_ROWS 4  /* parts of a GEMM's rows: OpenBLAS's sgemm kernels take 4 at a time */
+#define ALIGN_ROWS 4  /* parts of a batch: OpenBLAS's sgemm kernels take 4 rows at a time */
 #define ALIGN_ELEMS 8 /* parts of a row or of a vector: 32 bytes, whole vector registers */
 
 /* The start of part `part` of n_parts of len items: the multiple of align nearest to an equal
@@ -36,13 +36,13 @@ static void part_range(size_t len, size_t align, int part, int n_parts, size_t *
     *hi = part_start(len, align, part + 1, n_parts);
 }
 
-/* How part `part` of a GEMM's output C (M,N) is cut: its rows [lo, hi) when M >= N (*by_rows),
- * else its columns [lo, hi). */
-static void gemm_split(int M, int N, int part, int n_parts, int *by_rows, size_t *lo,
-                       size_t *hi) {
-    *by_rows = M >= N;
-    part_range((size_t)(*by_rows ? M : N), *by_rows ? ALIGN_ROWS : ALIGN_ELEMS, part, n_parts,
-               lo, hi);
+/* Ownership: part k of a team owns the output features [lo, hi) of every layer (its weight
+ * rows, bias entries, gradient rows, Adam moments, and its columns of the layer's output). The
+ * forward, the backward and Adam give each part the same features, so a parameter and its
+ * gradient and moments stay in the caches of one thread from step to step: on a machine whose
+ * cores share no cache, moving them between cores every step costs more than the arithmetic. */
+static void own_range(int n_out, int part, int n_parts, size_t *lo, size_t *hi) {
+    part_range((size_t)n_out, ALIGN_ELEMS, part, n_parts, lo, hi);
 }
 
 /* The team a pass of `work` units (FLOPs or elements) above `min` runs on: the current one, or
@@ -51,108 +51,11 @@ static hvae_team *team_for(double work, double min) {
     return work >= min ? hvae_team_current() : NULL;
 }
 
-/* One GEMM C (M,N) = A op(B) + beta C, row-major (A (M,K) or, transposed, (K,M); B (K,N) or,
- * transposed, (N,K)), split by part: the rows of C when M >= N, else its columns. Every element
- * of C is the same dot product whichever part computes it. */
-typedef struct {
-    int trans_a, trans_b, M, N, K, lda, ldb, ldc;
-    const real *A, *B;
-    real beta, *C;
-} F(gemm_args);
-
-static void F(gemm_part)(const F(gemm_args) *g, int part, int n_parts) {
-    size_t lo, hi;
-    int by_rows;
-    gemm_split(g->M, g->N, part, n_parts, &by_rows, &lo, &hi);
-    if (hi <= lo) return;
-    const real *A = g->A, *B = g->B;
-    real *C = g->C;
-    int M = g->M, N = g->N;
-    if (by_rows) {
-        A += g->trans_a ? lo : lo * (size_t)g->lda;
-        C += lo * (size_t)g->ldc;
-        M = (int)(hi - lo);
-    } else {
-        B += g->trans_b ? lo * (size_t)g->ldb : lo;
-        C += lo;
-        N = (int)(hi - lo);
-    }
-    GEMM(CblasRowMajor, g->trans_a ? CblasTrans : CblasNoTrans,
-         g->trans_b ? CblasTrans : CblasNoTrans, M, N, g->K, (real)1, A, g->lda, B, g->ldb,
-         g->beta, C, g->ldc);
-}
-
-/* dense layer: out = in @ W^T + b                                                              */
-
-typedef struct {
-    F(gemm_args) g;
-    const real *bias;
-} F(linear_fwd_job);
-
-static void F(linear_forward_part)(void *p, int part, int n_parts) {
-    const F(linear_fwd_job) *j = p;
-    const F(gemm_args) *g = &j->g;
-    size_t lo, hi;
-    int by_rows;
-    gemm_split(g->M, g->N, part, n_parts, &by_rows, &lo, &hi);
-    size_t b0 = by_rows ? lo : 0, b1 = by_rows ? hi : (size_t)g->M;
-    size_t o0 = by_rows ? 0 : lo, o1 = by_rows ? (size_t)g->N : hi;
-    for (size_t b = b0; b < b1; b++) {
-        real *row = g->C + b * (size_t)g->ldc;
-        for (size_t o = o0; o < o1; o++) row[o] = j->bias[o];
-    }
-    F(gemm_part)(g, part, n_parts);
-}
-
-/* out (B,O), in (B,I), weight (O,I), bias (O,); I and O are n_in and n_out */
-static void F(linear_forward)(real *out, const real *in, const real *weight, const real *bias,
-                              int B, int n_in, int n_out) {
-    F(linear_fwd_job) j = {{0, 1, B, n_out, n_in, n_in, n_in, n_out, in, weight, (real)1, out},
-                           bias};
-    hvae_team_run(team_for(2.0 * B * n_in * n_out, PAR_MIN_FLOPS), F(linear_forward_part), &j);
-}
-
-typedef struct {
-    F(gemm_args) dw, din;
-    real *dbias;
-    const real *dout;
-    int accumulate;
-} F(linear_bwd_job);
-
-static void F(linear_backward_part)(void *p, int part, int n_parts) {
-    const F(linear_bwd_job) *j = p;
-    int B = j->dw.K, n_out = j->dw.M;
-    size_t lo, hi;
-    part_range((size_t)n_out, ALIGN_ELEMS, part, n_parts, &lo, &hi);
-    if (!j->accumulate)
-        for (size_t o = lo; o < hi; o++) j->dbias[o] = 0;
-    for (int b = 0; b < B; b++) {
-        const real *row = j->dout + (size_t)b * n_out;
-        for (size_t o = lo; o < hi; o++) j->dbias[o] += row[o];
-    }
-    F(gemm_part)(&j->dw, part, n_parts);
-    if (j->din.C) F(gemm_part)(&j->din, part, n_parts);
-}
-
-/* din (B,I) += or NULL; dweight (O,I), dbias (O,) += (accumulate) or = (not); dout (B,O),
- * in (B,I), weight (O,I) */
-static void F(linear_backward)(real *din, real *dweight, real *dbias, const real *dout,
-                               const real *in, const real *weight, int B, int n_in, int n_out,
-                               int accumulate) {
-    F(linear_bwd_job) j = {
-        /* dW = dout^T @ in */
-        {1, 0, n_out, n_in, B, n_out, n_in, n_in, dout, in, (real)accumulate, dweight},
-        /* din += dout @ W */
-        {0, 0, B, n_in, n_out, n_out, n_in, n_in, dout, weight, (real)1, din},
-        dbias, dout, accumulate};
-    double flops = 2.0 * B * n_in * n_out * (din ? 2 : 1);
-    hvae_team_run(team_for(flops, PAR_MIN_FLOPS), F(linear_backward_part), &j);
-}
-
 /* ------------------------------------------------------------------------------------------ */
 /* activations, applied in place on n values; backward needs only the output y                  */
 
 #define LEAKY_SLOPE ((real)0.01)
+#define ACT_NONE (-1) /* a layer without activation (the last of an MLP) */
 
 /* y (n,) = act(y) in place */
 HVAE_CLONES static void F(act_forward_range)(real *y, size_t n, int act) {
@@ -184,46 +87,133 @@ HVAE_CLONES static void F(act_backward_range)(real *dy, const real *y, size_t n,
     }
 }
 
-/* both directions over the current team, each part a range of the n values */
+/* v (n,) = 0 over the current team, each part a range */
 typedef struct {
     real *v;
-    const real *y; /* NULL: forward on v; else backward, v is dy */
     size_t n;
-    int act;
-} F(act_job);
+} F(zero_job);
 
-static void F(act_part)(void *p, int part, int n_parts) {
-    const F(act_job) *j = p;
-    size_t lo, hi;
-    part_range(j->n, ALIGN_ELEMS, part, n_parts, &lo, &hi);
-    if (hi <= lo) return;
-    if (j->y)
-        F(act_backward_range)(j->v + lo, j->y + lo, hi - lo, j->act);
-    else
-        F(act_forward_range)(j->v + lo, hi - lo, j->act);
-}
-
-static void F(act_forward)(real *y, size_t n, int act) {
-    F(act_job) j = {y, NULL, n, act};
-    hvae_team_run(team_for((double)n, (double)PAR_MIN_ELEMS), F(act_part), &j);
-}
-
-static void F(act_backward)(real *dy, const real *y, size_t n, int act) {
-    F(act_job) j = {dy, y, n, act};
-    hvae_team_run(team_for((double)n, (double)PAR_MIN_ELEMS), F(act_part), &j);
-}
-
-/* v (n,) = 0 over the current team */
 static void F(zero_part)(void *p, int part, int n_parts) {
-    const F(act_job) *j = p;
+    const F(zero_job) *j = p;
     size_t lo, hi;
     part_range(j->n, ALIGN_ELEMS, part, n_parts, &lo, &hi);
     if (hi > lo) memset(j->v + lo, 0, sizeof(real) * (hi - lo));
 }
 
 static void F(zero)(real *v, size_t n) {
-    F(act_job) j = {v, NULL, n, 0};
+    F(zero_job) j = {v, n};
     hvae_team_run(team_for((double)n, (double)PAR_MIN_ELEMS), F(zero_part), &j);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* dense layer: out = act(in @ W^T + b); each part computes the columns of the features it owns */
+
+typedef struct {
+    real *out;
+    const real *in, *weight, *bias;
+    int B, n_in, n_out, act;
+} F(linear_fwd_job);
+
+static void F(linear_forward_part)(void *p, int part, int n_parts) {
+    const F(linear_fwd_job) *j = p;
+    size_t lo, hi, n_out = (size_t)j->n_out;
+    own_range(j->n_out, part, n_parts, &lo, &hi);
+    if (hi <= lo) return;
+    for (size_t b = 0; b < (size_t)j->B; b++) memcpy(j->out + b * n_out + lo, j->bias + lo,
+                                                     sizeof(real) * (hi - lo));
+    /* out[:, lo:hi] (B, hi-lo) += in (B, I) @ W[lo:hi, :]^T */
+    GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, j->B, (int)(hi - lo), j->n_in, (real)1, j->in,
+         j->n_in, j->weight + lo * (size_t)j->n_in, j->n_in, (real)1, j->out + lo, j->n_out);
+    if (j->act != ACT_NONE)
+        for (size_t b = 0; b < (size_t)j->B; b++)
+            F(act_forward_range)(j->out + b * n_out + lo, hi - lo, j->act);
+}
+
+/* out (B,O), in (B,I), weight (O,I), bias (O,); I and O are n_in and n_out; act: the
+ * activation applied to the output, or ACT_NONE */
+static void F(linear_forward)(real *out, const real *in, const real *weight, const real *bias,
+                              int B, int n_in, int n_out, int act) {
+    F(linear_fwd_job) j = {out, in, weight, bias, B, n_in, n_out, act};
+    hvae_team_run(team_for(2.0 * B * n_in * n_out, PAR_MIN_FLOPS), F(linear_forward_part), &j);
+}
+
+/* The backward: each part computes the bias and weight gradient rows of the features it owns.
+ * The input gradient din += dout @ W is split one of two ways: by the features it sums over
+ * (each part reads only its own rows of W; parts 1.. write partial sums to the team's scratch,
+ * added in a second pass) when the batch is small next to the layer, else by batch rows. The
+ * activation derivative of the layer below is applied to din on the way (act_y non-NULL). */
+typedef struct {
+    real *din, *dweight, *dbias, *partial;
+    const real *dout, *in, *weight, *act_y;
+    int B, n_in, n_out, accumulate, act;
+} F(linear_bwd_job);
+
+static void F(linear_backward_part)(void *p, int part, int n_parts) {
+    const F(linear_bwd_job) *j = p;
+    const int B = j->B, n_in = j->n_in, n_out = j->n_out;
+    size_t lo, hi;
+    own_range(n_out, part, n_parts, &lo, &hi);
+    if (hi > lo) {
+        if (!j->accumulate)
+            for (size_t o = lo; o < hi; o++) j->dbias[o] = 0;
+        for (int b = 0; b < B; b++) {
+            const real *row = j->dout + (size_t)b * n_out;
+            for (size_t o = lo; o < hi; o++) j->dbias[o] += row[o];
+        }
+        /* dW[lo:hi, :] (hi-lo, I) (+)= dout[:, lo:hi]^T @ in (B, I) */
+        GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)(hi - lo), n_in, B, (real)1,
+             j->dout + lo, n_out, j->in, n_in, (real)j->accumulate,
+             j->dweight + lo * (size_t)n_in, n_in);
+    }
+    if (!j->din) return;
+    if (j->partial) { /* part 0 adds dout[:, lo:hi] @ W[lo:hi, :] to din, part k > 0 writes it */
+        real *C = part ? j->partial + (size_t)(part - 1) * B * n_in : j->din;
+        if (hi > lo)
+            GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, B, n_in, (int)(hi - lo), (real)1,
+                 j->dout + lo, n_out, j->weight + lo * (size_t)n_in, n_in, (real)(part == 0), C,
+                 n_in);
+        else if (part)
+            memset(C, 0, sizeof(real) * (size_t)B * n_in);
+        return;
+    }
+    size_t r0, r1; /* din[r0:r1, :] += dout[r0:r1, :] @ W */
+    part_range((size_t)B, ALIGN_ROWS, part, n_parts, &r0, &r1);
+    if (r1 <= r0) return;
+    GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)(r1 - r0), n_in, n_out, (real)1,
+         j->dout + r0 * n_out, n_out, j->weight, n_in, (real)1, j->din + r0 * n_in, n_in);
+    if (j->act_y)
+        F(act_backward_range)(j->din + r0 * n_in, j->act_y + r0 * n_in, (r1 - r0) * n_in, j->act);
+}
+
+/* din += partial sums of parts 1.., then the activation derivative; each part a range */
+static void F(linear_reduce_part)(void *p, int part, int n_parts) {
+    const F(linear_bwd_job) *j = p;
+    const size_t n = (size_t)j->B * j->n_in;
+    size_t lo, hi;
+    part_range(n, ALIGN_ELEMS, part, n_parts, &lo, &hi);
+    for (int k = 1; k < n_parts; k++) {
+        const real *s = j->partial + (size_t)(k - 1) * n;
+        for (size_t e = lo; e < hi; e++) j->din[e] += s[e];
+    }
+    if (j->act_y && hi > lo) F(act_backward_range)(j->din + lo, j->act_y + lo, hi - lo, j->act);
+}
+
+/* din (B,I) += or NULL; dweight (O,I), dbias (O,) += (accumulate) or = (not); dout (B,O),
+ * in (B,I), weight (O,I); act_y (B,I) or NULL: the output of the activation `act` that made
+ * `in`, whose derivative din is then multiplied by */
+static void F(linear_backward)(real *din, real *dweight, real *dbias, const real *dout,
+                               const real *in, const real *weight, int B, int n_in, int n_out,
+                               int accumulate, const real *act_y, int act) {
+    F(linear_bwd_job) j = {din, dweight, dbias, NULL, dout, in, weight, act_y,
+                           B, n_in, n_out, accumulate, act};
+    double flops = 2.0 * B * n_in * n_out * (din ? 2 : 1);
+    hvae_team *tm = team_for(flops, PAR_MIN_FLOPS);
+    int n_parts = hvae_team_size(tm);
+    if (din && n_parts > 1 && B <= n_out)
+        j.partial = hvae_team_scratch(tm, sizeof(real) * (size_t)(n_parts - 1) * B * n_in);
+    hvae_team_run(tm, F(linear_backward_part), &j);
+    if (j.partial)
+        hvae_team_run(tm, F(linear_reduce_part), &j);
 }
 
 /* ------------------------------------------------------------------------------------------ */

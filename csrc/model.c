@@ -56,8 +56,8 @@ static void F(mlp_forward)(real *const *outs, const hvae_mlp *mlp, const real *p
                            const real *in, int B, int act) {
     for (int j = 0; j < mlp->n_layers; j++) {
         const hvae_linear *l = &mlp->layer[j];
-        F(linear_forward)(outs[j], in, params + l->weight, params + l->bias, B, l->in, l->out);
-        if (j < mlp->n_layers - 1) F(act_forward)(outs[j], (size_t)B * l->out, act);
+        F(linear_forward)(outs[j], in, params + l->weight, params + l->bias, B, l->in, l->out,
+                          j < mlp->n_layers - 1 ? act : ACT_NONE);
         in = outs[j];
     }
 }
@@ -69,10 +69,10 @@ static void F(mlp_backward)(real *grad, real *din, real *const *douts, real *con
                             int act, int accumulate) {
     for (int j = mlp->n_layers - 1; j >= 0; j--) {
         const hvae_linear *l = &mlp->layer[j];
-        if (j < mlp->n_layers - 1) F(act_backward)(douts[j], outs[j], (size_t)B * l->out, act);
+        /* d outs[j-1] through layer j, times the derivative of the activation that made it */
         F(linear_backward)(j > 0 ? douts[j - 1] : din, grad + l->weight, grad + l->bias, douts[j],
                            j > 0 ? outs[j - 1] : in, params + l->weight, B, l->in, l->out,
-                           accumulate);
+                           accumulate, j > 0 ? outs[j - 1] : NULL, act);
     }
 }
 

@@ -4,25 +4,41 @@
 #include "hvae.h"
 #include "real.h"
 
-/* Adam over the team: first every part checks its range of the gradient, then, when all are
- * finite, every part updates its range (the same ranges, each on the thread that checked it). */
+/* Adam over the team: first every part checks the gradient of the parameters it owns (the
+ * rows and bias entries of the features own_range gives it in every layer, those whose
+ * gradient it computed), then, when all are finite, every part updates them. */
 typedef struct {
     real *params, *m1, *m2;
     const real *grad;
-    size_t n;
+    const hvae_model *m;
     F(adam_consts) consts;
     int ok[HVAE_MAX_THREADS]; /* of the check, per part */
     int update;               /* 0: check, 1: update */
 } F(adam_job);
 
+/* check or update the n parameters at offset `at` */
+static int F(adam_span)(F(adam_job) *j, size_t at, size_t n) {
+    if (!j->update) return F(adam_grad_ok)(j->grad + at, n);
+    F(adam_range)(j->params + at, j->m1 + at, j->m2 + at, j->grad + at, n, &j->consts);
+    return 1;
+}
+
 static void F(adam_part)(void *p, int part, int n_parts) {
     F(adam_job) *j = p;
-    size_t lo, hi;
-    part_range(j->n, ALIGN_ELEMS, part, n_parts, &lo, &hi);
-    if (!j->update)
-        j->ok[part] = F(adam_grad_ok)(j->grad + lo, hi - lo);
-    else
-        F(adam_range)(j->params + lo, j->m1 + lo, j->m2 + lo, j->grad + lo, hi - lo, &j->consts);
+    const hvae_model *m = j->m;
+    int ok = 1;
+    for (int i = 0; i < 2 * m->cfg.n_levels; i++) {
+        const hvae_mlp *mlp = i < m->cfg.n_levels ? &m->enc[i] : &m->dec[i - m->cfg.n_levels];
+        for (int k = 0; k < mlp->n_layers; k++) {
+            const hvae_linear *l = &mlp->layer[k];
+            size_t lo, hi;
+            own_range(l->out, part, n_parts, &lo, &hi);
+            if (hi <= lo) continue;
+            ok &= F(adam_span)(j, l->weight + lo * (size_t)l->in, (hi - lo) * (size_t)l->in);
+            ok &= F(adam_span)(j, l->bias + lo, hi - lo);
+        }
+    }
+    j->ok[part] = ok;
 }
 
 hvae_status F(hvae_train_step)(real *terms, real *loss, int *updated, real *grad, real *params,
@@ -36,7 +52,7 @@ hvae_status F(hvae_train_step)(real *terms, real *loss, int *updated, real *grad
     if (st == HVAE_OK && isfinite(*loss))
         st = F(backward_pass)(grad, 0, ws, m, params, x, target, eps, B, beta);
     if (st == HVAE_OK && isfinite(*loss)) {
-        F(adam_job) j = {params, m1, m2, grad, m->n_params,
+        F(adam_job) j = {params, m1, m2, grad, m,
                          F(adam_consts_at)((real)opt->lr, (real)opt->beta1, (real)opt->beta2,
                                            (real)opt->eps, opt->step),
                          {0}, 0};

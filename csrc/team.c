@@ -57,6 +57,8 @@ struct hvae_team {
     atomic_int stop;
     pthread_mutex_t mutex;
     pthread_cond_t wake;
+    void *scratch; /* hvae_team_scratch's buffer, grow-only */
+    size_t scratch_bytes;
 };
 
 typedef struct {
@@ -146,8 +148,21 @@ void hvae_team_free(hvae_team *tm) {
     for (int k = 1; k < tm->n; k++) pthread_join(tm->threads[k - 1], NULL);
     pthread_cond_destroy(&tm->wake);
     pthread_mutex_destroy(&tm->mutex);
+    free(tm->scratch);
     free(tm->threads);
     free(tm);
+}
+
+void *hvae_team_scratch(hvae_team *tm, size_t bytes) {
+    if (!tm || bytes == 0) return NULL;
+    if (tm->scratch_bytes < bytes) {
+        void *buf = malloc(bytes);
+        if (!buf) return NULL;
+        free(tm->scratch);
+        tm->scratch = buf;
+        tm->scratch_bytes = bytes;
+    }
+    return tm->scratch;
 }
 
 int hvae_team_size(const hvae_team *tm) { return tm ? tm->n : 1; }
