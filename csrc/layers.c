@@ -116,17 +116,20 @@ typedef struct {
 
 static void F(linear_forward_part)(void *p, int part, int n_parts) {
     const F(linear_fwd_job) *j = p;
-    size_t lo, hi, n_out = (size_t)j->n_out;
-    own_range(j->n_out, part, n_parts, &lo, &hi);
-    if (hi <= lo) return;
-    for (size_t b = 0; b < (size_t)j->B; b++) memcpy(j->out + b * n_out + lo, j->bias + lo,
-                                                     sizeof(real) * (hi - lo));
-    /* out[:, lo:hi] (B, hi-lo) += in (B, I) @ W[lo:hi, :]^T */
-    GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, j->B, (int)(hi - lo), j->n_in, (real)1, j->in,
-         j->n_in, j->weight + lo * (size_t)j->n_in, j->n_in, (real)1, j->out + lo, j->n_out);
+    size_t lo = 0, hi = (size_t)j->n_out, r0 = 0, r1 = (size_t)j->B, n_out = (size_t)j->n_out;
+    if (j->B >= j->n_out) /* a large batch: by rows, each part reads all of W */
+        part_range((size_t)j->B, ALIGN_ROWS, part, n_parts, &r0, &r1);
+    else
+        own_range(j->n_out, part, n_parts, &lo, &hi);
+    if (hi <= lo || r1 <= r0) return;
+    real *out = j->out + r0 * n_out + lo;
+    for (size_t b = 0; b < r1 - r0; b++) memcpy(out + b * n_out, j->bias + lo, sizeof(real) * (hi - lo));
+    /* out[r0:r1, lo:hi] += in[r0:r1, :] @ W[lo:hi, :]^T */
+    GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(r1 - r0), (int)(hi - lo), j->n_in,
+         (real)1, j->in + r0 * (size_t)j->n_in, j->n_in, j->weight + lo * (size_t)j->n_in,
+         j->n_in, (real)1, out, j->n_out);
     if (j->act != ACT_NONE)
-        for (size_t b = 0; b < (size_t)j->B; b++)
-            F(act_forward_range)(j->out + b * n_out + lo, hi - lo, j->act);
+        for (size_t b = 0; b < r1 - r0; b++) F(act_forward_range)(out + b * n_out, hi - lo, j->act);
 }
 
 /* out (B,O), in (B,I), weight (O,I), bias (O,); I and O are n_in and n_out; act: the
