@@ -21,6 +21,8 @@
 #define PAR_MIN_ELEMS ((size_t)1 << 13)  /* of one elementwise pass */
 #define ALIGN_ROWS 4  /* parts of a batch: OpenBLAS's sgemm kernels take 4 rows at a time */
 #define ALIGN_ELEMS 8 /* parts of a row or of a vector: 32 bytes, whole vector registers */
+/* Adam takes no step when a gradient is not below this: not finite, or g*g would overflow */
+#define GRAD_LIMIT (SQRT(REAL_MAX) * (real)0.5)
 
 /* The start of part `part` of n_parts of len items: the multiple of align nearest to an equal
  * share (part n_parts starts at len). */
@@ -106,6 +108,15 @@ static void F(zero)(real *v, size_t n) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Adam's check of a gradient, done by the backward on the rows it has just computed           */
+
+/* A gradient that is not finite, or so large that g*g overflows the second moment, changes
+ * nothing: the caller keeps its last finite parameters (fit then stops with a message). */
+HVAE_CLONES static int F(adam_grad_ok)(const real *grad, size_t n) {
+    return F(all_below)(grad, n, GRAD_LIMIT);
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* dense layer: out = act(in @ W^T + b); each part computes the columns of the features it owns */
 
 typedef struct {
@@ -148,7 +159,8 @@ static void F(linear_forward)(real *out, const real *in, const real *weight, con
 typedef struct {
     real *din, *dweight, *dbias, *partial;
     const real *dout, *in, *weight, *act_y;
-    int B, n_in, n_out, accumulate, act;
+    int B, n_in, n_out, accumulate, din_accumulate, act;
+    int *grad_ok; /* NULL, or per part: 0 once a gradient the part wrote is not finite */
 } F(linear_bwd_job);
 
 static void F(linear_backward_part)(void *p, int part, int n_parts) {
@@ -167,23 +179,28 @@ static void F(linear_backward_part)(void *p, int part, int n_parts) {
         GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)(hi - lo), n_in, B, (real)1,
              j->dout + lo, n_out, j->in, n_in, (real)j->accumulate,
              j->dweight + lo * (size_t)n_in, n_in);
+        /* Adam's check of these rows while they are in this core's cache */
+        if (j->grad_ok && !(F(adam_grad_ok)(j->dweight + lo * (size_t)n_in, (hi - lo) * n_in) &&
+                            F(adam_grad_ok)(j->dbias + lo, hi - lo)))
+            j->grad_ok[part] = 0;
     }
     if (!j->din) return;
     if (j->partial) { /* part 0 adds dout[:, lo:hi] @ W[lo:hi, :] to din, part k > 0 writes it */
         real *C = part ? j->partial + (size_t)(part - 1) * B * n_in : j->din;
         if (hi > lo)
             GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, B, n_in, (int)(hi - lo), (real)1,
-                 j->dout + lo, n_out, j->weight + lo * (size_t)n_in, n_in, (real)(part == 0), C,
-                 n_in);
-        else if (part)
+                 j->dout + lo, n_out, j->weight + lo * (size_t)n_in, n_in,
+                 (real)(part == 0 && j->din_accumulate), C, n_in);
+        else if (part || !j->din_accumulate)
             memset(C, 0, sizeof(real) * (size_t)B * n_in);
         return;
     }
-    size_t r0, r1; /* din[r0:r1, :] += dout[r0:r1, :] @ W */
+    size_t r0, r1; /* din[r0:r1, :] (+)= dout[r0:r1, :] @ W */
     part_range((size_t)B, ALIGN_ROWS, part, n_parts, &r0, &r1);
     if (r1 <= r0) return;
     GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)(r1 - r0), n_in, n_out, (real)1,
-         j->dout + r0 * n_out, n_out, j->weight, n_in, (real)1, j->din + r0 * n_in, n_in);
+         j->dout + r0 * n_out, n_out, j->weight, n_in, (real)j->din_accumulate,
+         j->din + r0 * n_in, n_in);
     if (j->act_y)
         F(act_backward_range)(j->din + r0 * n_in, j->act_y + r0 * n_in, (r1 - r0) * n_in, j->act);
 }
@@ -201,14 +218,18 @@ static void F(linear_reduce_part)(void *p, int part, int n_parts) {
     if (j->act_y && hi > lo) F(act_backward_range)(j->din + lo, j->act_y + lo, hi - lo, j->act);
 }
 
-/* din (B,I) += or NULL; dweight (O,I), dbias (O,) += (accumulate) or = (not); dout (B,O),
- * in (B,I), weight (O,I); act_y (B,I) or NULL: the output of the activation `act` that made
- * `in`, whose derivative din is then multiplied by */
-static void F(linear_backward)(real *din, real *dweight, real *dbias, const real *dout,
-                               const real *in, const real *weight, int B, int n_in, int n_out,
-                               int accumulate, const real *act_y, int act) {
-    F(linear_bwd_job) j = {din, dweight, dbias, NULL, dout, in, weight, act_y,
-                           B, n_in, n_out, accumulate, act};
+/* din (B,I) += (din_accumulate) or = (not), or NULL; dweight (O,I), dbias (O,) += (accumulate)
+ * or = (not); dout (B,O), in (B,I), weight (O,I); act_y (B,I) or NULL: the output of the
+ * activation `act` that made `in`, whose derivative din is then multiplied by; grad_ok: NULL,
+ * or HVAE_MAX_THREADS flags, of which part p clears flag p when a gradient row it wrote (as
+ * the owner of those features, see own_range) fails Adam's check (adam_grad_ok) */
+static void F(linear_backward)(real *din, int *grad_ok, real *dweight, real *dbias,
+                               const real *dout, const real *in, const real *weight, int B,
+                               int n_in, int n_out, int accumulate, int din_accumulate,
+                               const real *act_y, int act) {
+    F(linear_bwd_job) j = {din,   dweight, dbias,      NULL,           dout, in,  weight,
+                           act_y, B,       n_in,       n_out,          accumulate,
+                           din_accumulate, act,        grad_ok};
     double flops = 2.0 * B * n_in * n_out * (din ? 2 : 1);
     hvae_team *tm = team_for(flops, PAR_MIN_FLOPS);
     int n_parts = hvae_team_size(tm);
@@ -495,12 +516,6 @@ HVAE_CLONES static void F(adam_range)(real *restrict params, real *restrict m1,
         m2[k] = beta2 * m2[k] + ((real)1 - beta2) * g * g;
         params[k] -= step * (m1[k] / (SQRT(m2[k]) * inv_sc2 + eps));
     }
-}
-
-/* A gradient that is not finite, or so large that g*g overflows the second moment, changes
- * nothing: the caller keeps its last finite parameters (fit then stops with a message). */
-HVAE_CLONES static int F(adam_grad_ok)(const real *grad, size_t n) {
-    return F(all_below)(grad, n, SQRT(REAL_MAX) * (real)0.5);
 }
 
 int F(adam_update)(real *restrict params, real *restrict m1, real *restrict m2,

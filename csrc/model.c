@@ -18,7 +18,6 @@ typedef struct {
     real *ddec[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN + 1];
     real *dz[HVAE_MAX_LEVELS];
     real *grads;       /* start of the gradient half */
-    size_t grads_len;  /* its length in reals */
 } F(buffers);
 
 static hvae_status F(carve)(F(buffers) *bf, hvae_workspace *ws, const hvae_model *m, int B) {
@@ -42,7 +41,6 @@ static hvae_status F(carve)(F(buffers) *bf, hvae_workspace *ws, const hvae_model
         p += (size_t)B * m->cfg.z_dim[i];
     }
     bf->grads = (real *)ws->buf + half;
-    bf->grads_len = half;
     return HVAE_OK;
 }
 
@@ -63,16 +61,16 @@ static void F(mlp_forward)(real *const *outs, const hvae_mlp *mlp, const real *p
 }
 
 /* grad (P,) += (accumulate) or = (not), din (B, in_0) += or NULL; douts[last] holds d output,
- * the rest start at zero and are used as scratch; outs, in as in the forward */
-static void F(mlp_backward)(real *grad, real *din, real *const *douts, real *const *outs,
-                            const hvae_mlp *mlp, const real *params, const real *in, int B,
-                            int act, int accumulate) {
+ * the rest are overwritten; outs, in as in the forward; grad_ok as in linear_backward */
+static void F(mlp_backward)(real *grad, real *din, int *grad_ok, real *const *douts,
+                            real *const *outs, const hvae_mlp *mlp, const real *params,
+                            const real *in, int B, int act, int accumulate) {
     for (int j = mlp->n_layers - 1; j >= 0; j--) {
         const hvae_linear *l = &mlp->layer[j];
         /* d outs[j-1] through layer j, times the derivative of the activation that made it */
-        F(linear_backward)(j > 0 ? douts[j - 1] : din, grad + l->weight, grad + l->bias, douts[j],
-                           j > 0 ? outs[j - 1] : in, params + l->weight, B, l->in, l->out,
-                           accumulate, j > 0 ? outs[j - 1] : NULL, act);
+        F(linear_backward)(j > 0 ? douts[j - 1] : din, grad_ok, grad + l->weight, grad + l->bias,
+                           douts[j], j > 0 ? outs[j - 1] : in, params + l->weight, B, l->in,
+                           l->out, accumulate, j == 0, j > 0 ? outs[j - 1] : NULL, act);
     }
 }
 
@@ -232,8 +230,21 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
     return HVAE_OK;
 }
 
-/* hvae_backward, or with accumulate 0 the gradient written into grad instead of added to it */
-static hvae_status F(backward_pass)(real *grad, int accumulate, hvae_workspace *ws,
+/* The gradient buffers the backward adds into, set to zero: d z_i, d [mu_i, logvar_i] and d of
+ * each decoder's output (the inner layers' gradients are overwritten). */
+static void F(zero_sums)(F(buffers) *bf, const hvae_model *m, int B) {
+    for (int i = 0; i < m->cfg.n_levels; i++) {
+        const hvae_mlp *enc = &m->enc[i], *dec = &m->dec[i];
+        F(zero)(bf->dz[i], (size_t)B * m->cfg.z_dim[i]);
+        F(zero)(bf->denc[i][enc->n_layers - 1], (size_t)B * enc->layer[enc->n_layers - 1].out);
+        F(zero)(bf->ddec[i][dec->n_layers - 1], (size_t)B * dec->layer[dec->n_layers - 1].out);
+    }
+}
+
+/* hvae_backward, or with accumulate 0 the gradient written into grad instead of added to it;
+ * grad_ok: NULL, or HVAE_MAX_THREADS flags set to 1, of which part p of the team is cleared
+ * when a gradient it computed fails Adam's check (adam_grad_ok) */
+static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, hvae_workspace *ws,
                                     const hvae_model *m, const real *params, const real *x,
                                     const real *target, const real *const *eps, int B,
                                     real beta) {
@@ -245,7 +256,7 @@ static hvae_status F(backward_pass)(real *grad, int accumulate, hvae_workspace *
     hvae_status st = F(carve)(&bf, ws, m, B);
     if (st != HVAE_OK) return st;
     if (c->deterministic) eps = NULL;
-    F(zero)(bf.grads, bf.grads_len);
+    F(zero_sums)(&bf, m, B);
     const real rs = (real)1 / (real)B, ks = beta / (real)B;
 
     /* likelihood -> d decoder-1 output */
@@ -274,15 +285,15 @@ static hvae_status F(backward_pass)(real *grad, int accumulate, hvae_workspace *
     }
     /* decoders: d z_i from dec_i's input */
     for (int i = T - 1; i >= 0; i--)
-        F(mlp_backward)(grad, bf.dz[i], bf.ddec[i], bf.dec[i], &m->dec[i], params, bf.z[i], B,
-                        c->activation, accumulate);
+        F(mlp_backward)(grad, bf.dz[i], grad_ok, bf.ddec[i], bf.dec[i], &m->dec[i], params,
+                        bf.z[i], B, c->activation, accumulate);
     /* encoders top down: d z_i is complete once encoder i+1 has passed it back */
     for (int i = T - 1; i >= 0; i--) {
         const hvae_mlp *enc = &m->enc[i];
         F(reparam_backward)(bf.denc[i][enc->n_layers - 1], bf.dz[i], F(last)(bf.enc[i], enc),
                             eps ? eps[i] : NULL, B, c->z_dim[i]);
-        F(mlp_backward)(grad, i > 0 ? bf.dz[i - 1] : NULL, bf.denc[i], bf.enc[i], enc, params,
-                        i > 0 ? bf.z[i - 1] : x, B, c->activation, accumulate);
+        F(mlp_backward)(grad, i > 0 ? bf.dz[i - 1] : NULL, grad_ok, bf.denc[i], bf.enc[i], enc,
+                        params, i > 0 ? bf.z[i - 1] : x, B, c->activation, accumulate);
     }
     return HVAE_OK;
 }
@@ -290,7 +301,7 @@ static hvae_status F(backward_pass)(real *grad, int accumulate, hvae_workspace *
 hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m,
                              const real *params, const real *x, const real *target,
                              const real *const *eps, int B, real beta) {
-    return F(backward_pass)(grad, 1, ws, m, params, x, target, eps, B, beta);
+    return F(backward_pass)(grad, NULL, 1, ws, m, params, x, target, eps, B, beta);
 }
 
 hvae_status F(hvae_encode)(real *const *mulv, real *const *z, hvae_workspace *ws,

@@ -4,29 +4,18 @@
 #include "hvae.h"
 #include "real.h"
 
-/* Adam over the team: first every part checks the gradient of the parameters it owns (the
- * rows and bias entries of the features own_range gives it in every layer, those whose
- * gradient it computed), then, when all are finite, every part updates them. */
+/* Adam over the team: every part updates the parameters it owns (the rows and bias entries of
+ * the features own_range gives it in every layer), whose gradient it computed and checked. */
 typedef struct {
     real *params, *m1, *m2;
     const real *grad;
     const hvae_model *m;
     F(adam_consts) consts;
-    int ok[HVAE_MAX_THREADS]; /* of the check, per part */
-    int update;               /* 0: check, 1: update */
 } F(adam_job);
 
-/* check or update the n parameters at offset `at` */
-static int F(adam_span)(F(adam_job) *j, size_t at, size_t n) {
-    if (!j->update) return F(adam_grad_ok)(j->grad + at, n);
-    F(adam_range)(j->params + at, j->m1 + at, j->m2 + at, j->grad + at, n, &j->consts);
-    return 1;
-}
-
 static void F(adam_part)(void *p, int part, int n_parts) {
-    F(adam_job) *j = p;
+    const F(adam_job) *j = p;
     const hvae_model *m = j->m;
-    int ok = 1;
     for (int i = 0; i < 2 * m->cfg.n_levels; i++) {
         const hvae_mlp *mlp = i < m->cfg.n_levels ? &m->enc[i] : &m->dec[i - m->cfg.n_levels];
         for (int k = 0; k < mlp->n_layers; k++) {
@@ -34,11 +23,13 @@ static void F(adam_part)(void *p, int part, int n_parts) {
             size_t lo, hi;
             own_range(l->out, part, n_parts, &lo, &hi);
             if (hi <= lo) continue;
-            ok &= F(adam_span)(j, l->weight + lo * (size_t)l->in, (hi - lo) * (size_t)l->in);
-            ok &= F(adam_span)(j, l->bias + lo, hi - lo);
+            size_t at = l->weight + lo * (size_t)l->in, n = (hi - lo) * (size_t)l->in;
+            F(adam_range)(j->params + at, j->m1 + at, j->m2 + at, j->grad + at, n, &j->consts);
+            at = l->bias + lo;
+            F(adam_range)(j->params + at, j->m1 + at, j->m2 + at, j->grad + at, hi - lo,
+                          &j->consts);
         }
     }
-    j->ok[part] = ok;
 }
 
 hvae_status F(hvae_train_step)(real *terms, real *loss, int *updated, real *grad, real *params,
@@ -49,22 +40,17 @@ hvae_status F(hvae_train_step)(real *terms, real *loss, int *updated, real *grad
     hvae_team_set_current(team);
     *updated = 0;
     hvae_status st = F(hvae_forward)(terms, NULL, loss, ws, m, params, x, target, eps, B, beta);
+    int ok[HVAE_MAX_THREADS], all_ok = 1;
+    for (int k = 0; k < HVAE_MAX_THREADS; k++) ok[k] = 1;
     if (st == HVAE_OK && isfinite(*loss))
-        st = F(backward_pass)(grad, 0, ws, m, params, x, target, eps, B, beta);
-    if (st == HVAE_OK && isfinite(*loss)) {
+        st = F(backward_pass)(grad, ok, 0, ws, m, params, x, target, eps, B, beta);
+    for (int k = 0; k < HVAE_MAX_THREADS; k++) all_ok &= ok[k];
+    if (st == HVAE_OK && isfinite(*loss) && all_ok) {
         F(adam_job) j = {params, m1, m2, grad, m,
                          F(adam_consts_at)((real)opt->lr, (real)opt->beta1, (real)opt->beta2,
-                                           (real)opt->eps, opt->step),
-                         {0}, 0};
-        hvae_team *at = team_for((double)m->n_params, (double)PAR_MIN_ELEMS);
-        int n_parts = hvae_team_size(at), ok = 1;
-        hvae_team_run(at, F(adam_part), &j);
-        for (int k = 0; k < n_parts; k++) ok &= j.ok[k];
-        if (ok) {
-            j.update = 1;
-            hvae_team_run(at, F(adam_part), &j);
-            *updated = 1;
-        }
+                                           (real)opt->eps, opt->step)};
+        hvae_team_run(team_for((double)m->n_params, (double)PAR_MIN_ELEMS), F(adam_part), &j);
+        *updated = 1;
     }
     hvae_team_set_current(caller_team);
     return st;
