@@ -8,6 +8,7 @@
 #include <numpy/arrayobject.h>
 
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -597,6 +598,33 @@ static int model_team(ModelObject *self, int threads, hvae_team **team) {
     return 0;
 }
 
+/* BLAS runs single-threaded inside a team (hvae.h): while any call with a team is in flight,
+ * the linked OpenBLAS is set to one thread; the last such call to end restores the count it
+ * had (a BLAS left at several threads would put its own threads beside the team's: 2-3x
+ * slower). Another BLAS is left alone. Called with the GIL released. */
+extern int openblas_get_num_threads(void) __attribute__((weak)); /* NULL: not OpenBLAS */
+extern void openblas_set_num_threads(int) __attribute__((weak));
+static pthread_mutex_t blas_mutex = PTHREAD_MUTEX_INITIALIZER;
+static int blas_team_calls, blas_saved_threads;
+
+static void blas_single_begin(const hvae_team *team) {
+    if (!team || !openblas_get_num_threads || !openblas_set_num_threads) return;
+    pthread_mutex_lock(&blas_mutex);
+    if (blas_team_calls++ == 0) {
+        blas_saved_threads = openblas_get_num_threads();
+        if (blas_saved_threads != 1) openblas_set_num_threads(1);
+    }
+    pthread_mutex_unlock(&blas_mutex);
+}
+
+static void blas_single_end(const hvae_team *team) {
+    if (!team || !openblas_get_num_threads || !openblas_set_num_threads) return;
+    pthread_mutex_lock(&blas_mutex);
+    if (--blas_team_calls == 0 && blas_saved_threads != 1)
+        openblas_set_num_threads(blas_saved_threads);
+    pthread_mutex_unlock(&blas_mutex);
+}
+
 /* After a core call on a batch of B rows of x: an exception when the team could not start or
  * the status is not HVAE_OK, and -1; else 0. */
 static int batch_call_error(int team_failed, int threads, hvae_status st, const hvae_model *m,
@@ -680,6 +708,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
         if (model_team(self, threads, &team) < 0) {
             team_failed = 1;
         } else {
+            blas_single_begin(team);
             hvae_team_set_current(team);
             if (tn == NPY_FLOAT32) {
                 float lossf = 0;
@@ -703,6 +732,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
                 }
             }
             hvae_team_set_current(NULL);
+            blas_single_end(team);
         }
     });
     if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;
@@ -822,16 +852,20 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
     CORE_CALL(self, {
         if (model_team(self, threads, &team) < 0) {
             team_failed = 1;
-        } else if (tn == NPY_FLOAT32) {
-            float lossf = 0;
-            st = hvae_train_step_f32(PyArray_DATA(terms), &lossf, &updated, gp, pp, mp, vp,
-                                     &self->ws, m, xp, tp, (const float *const *)ep, (int)B,
-                                     (float)beta, &opt, team);
-            loss = lossf;
         } else {
-            st = hvae_train_step_f64(PyArray_DATA(terms), &loss, &updated, gp, pp, mp, vp,
-                                     &self->ws, m, xp, tp, (const double *const *)ep, (int)B,
-                                     beta, &opt, team);
+            blas_single_begin(team);
+            if (tn == NPY_FLOAT32) {
+                float lossf = 0;
+                st = hvae_train_step_f32(PyArray_DATA(terms), &lossf, &updated, gp, pp, mp, vp,
+                                         &self->ws, m, xp, tp, (const float *const *)ep, (int)B,
+                                         (float)beta, &opt, team);
+                loss = lossf;
+            } else {
+                st = hvae_train_step_f64(PyArray_DATA(terms), &loss, &updated, gp, pp, mp, vp,
+                                         &self->ws, m, xp, tp, (const double *const *)ep,
+                                         (int)B, beta, &opt, team);
+            }
+            blas_single_end(team);
         }
     });
     if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;

@@ -233,9 +233,7 @@ class HVAE:
         out : ndarray, shape (n_params,), optional
             Buffer for the gradient (the model's dtype); a new array when None.
         n_jobs : int, optional
-            Threads of the core (see :meth:`fit`; None: 1, -1: every CPU). Here BLAS threads
-            are left as they are: limit them to one, e.g. with threadpoolctl, for the best
-            speed.
+            Threads of the core (see :meth:`fit`; None: 1, -1: every CPU).
 
         Returns
         -------
@@ -307,9 +305,10 @@ class HVAE:
             ``cb(model, record)`` after every epoch; returning True stops training.
         n_jobs : int, optional
             Threads of the core (None: 1; -1: every CPU): each layer's matrix products,
-            elementwise passes and the Adam update are split between them, BLAS at one thread
-            each. Results are reproducible for a given n_jobs and equal the one-thread results
-            up to rounding.
+            elementwise passes and the Adam update are split between them; meanwhile the
+            OpenBLAS hvae links runs at one thread (its count is restored afterwards). Results
+            are reproducible for a given n_jobs and equal the one-thread results up to
+            rounding.
 
         Returns
         -------

@@ -1,12 +1,10 @@
 """The training loop behind HVAE.fit / partial_fit: Adam on the flat buffer, KL warm-up, early
 stopping, progress bar, per-epoch history, checkpoints, safe stops (NaN, Ctrl-C), threads."""
-import contextlib
 import os
 import time
 import warnings
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from . import _core
 
@@ -198,11 +196,8 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
             epoch = len(model.history_)
             bar.set_description(f"epoch {epoch + 1}")
             t0 = time.perf_counter()
-            # with n_jobs > 1 the core's threads split the work, BLAS at one thread each
-            blas = threadpool_limits(1, user_api="blas") if n_jobs > 1 else contextlib.nullcontext()
-            with blas:
-                record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs,
-                                   kl_warmup_delay, bar, epoch, n_jobs)
+            record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs, kl_warmup_delay,
+                               bar, epoch, n_jobs)
             record["epoch"] = epoch + 1
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
             record["seconds"] = time.perf_counter() - t0

@@ -240,3 +240,20 @@ def test_n_jobs_out_of_range():
     m = hvae.HVAE(4, [2], [[3]], seed=0)
     with pytest.raises(ValueError, match="n_jobs"):
         m.loss_and_grad(np.zeros((2, 4)), n_jobs=_core.MAX_THREADS + 1)
+
+
+def test_team_call_restores_the_blas_thread_count():
+    """While a call with a team runs, hvae's OpenBLAS runs at one thread (else its threads would
+    compete with the team's); afterwards it has the count it had before."""
+    import threadpoolctl
+    ctl = threadpoolctl.ThreadpoolController().select(internal_api="openblas")
+    ours = [c for c in ctl.lib_controllers if "scipy_openblas" not in c.filepath]  # not NumPy's
+    assert ours, [c.filepath for c in ctl.lib_controllers]
+    m = hvae.HVAE(**CONFIGS[6], seed=0)
+    x = (np.random.default_rng(0).random((64, m.x_dim)) < 0.4).astype(np.float32)
+    g, m1, m2 = np.zeros_like(m.params), np.zeros_like(m.params), np.zeros_like(m.params)
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        for threads in (1, 2, 3):
+            m._core.train_step(m.params, m1, m2, g, x, m.draw_eps(64), 1, threads=threads)
+            m._core.forward(m.params, x, None, m.draw_eps(64), grad=g, threads=threads)
+            assert [c.num_threads for c in ours] == [2] * len(ours)
