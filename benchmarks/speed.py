@@ -22,7 +22,6 @@ recorded, and a warning printed when other processes compete for the CPUs.
     .venv/bin/python benchmarks/speed.py --quick    # a smoke run of a few seconds
 """
 import argparse
-import contextlib
 import ctypes
 import datetime
 import gc
@@ -97,8 +96,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2],
                    help="BLAS threads for hvae and NumPy (threadpoolctl), intra-op threads "
                         "for torch (torch.set_num_threads)")
+    p.add_argument("--passes", type=int, default=3,
+                   help="passes over all cases (steps and epochs), one after the other; each "
+                        "figure is the median over the passes, and the spread is reported (the "
+                        "speed of a 2-vCPU VM changes from one minute to the next)")
     p.add_argument("--repeats", type=int, default=7,
-                   help="timed repeats per case; the median is reported")
+                   help="timed repeats per case and pass; their median is the pass's figure")
     p.add_argument("--min-time", type=float, default=0.05,
                    help="seconds one timed repeat lasts at least (steps per repeat are "
                         "calibrated from the warm-up)")
@@ -143,6 +146,7 @@ def parse_args(argv=None):
         args.repeats, args.min_time, args.warmup = 3, 0.01, 0.02
         args.numpy_batches, args.numpy_repeats = [32], 1
         args.gemm_size, args.epoch_examples, args.epoch_repeats = 512, 2000, 1
+        args.passes = 1
     elif args.output is None:
         args.output = ROOT / "benchmarks" / "results" / "speed.md"
     if torch is None and "torch" in args.peers:
@@ -349,24 +353,20 @@ def numpy_stepper(m, pool):
     return step
 
 
-def time_interleaved(steps, repeats, min_time, warmup, settle, contexts=None):
+def time_interleaved(steps, repeats, min_time, warmup, settle):
     """Median seconds per step of each implementation in `steps` (name -> step()).
 
     Each is warmed up for `warmup` seconds (at least 2 steps), which calibrates its block to last
     >= min_time; then blocks of the implementations alternate, repeats[name] blocks each, so a
     change in the machine's background load hits all alike. Before each block the machine idles
     `settle` seconds: the previous implementation's BLAS / OpenMP threads stop spinning.
-    contexts: name -> a context manager factory entered around that implementation's warm-up
-    and blocks (outside the timed region).
     """
-    contexts = contexts or {}
     per_block = {}
     for name, step in steps.items():
-        with contexts.get(name, contextlib.nullcontext)():
-            n, t0 = 0, time.perf_counter()
-            while n < 2 or time.perf_counter() - t0 < warmup:
-                step()
-                n += 1
+        n, t0 = 0, time.perf_counter()
+        while n < 2 or time.perf_counter() - t0 < warmup:
+            step()
+            n += 1
         per_block[name] = max(1, int(np.ceil(min_time / ((time.perf_counter() - t0) / n))))
     times = {name: [] for name in steps}
     gc.disable()
@@ -376,11 +376,10 @@ def time_interleaved(steps, repeats, min_time, warmup, settle, contexts=None):
                 if r >= repeats[name]:
                     continue
                 time.sleep(settle)
-                with contexts.get(name, contextlib.nullcontext)():
-                    t0 = time.perf_counter()
-                    for _ in range(per_block[name]):
-                        step()
-                    times[name].append((time.perf_counter() - t0) / per_block[name])
+                t0 = time.perf_counter()
+                for _ in range(per_block[name]):
+                    step()
+                times[name].append((time.perf_counter() - t0) / per_block[name])
     finally:
         gc.enable()
     return {name: statistics.median(t) for name, t in times.items()}
@@ -482,7 +481,7 @@ def measure_epochs(args, data):
             m = make_model(EPOCH["model"], EPOCH["dtype"], args.seed)
             out.append(("hvae: HVAE.fit(epochs=1)", th,
                         time_epochs(lambda X: hvae_fit_epoch(m, X, B), X, args.epoch_repeats)))
-        if th > 1:  # the batch split over threads, BLAS at one thread each (fit sets it)
+        if th > 1:  # the core's team of th threads
             m = make_model(EPOCH["model"], EPOCH["dtype"], args.seed)
             out.append((f"hvae: HVAE.fit(epochs=1, n_jobs={th})", th,
                         time_epochs(lambda X: hvae_fit_epoch(m, X, B, n_jobs=th), X,
@@ -503,8 +502,10 @@ def measure_epochs(args, data):
 # ----------------------------------------------------------------------------------------------
 # the step benchmark
 
-def measure_steps(args, data, peaks):
-    """One row per (model, dtype, batch, threads): seconds per step of hvae and its peers.
+def measure_steps(args, data, peaks, first):
+    """One row per (model, dtype, batch, threads): seconds per step of hvae and its peers, in
+    one pass over the cases. Only the first pass runs the guard and times the (slow) NumPy
+    reference.
 
     The fraction of peak in the progress lines is against `peaks` (measured before the steps).
     """
@@ -512,30 +513,30 @@ def measure_steps(args, data, peaks):
     print("  " + "  ".join(STEP_HEADERS), flush=True)
     for name in args.models:
         for dtype in args.dtypes:
-            guard(name, dtype, data, args.peers, args.torch_adam, args.seed)
+            if first:
+                guard(name, dtype, data, args.peers, args.torch_adam, args.seed)
             for B in args.batches:
                 pool = batch_pool(data, make_model(name, dtype, args.seed), B, args.seed)
                 for th in args.threads:
                     m = make_model(name, dtype, args.seed)
-                    # hvae with th > 1 threads: the core's team of th threads, BLAS at one each
+                    # hvae with th > 1 threads: the core's team of th threads (the core sets
+                    # its OpenBLAS to one thread meanwhile)
                     steps = {"hvae": hvae_stepper(m, pool, threads=th)}
                     repeats = {"hvae": args.repeats}
-                    contexts = {"hvae": lambda: threadpoolctl.threadpool_limits(
-                        1, user_api="blas")} if th > 1 else {}
                     if "torch" in args.peers:
                         torch.set_num_threads(th)
                         steps["torch"] = torch_stepper(make_model(name, dtype, args.seed), pool,
                                                        args.torch_adam)
                         repeats["torch"] = args.repeats
                     # the reference computes in float64 whatever the dtype: timed once per case
-                    if ("numpy" in args.peers and B in args.numpy_batches
+                    if (first and "numpy" in args.peers and B in args.numpy_batches
                             and (name, B, th) not in numpy_done):
                         steps["numpy"] = numpy_stepper(make_model(name, "float64", args.seed),
                                                        pool)
                         repeats["numpy"] = args.numpy_repeats
                     with threadpoolctl.threadpool_limits(th, user_api="blas"):
                         sec = time_interleaved(steps, repeats, args.min_time, args.warmup,
-                                               args.settle if th > 1 else 0.0, contexts)
+                                               args.settle if th > 1 else 0.0)
                     if "numpy" in sec:
                         numpy_done[(name, B, th)] = sec["numpy"]
                     row = dict(model=name, dtype=dtype, batch=B, threads=th, hvae=sec["hvae"],
@@ -549,12 +550,37 @@ def measure_steps(args, data, peaks):
     return rows
 
 
+def combine_steps(passes):
+    """The rows of several passes as one: each time the median over the passes that measured
+    it, with its (min, max) under key + "_range"."""
+    rows = []
+    for same in zip(*passes):
+        r = dict(same[0])
+        for key in ("hvae", "torch", "numpy"):
+            vals = [p[key] for p in same if p.get(key) is not None]
+            r[key] = statistics.median(vals) if vals else None
+            r[key + "_range"] = (min(vals), max(vals)) if len(vals) > 1 else None
+        r["gflops"] = r["flops"] / r["hvae"] / 1e9
+        rows.append(r)
+    return rows
+
+
+def combine_epochs(passes):
+    """[(implementation, threads, median seconds, (min, max) or None)] over the passes."""
+    out = []
+    for same in zip(*passes):
+        secs = [sec for _, _, sec in same]
+        out.append((same[0][0], same[0][1], statistics.median(secs),
+                    (min(secs), max(secs)) if len(secs) > 1 else None))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # tables
 
-STEP_HEADERS = ["model", "dtype", "batch", "threads", "hvae ms/step", "hvae GFLOP/s",
-                "% GEMM peak", "torch ms/step", "hvae speed / torch", "numpy ms/step",
-                "hvae speed / numpy"]
+STEP_HEADERS = ["model", "dtype", "batch", "threads", "hvae ms/step", "hvae spread",
+                "hvae GFLOP/s", "% GEMM peak", "torch ms/step", "torch spread",
+                "hvae speed / torch", "numpy ms/step", "hvae speed / numpy"]
 
 
 def ms(sec):
@@ -562,6 +588,11 @@ def ms(sec):
     if sec is None:
         return "-"
     return f"{sec * 1e3:.0f}" if sec >= 0.1 else f"{sec * 1e3:.3g}"
+
+
+def spread(lo_hi):
+    """'min-max' in milliseconds over the passes, or '-'."""
+    return "-" if lo_hi is None else f"{ms(lo_hi[0])}-{ms(lo_hi[1])}"
 
 
 def ratio(peer, own):
@@ -572,9 +603,9 @@ def ratio(peer, own):
 def step_cells(r):
     """A row of the step table as strings, in STEP_HEADERS order."""
     return [r["model"], r["dtype"], str(r["batch"]), str(r["threads"]), ms(r["hvae"]),
-            f"{r['gflops']:.1f}", f"{100 * r['peak']:.0f}%", ms(r.get("torch")),
-            ratio(r.get("torch"), r["hvae"]), ms(r.get("numpy")),
-            ratio(r.get("numpy"), r["hvae"])]
+            spread(r.get("hvae_range")), f"{r['gflops']:.1f}", f"{100 * r['peak']:.0f}%",
+            ms(r.get("torch")), spread(r.get("torch_range")), ratio(r.get("torch"), r["hvae"]),
+            ms(r.get("numpy")), ratio(r.get("numpy"), r["hvae"])]
 
 
 def text_table(headers, rows):
@@ -621,7 +652,7 @@ def summary(args, rows, epochs, peaks):
                 out.append((f"{name} B=1024: >= {TARGET_PEAK:.0%} of GEMM peak",
                             f"{gf:.1f} of {peak:.1f} GFLOP/s "
                             f"({th_own} thr): {frac:.0%}", verdict(frac >= TARGET_PEAK)))
-    hv = [(sec, th, name) for name, th, sec in epochs if name.startswith("hvae")]
+    hv = [(sec, th, name) for name, th, sec, _ in epochs if name.startswith("hvae")]
     if hv and args.epoch_examples == 50000:
         fit = min((s, th) for s, th, name in hv if "fit" in name)
         loop = min((s, th) for s, th, name in hv if "loop" in name)
@@ -636,7 +667,8 @@ def report(args, info, peaks, rows, epochs, data_note):
     steps = [step_cells(r) for r in rows]
     peak_rows = [[dt, th, f"{a:.1f}", f"{b:.1f}", f"{max(a, b):.1f}"]
                  for (dt, th), (a, b) in sorted(peaks.items())]
-    epoch_rows = [[name, th, f"{sec:.3f}"] for name, th, sec in epochs]
+    epoch_rows = [[name, th, f"{sec:.3f}", "-" if lo_hi is None else
+                   f"{lo_hi[0]:.3f}-{lo_hi[1]:.3f}"] for name, th, sec, lo_hi in epochs]
     goals = [list(g) for g in summary(args, rows, epochs, peaks)]
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/speed.py",
                                                  *sys.argv[1:]])
@@ -646,13 +678,17 @@ def report(args, info, peaks, rows, epochs, data_note):
         "`zero_grad` + forward + `backward` + `torch.optim.Adam.step` "
         f"({args.torch_adam}); numpy: `tests/reference.py` (always float64) + a NumPy Adam. "
         f"x and eps pre-drawn outside the timed region (a pool of {POOL} batches cycled). "
-        f"Median over {args.repeats} repeats (numpy: {args.numpy_repeats}) of the mean step "
-        f"time of a block of >= {args.min_time} s, after {args.warmup} s of warm-up; the "
-        "blocks of hvae and its peers alternate (a drift in background load hits all alike), "
-        f"{args.settle} s idle before each block with 2+ threads; GC off while timing. Threads: "
+        f"{args.passes} passes over all cases, one after the other; in each, the median over "
+        f"{args.repeats} repeats of the mean step time of a block of >= {args.min_time} s, "
+        f"after {args.warmup} s of warm-up; the blocks of hvae and its peers alternate (a "
+        "drift in background load hits all alike), "
+        f"{args.settle} s idle before each block with 2+ threads; GC off while timing. A "
+        "figure is the median over the passes; spread: the lowest and highest pass. numpy: "
+        f"first pass only, median of {args.numpy_repeats} repeats. Threads: "
         "hvae with k > 1 threads: the core's team of k threads splits each layer's GEMMs, "
-        "activations and the Adam update (`threads=k`; `n_jobs=k` in fit), BLAS at one "
-        "thread each; numpy: threadpoolctl on its BLAS; torch: `torch.set_num_threads`. GFLOP/s "
+        "activations and the Adam update (`threads=k`; `n_jobs=k` in fit), the core's "
+        "OpenBLAS at one thread meanwhile; numpy: threadpoolctl on its BLAS; torch: "
+        "`torch.set_num_threads`. GFLOP/s "
         "counts the GEMMs of forward + backward: 6*B*in*out per layer minus 2*B*in*out for the "
         "input gradient of the first layer. % GEMM peak: against the linked OpenBLAS's "
         f"{args.gemm_size}^3 GEMM at the same dtype and threads (the better of two "
@@ -663,12 +699,14 @@ def report(args, info, peaks, rows, epochs, data_note):
         method += (f" Epoch: {args.epoch_examples} examples of {data_note}, {EPOCH['model']}, "
                    f"batch {EPOCH['batch']}, {EPOCH['dtype']}; shuffling, batch gathering and "
                    "drawing eps are inside the timed epoch; median of "
-                   f"{args.epoch_repeats} epochs after a warm-up on 10% of the data.")
+                   f"{args.epoch_repeats} epochs after a warm-up on 10% of the data, in each "
+                   "pass.")
     sections = [("GEMM peak of hvae's OpenBLAS (GFLOP/s)",
                  ["dtype", "threads", "before the steps", "after the epochs", "peak used"],
                  peak_rows),
                 ("One training step", STEP_HEADERS, steps),
-                ("One epoch (seconds)", ["implementation", "threads", "seconds"], epoch_rows),
+                ("One epoch (seconds)", ["implementation", "threads", "seconds", "spread"],
+                 epoch_rows),
                 ("Targets (float32, best thread count of each side)",
                  ["target", "measured", "verdict"], goals)]
     warning = busy_warning(info)
@@ -694,8 +732,14 @@ def main(argv=None):
         print(busy_warning(info), flush=True)
     cases = [(dt, th) for dt in args.dtypes for th in args.threads]
     start = {c: gemm_peak(blas, *c, args.gemm_size) for c in cases}
-    rows = measure_steps(args, data, start)
-    epochs = measure_epochs(args, data) if args.epoch_examples > 0 else []
+    step_passes, epoch_passes = [], []
+    for k in range(args.passes):
+        print(f"pass {k + 1} of {args.passes}", flush=True)
+        step_passes.append(measure_steps(args, data, start, first=k == 0))
+        if args.epoch_examples > 0:
+            epoch_passes.append(measure_epochs(args, data))
+    rows = combine_steps(step_passes)
+    epochs = combine_epochs(epoch_passes) if epoch_passes else []
     end = {c: gemm_peak(blas, *c, args.gemm_size) for c in cases}
     peaks = {c: (start[c], end[c]) for c in cases}
     for r in rows:  # against the best of the two measurements of the peak
