@@ -26,6 +26,7 @@ import ctypes
 import datetime
 import gc
 import itertools
+import json
 import os
 import platform
 import re
@@ -132,6 +133,10 @@ def parse_args(argv=None):
                    default=Path(os.environ.get("HVAE_DATA", ROOT.parent / "shared" / "data"))
                    / "binarized_mnist.npz",
                    help="binarized MNIST .npz (key 'train'); random binary data when absent")
+    p.add_argument("--memory-batches", nargs="*", type=int, default=[100, 1024],
+                   help="batch sizes at which the peak resident memory of a training run is "
+                        "measured, each model in a fresh process (none: skipped)")
+    p.add_argument("--memory-child", help=argparse.SUPPRESS)  # MODEL:BATCH, the child's side
     p.add_argument("--seed", type=int, default=0, help="seed of parameters, data and noise")
     p.add_argument("--quick", action="store_true",
                    help="smoke run of a few seconds: float32, batch 32, 1 thread, 3 short "
@@ -146,7 +151,7 @@ def parse_args(argv=None):
         args.repeats, args.min_time, args.warmup = 3, 0.01, 0.02
         args.numpy_batches, args.numpy_repeats = [32], 1
         args.gemm_size, args.epoch_examples, args.epoch_repeats = 512, 2000, 1
-        args.passes = 1
+        args.passes, args.memory_batches = 1, [32]
     elif args.output is None:
         args.output = ROOT / "benchmarks" / "results" / "speed.md"
     if torch is None and "torch" in args.peers:
@@ -576,6 +581,61 @@ def combine_epochs(passes):
 
 
 # ----------------------------------------------------------------------------------------------
+# memory
+
+MEMORY_STEPS = 20  # training steps of the measured run
+MIB = 2.0 ** 20
+
+
+def status_kib(field):
+    """A size from /proc/self/status (VmRSS, VmHWM, ...) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def memory_child(spec):
+    """In a fresh process: resident memory before and at the peak of fit(n_jobs=2) on
+    MEMORY_STEPS batches of random binary data; prints one JSON line."""
+    name, batch = spec.split(":")
+    batch = int(batch)
+    X = (np.random.default_rng(0).random((batch * MEMORY_STEPS, 784)) < 0.13).astype(np.float32)
+    m = make_model(name, "float32", 0)
+    acts = sum(w.shape[0] for k, w in m.named_params().items() if k.endswith(".bias"))
+    acts += sum(m.latent_dims)
+    before = status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
+    m.fit(X, epochs=1, batch_size=batch, lr=LR, progress=False, n_jobs=2)
+    print(json.dumps(dict(before=before, peak=status_kib("VmHWM"), n_params=m.n_params,
+                          acts_per_example=acts)))
+
+
+def measure_memory(args):
+    """Rows (model, batch, parameters, moments, activations, before, peak, increase, ratio) for
+    each model and memory batch, each in a fresh interpreter; float32."""
+    rows = []
+    for name in args.models:
+        for B in args.memory_batches:
+            out = subprocess.run([sys.executable, __file__, "--memory-child", f"{name}:{B}"],
+                                 capture_output=True, text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            moments = 3 * 4 * r["n_params"]  # gradient + Adam's two moments, float32
+            acts = 2 * 4 * B * r["acts_per_example"]  # activations + their gradients
+            rise = r["peak"] - r["before"]
+            rows.append([name, B, r["n_params"], f"{moments / MIB:.1f}", f"{acts / MIB:.1f}",
+                         f"{r['before'] / MIB:.0f}", f"{r['peak'] / MIB:.0f}",
+                         f"{rise / MIB:.1f}", f"{rise / (moments + acts):.2f}"])
+            print("  memory  " + "  ".join(map(str, rows[-1])), flush=True)
+    return rows
+
+
+MEMORY_HEADERS = ["model", "batch", "parameters", "gradient + Adam moments (MiB)",
+                  "activations + gradients (MiB)", "RSS before fit (MiB)", "peak RSS (MiB)",
+                  "rise during fit (MiB)", "rise / (moments + activations)"]
+
+
+# ----------------------------------------------------------------------------------------------
 # tables
 
 STEP_HEADERS = ["model", "dtype", "batch", "threads", "hvae ms/step", "hvae spread",
@@ -662,7 +722,7 @@ def summary(args, rows, epochs, peaks):
     return out
 
 
-def report(args, info, peaks, rows, epochs, data_note):
+def report(args, info, peaks, rows, epochs, memory, data_note):
     """(text for stdout, markdown)."""
     steps = [step_cells(r) for r in rows]
     peak_rows = [[dt, th, f"{a:.1f}", f"{b:.1f}", f"{max(a, b):.1f}"]
@@ -701,12 +761,21 @@ def report(args, info, peaks, rows, epochs, data_note):
                    "drawing eps are inside the timed epoch; median of "
                    f"{args.epoch_repeats} epochs after a warm-up on 10% of the data, in each "
                    "pass.")
+    if memory:
+        method += (" Memory: resident set size just before `fit` and its peak during `fit` "
+                   "(VmHWM, reset before the fit), random binary data already in memory; the "
+                   "rise is what training adds: the gradient and Adam's moments (3 x params), "
+                   "the core's workspace (activations and their gradients), the batch copies, "
+                   "the team's scratch and Python's own.")
     sections = [("GEMM peak of hvae's OpenBLAS (GFLOP/s)",
                  ["dtype", "threads", "before the steps", "after the epochs", "peak used"],
                  peak_rows),
                 ("One training step", STEP_HEADERS, steps),
                 ("One epoch (seconds)", ["implementation", "threads", "seconds", "spread"],
                  epoch_rows),
+                ("Memory of a training run (float32, fit with n_jobs=2, "
+                 f"{MEMORY_STEPS} steps, each model in a fresh process)", MEMORY_HEADERS,
+                 memory),
                 ("Targets (float32, best thread count of each side)",
                  ["target", "measured", "verdict"], goals)]
     warning = busy_warning(info)
@@ -724,6 +793,9 @@ def report(args, info, peaks, rows, epochs, data_note):
 def main(argv=None):
     """Measure everything, print the tables, write the markdown."""
     args = parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
     blas = ctypes.CDLL(linked_openblas())
     info = machine_info(blas)
     data, data_note = load_data(args.data, args.seed)
@@ -740,12 +812,13 @@ def main(argv=None):
             epoch_passes.append(measure_epochs(args, data))
     rows = combine_steps(step_passes)
     epochs = combine_epochs(epoch_passes) if epoch_passes else []
+    memory = measure_memory(args)
     end = {c: gemm_peak(blas, *c, args.gemm_size) for c in cases}
     peaks = {c: (start[c], end[c]) for c in cases}
     for r in rows:  # against the best of the two measurements of the peak
         r["peak"] = r["gflops"] / max(peaks[(r["dtype"], r["threads"])])
     info["load average at end (1, 5, 15 min)"] = load_average()
-    text, md = report(args, info, peaks, rows, epochs, data_note)
+    text, md = report(args, info, peaks, rows, epochs, memory, data_note)
     print("\n" + text)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -40,9 +40,11 @@ static void part_range(size_t len, size_t align, int part, int n_parts, size_t *
 
 /* Ownership: part k of a team owns the output features [lo, hi) of every layer (its weight
  * rows, bias entries, gradient rows, Adam moments, and its columns of the layer's output). The
- * forward, the backward and Adam give each part the same features, so a parameter and its
- * gradient and moments stay in the caches of one thread from step to step: on a machine whose
- * cores share no cache, moving them between cores every step costs more than the arithmetic. */
+ * backward and Adam (and the forward, for batches smaller than the layer is wide) give each
+ * part the same features, so a parameter and its gradient and moments stay in the caches of
+ * one thread from step to step: on a machine whose cores share no cache (this project's 2-vCPU
+ * VM, some of the time), moving them between cores every step cost more than the arithmetic:
+ * two threads were 3-4x slower than one. */
 static void own_range(int n_out, int part, int n_parts, size_t *lo, size_t *hi) {
     part_range((size_t)n_out, ALIGN_ELEMS, part, n_parts, lo, hi);
 }
@@ -117,7 +119,9 @@ HVAE_CLONES static int F(adam_grad_ok)(const real *grad, size_t n) {
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* dense layer: out = act(in @ W^T + b); each part computes the columns of the features it owns */
+/* dense layer: out = act(in @ W^T + b); each part computes the output columns of the features it
+ * owns, or, for a batch at least as large as the layer is wide, a range of output rows (then
+ * reading all of W costs less than reading the whole input in every part) */
 
 typedef struct {
     real *out;
@@ -128,14 +132,15 @@ typedef struct {
 static void F(linear_forward_part)(void *p, int part, int n_parts) {
     const F(linear_fwd_job) *j = p;
     size_t lo = 0, hi = (size_t)j->n_out, r0 = 0, r1 = (size_t)j->B, n_out = (size_t)j->n_out;
-    if (j->B >= j->n_out) /* a large batch: by rows, each part reads all of W */
+    if (j->B >= j->n_out)
         part_range((size_t)j->B, ALIGN_ROWS, part, n_parts, &r0, &r1);
     else
         own_range(j->n_out, part, n_parts, &lo, &hi);
     if (hi <= lo || r1 <= r0) return;
     real *out = j->out + r0 * n_out + lo;
-    for (size_t b = 0; b < r1 - r0; b++) memcpy(out + b * n_out, j->bias + lo, sizeof(real) * (hi - lo));
-    /* out[r0:r1, lo:hi] += in[r0:r1, :] @ W[lo:hi, :]^T */
+    for (size_t b = 0; b < r1 - r0; b++)
+        memcpy(out + b * n_out, j->bias + lo, sizeof(real) * (hi - lo));
+    /* out[r0:r1, lo:hi] = bias[lo:hi] + in[r0:r1, :] @ W[lo:hi, :]^T */
     GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(r1 - r0), (int)(hi - lo), j->n_in,
          (real)1, j->in + r0 * (size_t)j->n_in, j->n_in, j->weight + lo * (size_t)j->n_in,
          j->n_in, (real)1, out, j->n_out);
@@ -227,9 +232,8 @@ static void F(linear_backward)(real *din, int *grad_ok, real *dweight, real *dbi
                                const real *dout, const real *in, const real *weight, int B,
                                int n_in, int n_out, int accumulate, int din_accumulate,
                                const real *act_y, int act) {
-    F(linear_bwd_job) j = {din,   dweight, dbias,      NULL,           dout, in,  weight,
-                           act_y, B,       n_in,       n_out,          accumulate,
-                           din_accumulate, act,        grad_ok};
+    F(linear_bwd_job) j = {din, dweight, dbias, NULL, dout, in, weight, act_y, B, n_in, n_out,
+                           accumulate, din_accumulate, act, grad_ok};
     double flops = 2.0 * B * n_in * n_out * (din ? 2 : 1);
     hvae_team *tm = team_for(flops, PAR_MIN_FLOPS);
     int n_parts = hvae_team_size(tm);
