@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -217,15 +218,31 @@ def load_average():
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def busy_warning(info):
-    """A warning when the 1-minute load average exceeded half the CPUs, else None."""
-    loads = [float(v.split()[0]) for k, v in info.items() if k.startswith("load average")]
-    if max(loads) <= 0.5 * os.cpu_count():
+def cpu_seconds():
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process and its
+    children): their difference over a run is what other processes took."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    busy = sum(int(v) for k, v in enumerate(fields) if k not in (3, 4))  # all but idle, iowait
+    own = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return busy / os.sysconf("SC_CLK_TCK"), sum(r.ru_utime + r.ru_stime for r in own)
+
+
+def others_share(start, end, seconds):
+    """The fraction of the machine's CPU time that other processes took between two
+    cpu_seconds() readings `seconds` apart."""
+    others = (end[0] - start[0]) - (end[1] - start[1])
+    return max(others, 0.0) / (seconds * os.cpu_count())
+
+
+def busy_warning(share):
+    """A warning when other processes took more than 5% of the CPU time during the run, else
+    None. (The load average counts this benchmark's own threads and what ran just before.)"""
+    if share <= 0.05:
         return None
-    return (f"WARNING: the machine was busy (1-minute load average up to {max(loads):g} on "
-            f"{os.cpu_count()} CPUs, this benchmark included): absolute times, GFLOP/s and % of "
-            "peak are pessimistic, and the ratios, though measured in alternating blocks, are "
-            "disturbed too. Re-run on an idle machine.")
+    return (f"WARNING: the machine was busy: other processes took {share:.0%} of the CPU time "
+            "during the run: absolute times, GFLOP/s and % of peak are pessimistic, and the "
+            "ratios, though measured in alternating blocks, are disturbed too. Re-run on an idle "
+            "machine.")
 
 
 def gemm_peak(blas, dtype, threads, n):
@@ -722,8 +739,8 @@ def summary(args, rows, epochs, peaks):
     return out
 
 
-def report(args, info, peaks, rows, epochs, memory, data_note):
-    """(text for stdout, markdown)."""
+def report(args, info, peaks, rows, epochs, memory, data_note, warning):
+    """(text for stdout, markdown); warning: busy_warning's, or None."""
     steps = [step_cells(r) for r in rows]
     peak_rows = [[dt, th, f"{a:.1f}", f"{b:.1f}", f"{max(a, b):.1f}"]
                  for (dt, th), (a, b) in sorted(peaks.items())]
@@ -778,7 +795,6 @@ def report(args, info, peaks, rows, epochs, memory, data_note):
                  memory),
                 ("Targets (float32, best thread count of each side)",
                  ["target", "measured", "verdict"], goals)]
-    warning = busy_warning(info)
     text = [f"{k}: {v}" for k, v in info.items()] + ([warning] if warning else [])
     md = ["# hvae speed: one training step against PyTorch and NumPy", "",
           f"Command: `{command}`", "", *[f"- {k}: {v}" for k, v in info.items()], "",
@@ -800,8 +816,7 @@ def main(argv=None):
     info = machine_info(blas)
     data, data_note = load_data(args.data, args.seed)
     print(f"hvae speed benchmark: {info['machine']}; data: {data_note}", flush=True)
-    if busy_warning(info):
-        print(busy_warning(info), flush=True)
+    t_start, cpu_start = time.perf_counter(), cpu_seconds()
     cases = [(dt, th) for dt in args.dtypes for th in args.threads]
     start = {c: gemm_peak(blas, *c, args.gemm_size) for c in cases}
     step_passes, epoch_passes = [], []
@@ -818,7 +833,9 @@ def main(argv=None):
     for r in rows:  # against the best of the two measurements of the peak
         r["peak"] = r["gflops"] / max(peaks[(r["dtype"], r["threads"])])
     info["load average at end (1, 5, 15 min)"] = load_average()
-    text, md = report(args, info, peaks, rows, epochs, memory, data_note)
+    share = others_share(cpu_start, cpu_seconds(), time.perf_counter() - t_start)
+    info["CPU time taken by other processes during the run"] = f"{share:.1%}"
+    text, md = report(args, info, peaks, rows, epochs, memory, data_note, busy_warning(share))
     print("\n" + text)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
