@@ -81,6 +81,12 @@ def main():
     m = models[0]
     for B in (1, 50, 3, 200, 7):
         tour(m, rng, B)
+    # wide enough for the team to split each layer: a layer's input gradient over its features
+    # (partial products in the team's scratch, B = 16) and over the batch (B = 320)
+    wide = _core.Model(300, [40, 10], [[256], [64]], "bernoulli", "tanh", "analytic", False,
+                       "float32")
+    for B in (16, 320):
+        tour(wide, rng, B)
     # two threads on two models, and two threads on one model (serialised by its lock)
     pairs = [(models[1], models[2]), (models[3], models[3])]
     for a, b in pairs:
