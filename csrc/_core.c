@@ -644,8 +644,8 @@ PyDoc_STRVAR(forward_doc,
 "eps: list of T arrays (B, d_i) of standard normal noise (required unless deterministic);\n"
 "beta: weight of the KL terms; grad: None or a (P,) array of the model's dtype, overwritten\n"
 "with the gradient of the loss; log_weight: when true, also return log p(x,z) - log q(z|x);\n"
-"threads: the model's team of threads splits the work (the same numbers; BLAS must run\n"
-"single-threaded).\n\n"
+"threads: the model's team of threads splits the work (the same numbers up to rounding; the\n"
+"linked OpenBLAS runs at one thread meanwhile).\n\n"
 "Returns (loss, terms, log_weight): loss the batch mean of rec + beta * sum(kl), terms (T+1, B)\n"
 "with row 0 the reconstruction term -log p(x|z_1) and row i the KL term of level i, log_weight\n"
 "(B,) or None.");
@@ -797,7 +797,8 @@ PyDoc_STRVAR(train_step_doc,
 "adam_eps), with the same numbers as those two calls. params, m, v, grad: (P,) arrays of the\n"
 "model's dtype, C-contiguous and writeable, sharing no memory; grad is overwritten with the\n"
 "gradient (unspecified when the loss is not finite). threads: the model's team of threads\n"
-"splits the work (the same numbers; BLAS must run single-threaded).\n\n"
+"splits the work (the same numbers up to rounding; the linked OpenBLAS runs at one thread\n"
+"meanwhile).\n\n"
 "Returns (loss, terms, updated): loss and terms as forward's, updated False when the step was\n"
 "not taken (params, m, v untouched).");
 

@@ -93,7 +93,7 @@ int hvae_z_params_dim(const hvae_config *cfg, int level);
  * runs fn(ctx, 0, 1)). Core calls split their GEMMs, elementwise passes and Adam over the
  * current team of the calling thread (NULL: none); each part of the work is done by the same
  * thread index every time, so results do not depend on timing. One team serves one call at a
- * time; BLAS must run single-threaded inside a team. */
+ * time; BLAS must run single-threaded inside a team (the Python binding sets OpenBLAS so). */
 typedef struct hvae_team hvae_team;
 hvae_team *hvae_team_create(int n_threads);
 void hvae_team_free(hvae_team *tm);
