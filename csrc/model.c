@@ -167,6 +167,68 @@ static void F(prior_nll_backward)(real *dprior, real *dz, const hvae_config *c, 
         F(gaussian_nll_backward)(dprior, dz, prior, z, scale, B, d);
 }
 
+/* The KL part of the loss over the current team, each part a range of rows of every level (an
+ * example's terms are the same whichever thread computes them): the forward into terms when
+ * terms is given (scratch: rows [lo, hi) use row lo), else the backward into dmulv, dprior, dz.
+ * Level i (1-based) reads mulv[i-1] (B, 2 d_i), prior[i] (the parameters of p(z_i | z_{i+1}),
+ * NULL for N(0, I)) and z[i-1]. */
+typedef struct {
+    const hvae_config *c;
+    real *terms, *scratch;
+    real *dmulv[HVAE_MAX_LEVELS], *dprior[HVAE_MAX_LEVELS + 1], *dz[HVAE_MAX_LEVELS];
+    const real *mulv[HVAE_MAX_LEVELS], *prior[HVAE_MAX_LEVELS + 1], *z[HVAE_MAX_LEVELS];
+    real ks; /* d loss / d kl_b */
+    int B;
+} F(kl_job);
+
+static void F(kl_part)(void *p, int part, int n_parts) {
+    const F(kl_job) *j = p;
+    const hvae_config *c = j->c;
+    const int T = c->n_levels;
+    size_t lo, hi;
+    part_range((size_t)j->B, ALIGN_ROWS, part, n_parts, &lo, &hi);
+    if (hi <= lo) return;
+    const int n = (int)(hi - lo);
+    for (int i = 1; i <= T; i++) {
+        const size_t d = (size_t)c->z_dim[i - 1], w = F(learned_prior)(c, i) ? 2 * d : d;
+        const real *mulv = j->mulv[i - 1] + lo * 2 * d, *z = j->z[i - 1] + lo * d;
+        const real *prior = j->prior[i] ? j->prior[i] + lo * w : NULL;
+        const int di = (int)d;
+        if (j->terms) {
+            real *kl = j->terms + (size_t)i * j->B + lo, *scratch = j->scratch + lo * d;
+            if (c->deterministic) {
+                if (i < T) F(prior_nll_forward)(kl, scratch, c, i, prior, z, n, di);
+            } else if (c->kl == HVAE_KL_ANALYTIC && F(learned_prior)(c, i)) {
+                F(gauss_kl_learned_forward)(kl, scratch, mulv, prior, n, di);
+            } else if (c->kl == HVAE_KL_ANALYTIC || i == T) {
+                F(gauss_kl_forward)(kl, scratch, mulv, prior, n, di);
+            } else { /* mc: -log p(z_i | z_{i+1}) at the sample, minus the entropy of q */
+                F(prior_nll_forward)(kl, scratch, c, i, prior, z, n, di);
+                F(gauss_negentropy_forward)(kl, mulv, n, di);
+            }
+            continue;
+        }
+        real *dmulv = j->dmulv[i - 1] + lo * 2 * d, *dz = j->dz[i - 1] + lo * d;
+        real *dprior = j->dprior[i] ? j->dprior[i] + lo * w : NULL;
+        if (c->deterministic) {
+            if (i < T) F(prior_nll_backward)(dprior, dz, c, i, prior, z, j->ks, n, di);
+        } else if (c->kl == HVAE_KL_ANALYTIC && F(learned_prior)(c, i)) {
+            F(gauss_kl_learned_backward)(dmulv, dprior, mulv, prior, j->ks, n, di);
+        } else if (c->kl == HVAE_KL_ANALYTIC || i == T) {
+            F(gauss_kl_backward)(dmulv, dprior, mulv, prior, j->ks, n, di);
+        } else {
+            F(prior_nll_backward)(dprior, dz, c, i, prior, z, j->ks, n, di);
+            F(gauss_negentropy_backward)(dmulv, j->ks, n, di);
+        }
+    }
+}
+
+static void F(kl_over_team)(F(kl_job) *j) {
+    size_t per = 0;
+    for (int i = 0; i < j->c->n_levels; i++) per += (size_t)j->c->z_dim[i];
+    hvae_team_run(team_for((double)j->B * per, (double)PAR_MIN_ELEMS), F(kl_part), j);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* public entry points                                                                          */
 
@@ -194,21 +256,13 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
     real *scratch = bf.grads; /* (B, max(D, d_i)): the gradient half is free during the forward */
     F(likelihood_job) lj = {terms, scratch, NULL, c, zhat[0], target, 0, B};
     F(likelihood_over_team)(&lj);
+    F(kl_job) kj = {.c = c, .terms = terms, .scratch = scratch, .B = B};
     for (int i = 1; i <= T; i++) {
-        real *kl = terms + (size_t)i * B;
-        const real *mulv = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
-        int d = c->z_dim[i - 1];
-        if (c->deterministic) {
-            if (i < T) F(prior_nll_forward)(kl, scratch, c, i, zhat[i], bf.z[i - 1], B, d);
-        } else if (c->kl == HVAE_KL_ANALYTIC && F(learned_prior)(c, i)) {
-            F(gauss_kl_learned_forward)(kl, scratch, mulv, zhat[i], B, d);
-        } else if (c->kl == HVAE_KL_ANALYTIC || i == T) {
-            F(gauss_kl_forward)(kl, scratch, mulv, zhat[i], B, d);
-        } else { /* mc: -log p(z_i | z_{i+1}) at the sample, minus the entropy of q */
-            F(prior_nll_forward)(kl, scratch, c, i, zhat[i], bf.z[i - 1], B, d);
-            F(gauss_negentropy_forward)(kl, mulv, B, d);
-        }
+        kj.mulv[i - 1] = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
+        kj.z[i - 1] = bf.z[i - 1];
+        kj.prior[i] = zhat[i];
     }
+    F(kl_over_team)(&kj);
     double sum = 0;
     for (int b = 0; b < B; b++) {
         double klsum = 0;
@@ -264,25 +318,17 @@ static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, hv
                             F(last)(bf.dec[0], &m->dec[0]), target, rs, B};
     F(likelihood_over_team)(&lj);
     /* KL terms -> d mulv_i, d zhat_i, d z_i */
+    F(kl_job) kj = {.c = c, .ks = ks, .B = B};
     for (int i = 1; i <= T; i++) {
         const hvae_mlp *enc = &m->enc[i - 1];
-        const real *mulv = F(last)(bf.enc[i - 1], enc);
-        real *dmulv = bf.denc[i - 1][enc->n_layers - 1];
-        const real *zhat = i < T ? F(last)(bf.dec[i], &m->dec[i]) : NULL;
-        real *dzhat = i < T ? bf.ddec[i][m->dec[i].n_layers - 1] : NULL;
-        int d = c->z_dim[i - 1];
-        if (c->deterministic) {
-            if (i < T)
-                F(prior_nll_backward)(dzhat, bf.dz[i - 1], c, i, zhat, bf.z[i - 1], ks, B, d);
-        } else if (c->kl == HVAE_KL_ANALYTIC && F(learned_prior)(c, i)) {
-            F(gauss_kl_learned_backward)(dmulv, dzhat, mulv, zhat, ks, B, d);
-        } else if (c->kl == HVAE_KL_ANALYTIC || i == T) {
-            F(gauss_kl_backward)(dmulv, dzhat, mulv, zhat, ks, B, d);
-        } else {
-            F(prior_nll_backward)(dzhat, bf.dz[i - 1], c, i, zhat, bf.z[i - 1], ks, B, d);
-            F(gauss_negentropy_backward)(dmulv, ks, B, d);
-        }
+        kj.mulv[i - 1] = F(last)(bf.enc[i - 1], enc);
+        kj.dmulv[i - 1] = bf.denc[i - 1][enc->n_layers - 1];
+        kj.prior[i] = i < T ? F(last)(bf.dec[i], &m->dec[i]) : NULL;
+        kj.dprior[i] = i < T ? bf.ddec[i][m->dec[i].n_layers - 1] : NULL;
+        kj.z[i - 1] = bf.z[i - 1];
+        kj.dz[i - 1] = bf.dz[i - 1];
     }
+    F(kl_over_team)(&kj);
     /* decoders: d z_i from dec_i's input */
     for (int i = T - 1; i >= 0; i--)
         F(mlp_backward)(grad, bf.dz[i], grad_ok, bf.ddec[i], bf.dec[i], &m->dec[i], params,

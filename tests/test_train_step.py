@@ -26,6 +26,10 @@ CONFIGS = [
     # at B = 16 the 1024 -> 16 layer's input gradient is split over its 16 features, fewer than
     # 3 threads' aligned shares: a part with no features of its own
     dict(x_dim=64, latent_dims=[8], hidden_dims=[[1024]], activation="leaky_relu"),
+    # latents wide enough for the team to split the KL terms by rows (at B = 512)
+    dict(x_dim=50, latent_dims=[64, 32], hidden_dims=[[64], [32]], kl="mc",
+         prior_variance="learned"),
+    dict(x_dim=50, latent_dims=[64, 32], hidden_dims=[[64], [32]], deterministic=True),
 ]
 # Adam's step is about lr whatever the gradient's size, so a gradient near zero that rounds
 # differently moves a parameter differently (by up to 2 lr when its sign flips): float32
@@ -72,7 +76,7 @@ def test_one_thread_equals_forward_then_adam_bit_for_bit(cfg, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[5], CONFIGS[6], CONFIGS[7],
-                                 CONFIGS[8]])
+                                 CONFIGS[8], CONFIGS[9], CONFIGS[10]])
 def test_threads_match_one_thread_and_are_reproducible(cfg, dtype):
     # the input gradient of a layer is split over its features when B <= its outputs (64, 16),
     # else over the batch (512)
