@@ -109,6 +109,13 @@ static void F(zero)(real *v, size_t n) {
     hvae_team_run(team_for((double)n, (double)PAR_MIN_ELEMS), F(zero_part), &j);
 }
 
+/* acc (n,) += the sum of the `rows` rows of m (leading dimension ld), row by row */
+HVAE_CLONES static void F(add_rows)(real *restrict acc, const real *restrict m, size_t rows,
+                                    size_t ld, size_t n) {
+    for (size_t b = 0; b < rows; b++)
+        for (size_t o = 0; o < n; o++) acc[o] += m[b * ld + o];
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Adam's check of a gradient, done by the backward on the rows it has just computed           */
 
@@ -176,10 +183,7 @@ static void F(linear_backward_part)(void *p, int part, int n_parts) {
     if (hi > lo) {
         if (!j->accumulate)
             for (size_t o = lo; o < hi; o++) j->dbias[o] = 0;
-        for (int b = 0; b < B; b++) {
-            const real *row = j->dout + (size_t)b * n_out;
-            for (size_t o = lo; o < hi; o++) j->dbias[o] += row[o];
-        }
+        F(add_rows)(j->dbias + lo, j->dout + lo, (size_t)B, (size_t)n_out, hi - lo);
         /* dW[lo:hi, :] (hi-lo, I) (+)= dout[:, lo:hi]^T @ in (B, I) */
         GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)(hi - lo), n_in, B, (real)1,
              j->dout + lo, n_out, j->in, n_in, (real)j->accumulate,

@@ -77,6 +77,31 @@ static void F(mlp_backward)(real *grad, real *din, int *grad_ok, real *const *do
 /* ------------------------------------------------------------------------------------------ */
 /* the chains                                                                                   */
 
+/* reparam_forward into z (dmulv NULL), or reparam_backward into dmulv, over the current team,
+ * each part a range of rows. z, dz (B, d); mulv, dmulv (B, 2d); eps (B, d) or NULL. */
+typedef struct {
+    real *z, *dmulv;
+    const real *dz, *mulv, *eps;
+    int B, d;
+} F(reparam_job);
+
+static void F(reparam_part)(void *p, int part, int n_parts) {
+    const F(reparam_job) *j = p;
+    size_t lo, hi, d = (size_t)j->d;
+    part_range((size_t)j->B, ALIGN_ROWS, part, n_parts, &lo, &hi);
+    if (hi <= lo) return;
+    const real *mulv = j->mulv + lo * 2 * d, *eps = j->eps ? j->eps + lo * d : NULL;
+    if (j->dmulv)
+        F(reparam_backward)(j->dmulv + lo * 2 * d, j->dz + lo * d, mulv, eps, (int)(hi - lo),
+                            j->d);
+    else
+        F(reparam_forward)(j->z + lo * d, mulv, eps, (int)(hi - lo), j->d);
+}
+
+static void F(reparam_over_team)(F(reparam_job) *j) {
+    hvae_team_run(team_for((double)j->B * j->d, (double)PAR_MIN_ELEMS), F(reparam_part), j);
+}
+
 /* Encoders 1..T with reparameterization; eps NULL (or a NULL entry) means z_i = mu_i. */
 static void F(encode_pass)(F(buffers) *bf, const hvae_model *m, const real *params, const real *x,
                            const real *const *eps, int B) {
@@ -84,8 +109,9 @@ static void F(encode_pass)(F(buffers) *bf, const hvae_model *m, const real *para
     const real *in = x;
     for (int i = 0; i < c->n_levels; i++) {
         F(mlp_forward)(bf->enc[i], &m->enc[i], params, in, B, c->activation);
-        F(reparam_forward)(bf->z[i], F(last)(bf->enc[i], &m->enc[i]), eps ? eps[i] : NULL, B,
-                           c->z_dim[i]);
+        F(reparam_job) rj = {bf->z[i], NULL, NULL, F(last)(bf->enc[i], &m->enc[i]),
+                             eps ? eps[i] : NULL, B, c->z_dim[i]};
+        F(reparam_over_team)(&rj);
         in = bf->z[i];
     }
 }
@@ -336,8 +362,9 @@ static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, hv
     /* encoders top down: d z_i is complete once encoder i+1 has passed it back */
     for (int i = T - 1; i >= 0; i--) {
         const hvae_mlp *enc = &m->enc[i];
-        F(reparam_backward)(bf.denc[i][enc->n_layers - 1], bf.dz[i], F(last)(bf.enc[i], enc),
-                            eps ? eps[i] : NULL, B, c->z_dim[i]);
+        F(reparam_job) rj = {NULL, bf.denc[i][enc->n_layers - 1], bf.dz[i],
+                             F(last)(bf.enc[i], enc), eps ? eps[i] : NULL, B, c->z_dim[i]};
+        F(reparam_over_team)(&rj);
         F(mlp_backward)(grad, i > 0 ? bf.dz[i - 1] : NULL, grad_ok, bf.denc[i], bf.enc[i], enc,
                         params, i > 0 ? bf.z[i - 1] : x, B, c->activation, accumulate);
     }
