@@ -583,21 +583,6 @@ static const void *const *batch_eps(const batch_args *a, const hvae_model *m,
     return m->cfg.deterministic ? NULL : ptrs;
 }
 
-/* The model's team of `threads` threads (NULL for one thread), made or remade on first use;
- * called with the model's lock held. 0, or -1 when the threads could not be started. */
-static int model_team(ModelObject *self, int threads, hvae_team **team) {
-    if (self->team && self->team_pid != getpid())
-        self->team = NULL; /* a forked child: the workers stayed in the parent (leaked here) */
-    if (threads != hvae_team_size(self->team)) {
-        hvae_team_free(self->team);
-        self->team = threads > 1 ? hvae_team_create(threads) : NULL;
-        self->team_pid = getpid();
-        if (threads > 1 && !self->team) return -1;
-    }
-    *team = self->team;
-    return 0;
-}
-
 /* BLAS runs single-threaded inside a team (hvae.h): while any call with a team is in flight,
  * the linked OpenBLAS is set to one thread; the last such call to end restores the count it
  * had (a BLAS left at several threads would put its own threads beside the team's: 2-3x
@@ -617,12 +602,30 @@ static void blas_single_begin(const hvae_team *team) {
     pthread_mutex_unlock(&blas_mutex);
 }
 
-static void blas_single_end(const hvae_team *team) {
+/* After a core call that team_begin prepared: BLAS back to its count when the last one ends */
+static void team_end(const hvae_team *team) {
     if (!team || !openblas_get_num_threads || !openblas_set_num_threads) return;
     pthread_mutex_lock(&blas_mutex);
     if (--blas_team_calls == 0 && blas_saved_threads != 1)
         openblas_set_num_threads(blas_saved_threads);
     pthread_mutex_unlock(&blas_mutex);
+}
+
+/* Before a core call: the model's team of `threads` threads (NULL for one thread), made or
+ * remade on first use, and BLAS at one thread while it works (team_end after the call); called
+ * with the model's lock held. 0, or -1 when the threads could not be started. */
+static int team_begin(ModelObject *self, int threads, hvae_team **team) {
+    if (self->team && self->team_pid != getpid())
+        self->team = NULL; /* a forked child: the workers stayed in the parent (leaked here) */
+    if (threads != hvae_team_size(self->team)) {
+        hvae_team_free(self->team);
+        self->team = threads > 1 ? hvae_team_create(threads) : NULL;
+        self->team_pid = getpid();
+        if (threads > 1 && !self->team) return -1;
+    }
+    *team = self->team;
+    blas_single_begin(*team);
+    return 0;
 }
 
 /* After a core call on a batch of B rows of x: an exception when the team could not start or
@@ -705,10 +708,9 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
     double loss = 0;
     hvae_team *team;
     CORE_CALL(self, {
-        if (model_team(self, threads, &team) < 0) {
+        if (team_begin(self, threads, &team) < 0) {
             team_failed = 1;
         } else {
-            blas_single_begin(team);
             hvae_team_set_current(team);
             if (tn == NPY_FLOAT32) {
                 float lossf = 0;
@@ -732,7 +734,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
                 }
             }
             hvae_team_set_current(NULL);
-            blas_single_end(team);
+            team_end(team);
         }
     });
     if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;
@@ -851,10 +853,9 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
     double loss = 0;
     hvae_team *team;
     CORE_CALL(self, {
-        if (model_team(self, threads, &team) < 0) {
+        if (team_begin(self, threads, &team) < 0) {
             team_failed = 1;
         } else {
-            blas_single_begin(team);
             if (tn == NPY_FLOAT32) {
                 float lossf = 0;
                 st = hvae_train_step_f32(PyArray_DATA(terms), &lossf, &updated, gp, pp, mp, vp,
@@ -866,7 +867,7 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
                                          &self->ws, m, xp, tp, (const double *const *)ep,
                                          (int)B, beta, &opt, team);
             }
-            blas_single_end(team);
+            team_end(team);
         }
     });
     if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;
