@@ -77,6 +77,16 @@ hvae_status hvae_model_init(hvae_model *m, const hvae_config *cfg);
 /* Bytes of workspace a call with this batch needs, for reals of real_size bytes; 0 on overflow. */
 size_t hvae_workspace_bytes(const hvae_model *m, int batch, size_t real_size);
 
+/* A batch of at least HVAE_SPARSE_MIN_BATCH rows whose x has at most hvae_sparse_capacity
+ * nonzeros (a quarter of its entries) goes through the encoder's first layer by sparse kernels:
+ * the workspace of such batch sizes also holds the nonzeros' positions and values and the
+ * layer's weights transposed. */
+#define HVAE_SPARSE_MIN_BATCH 64
+
+/* Nonzeros of x the workspace of this batch size has room for: B * D / 4, or 0 (the sparse
+ * kernels off) below HVAE_SPARSE_MIN_BATCH rows or where the count would not fit an int. */
+size_t hvae_sparse_capacity(const hvae_model *m, int batch);
+
 /* Make ws hold at least `bytes` (keeps the buffer when large enough). */
 hvae_status hvae_workspace_reserve(hvae_workspace *ws, size_t bytes);
 void hvae_workspace_free(hvae_workspace *ws);

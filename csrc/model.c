@@ -18,6 +18,7 @@ typedef struct {
     real *ddec[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN + 1];
     real *dz[HVAE_MAX_LEVELS];
     real *grads;       /* start of the gradient half */
+    F(sparse_x) sx;    /* x's nonzeros for encoder 1's first layer (layers.c) */
 } F(buffers);
 
 static hvae_status F(carve)(F(buffers) *bf, hvae_workspace *ws, const hvae_model *m, int B) {
@@ -41,6 +42,23 @@ static hvae_status F(carve)(F(buffers) *bf, hvae_workspace *ws, const hvae_model
         p += (size_t)B * m->cfg.z_dim[i];
     }
     bf->grads = (real *)ws->buf + half;
+    /* then the sparse first layer's buffers, as hvae_workspace_bytes counts them */
+    F(sparse_x) *sx = &bf->sx;
+    sx->cap = hvae_sparse_capacity(m, B);
+    if (sx->cap) {
+        const size_t D = (size_t)m->cfg.x_dim, O = (size_t)m->enc[0].layer[0].out;
+        real *r = (real *)ws->buf + 2 * half;
+        sx->wt = r;
+        sx->val = r + D * O;
+        sx->cval = sx->val + sx->cap;
+        int *ip = (int *)(sx->cval + sx->cap);
+        sx->state = ip;
+        sx->row_ptr = ip + 1;
+        sx->col_ptr = sx->row_ptr + B + 1;
+        sx->col_next = sx->col_ptr + D + 1;
+        sx->idx = sx->col_next + D;
+        sx->cidx = sx->idx + sx->cap;
+    }
     return HVAE_OK;
 }
 
@@ -49,24 +67,35 @@ static const real *F(last)(real *const *outs, const hvae_mlp *mlp) { return outs
 /* ------------------------------------------------------------------------------------------ */
 /* an MLP: linear layers, the activation after every hidden one                                 */
 
-/* outs[j] (B, out_j); in (B, in_0) */
+/* outs[j] (B, out_j); in (B, in_0); sx: NULL, or the sparse buffers for a sparse `in` (x) */
 static void F(mlp_forward)(real *const *outs, const hvae_mlp *mlp, const real *params,
-                           const real *in, int B, int act) {
+                           const real *in, const F(sparse_x) *sx, int B, int act) {
     for (int j = 0; j < mlp->n_layers; j++) {
         const hvae_linear *l = &mlp->layer[j];
-        F(linear_forward)(outs[j], in, params + l->weight, params + l->bias, B, l->in, l->out,
-                          j < mlp->n_layers - 1 ? act : ACT_NONE);
+        const int layer_act = j < mlp->n_layers - 1 ? act : ACT_NONE;
+        if (!(j == 0 && sx &&
+              F(sparse_linear_forward)(outs[j], sx, in, params + l->weight, params + l->bias, B,
+                                       l->in, l->out, layer_act)))
+            F(linear_forward)(outs[j], in, params + l->weight, params + l->bias, B, l->in,
+                              l->out, layer_act);
         in = outs[j];
     }
 }
 
 /* grad (P,) += (accumulate) or = (not), din (B, in_0) += or NULL; douts[last] holds d output,
- * the rest are overwritten; outs, in as in the forward; grad_ok as in linear_backward */
+ * the rest are overwritten; outs, in, sx as in the forward (din NULL when the forward took the
+ * sparse kernels); grad_ok as in linear_backward */
 static void F(mlp_backward)(real *grad, real *din, int *grad_ok, real *const *douts,
                             real *const *outs, const hvae_mlp *mlp, const real *params,
-                            const real *in, int B, int act, int accumulate) {
+                            const real *in, const F(sparse_x) *sx, int B, int act,
+                            int accumulate) {
     for (int j = mlp->n_layers - 1; j >= 0; j--) {
         const hvae_linear *l = &mlp->layer[j];
+        if (j == 0 && sx && sx->cap && *sx->state && !din) {
+            F(sparse_linear_backward)(grad_ok, grad + l->weight, grad + l->bias, sx, douts[0], B,
+                                      l->in, l->out, accumulate);
+            continue;
+        }
         /* d outs[j-1] through layer j, times the derivative of the activation that made it */
         F(linear_backward)(j > 0 ? douts[j - 1] : din, grad_ok, grad + l->weight, grad + l->bias,
                            douts[j], j > 0 ? outs[j - 1] : in, params + l->weight, B, l->in,
@@ -108,7 +137,8 @@ static void F(encode_pass)(F(buffers) *bf, const hvae_model *m, const real *para
     const hvae_config *c = &m->cfg;
     const real *in = x;
     for (int i = 0; i < c->n_levels; i++) {
-        F(mlp_forward)(bf->enc[i], &m->enc[i], params, in, B, c->activation);
+        F(mlp_forward)(bf->enc[i], &m->enc[i], params, in, i == 0 ? &bf->sx : NULL, B,
+                       c->activation);
         F(reparam_job) rj = {bf->z[i], NULL, NULL, F(last)(bf->enc[i], &m->enc[i]),
                              eps ? eps[i] : NULL, B, c->z_dim[i]};
         F(reparam_over_team)(&rj);
@@ -119,7 +149,7 @@ static void F(encode_pass)(F(buffers) *bf, const hvae_model *m, const real *para
 /* Decoder i (0-based) on z_i: gives zhat_{i-1} (or x's parameters for i = 0). */
 static const real *F(decoder)(F(buffers) *bf, const hvae_model *m, const real *params, int i,
                               const real *z, int B) {
-    F(mlp_forward)(bf->dec[i], &m->dec[i], params, z, B, m->cfg.activation);
+    F(mlp_forward)(bf->dec[i], &m->dec[i], params, z, NULL, B, m->cfg.activation);
     return F(last)(bf->dec[i], &m->dec[i]);
 }
 
@@ -358,7 +388,7 @@ static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, hv
     /* decoders: d z_i from dec_i's input */
     for (int i = T - 1; i >= 0; i--)
         F(mlp_backward)(grad, bf.dz[i], grad_ok, bf.ddec[i], bf.dec[i], &m->dec[i], params,
-                        bf.z[i], B, c->activation, accumulate);
+                        bf.z[i], NULL, B, c->activation, accumulate);
     /* encoders top down: d z_i is complete once encoder i+1 has passed it back */
     for (int i = T - 1; i >= 0; i--) {
         const hvae_mlp *enc = &m->enc[i];
@@ -366,7 +396,8 @@ static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, hv
                              F(last)(bf.enc[i], enc), eps ? eps[i] : NULL, B, c->z_dim[i]};
         F(reparam_over_team)(&rj);
         F(mlp_backward)(grad, i > 0 ? bf.dz[i - 1] : NULL, grad_ok, bf.denc[i], bf.enc[i], enc,
-                        params, i > 0 ? bf.z[i - 1] : x, B, c->activation, accumulate);
+                        params, i > 0 ? bf.z[i - 1] : x, i > 0 ? NULL : &bf.sx, B,
+                        c->activation, accumulate);
     }
     return HVAE_OK;
 }

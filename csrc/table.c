@@ -1,5 +1,6 @@
 /* table.c - precision-independent bookkeeping: validating a model description, laying the
  * parameter table over the flat buffer, and sizing / owning the workspace. */
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -63,12 +64,30 @@ hvae_status hvae_model_init(hvae_model *m, const hvae_config *cfg) {
     return HVAE_OK;
 }
 
+size_t hvae_sparse_capacity(const hvae_model *m, int batch) {
+    if (batch < HVAE_SPARSE_MIN_BATCH) return 0;
+    size_t cap = (size_t)batch * (size_t)m->cfg.x_dim / 4;
+    return cap <= (size_t)INT_MAX ? cap : 0;
+}
+
 size_t hvae_workspace_bytes(const hvae_model *m, int batch, size_t real_size) {
     if (batch < 1) return 0;
     /* activations and their gradients */
     size_t per = 2 * m->act_per_example * real_size;
     if ((size_t)batch > SIZE_MAX / per) return 0;
-    return per * (size_t)batch;
+    size_t bytes = per * (size_t)batch;
+    size_t cap = hvae_sparse_capacity(m, batch);
+    if (cap) { /* the sparse first layer (model.c carves these in this order) */
+        size_t D = (size_t)m->cfg.x_dim, O = (size_t)m->enc[0].layer[0].out;
+        if (D > SIZE_MAX / 4 / O) return 0;
+        size_t reals = D * O + 2 * cap; /* W^T, values by rows and by columns */
+        size_t ints = 1 + ((size_t)batch + 1) + (D + 1) + D + 2 * cap;
+        if (reals > (SIZE_MAX - bytes) / real_size) return 0;
+        bytes += reals * real_size;
+        if (ints > (SIZE_MAX - bytes) / sizeof(int)) return 0;
+        bytes += ints * sizeof(int);
+    }
+    return bytes;
 }
 
 hvae_status hvae_workspace_reserve(hvae_workspace *ws, size_t bytes) {

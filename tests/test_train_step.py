@@ -38,15 +38,16 @@ CONFIGS = [
 TOL = {"float32": dict(rtol=1e-4, atol=1e-4), "float64": dict(rtol=1e-10, atol=1e-13)}
 
 
-def run(cfg, dtype, steps, B, threads, *, target=False, seed=0):
-    """(params, m, v, grad, losses, terms) after `steps` train_step calls; threads None: the
+def run(cfg, dtype, steps, B, threads, *, target=False, seed=0, density=0.4):
+    """(params, m, v, grad, losses, terms) after `steps` train_step calls on binary x with
+    `density` ones (at most 0.25 from 64 rows: the sparse first layer); threads None: the
     two-call path (forward with grad, then adam_update)."""
     m = hvae.HVAE(**cfg, dtype=dtype, seed=seed)
     rng = np.random.default_rng(seed + 1)
     grad, m1, m2 = np.zeros_like(m.params), np.zeros_like(m.params), np.zeros_like(m.params)
     losses, terms = [], []
     for t in range(1, steps + 1):
-        x = (rng.random((B, m.x_dim)) < 0.4).astype(dtype)
+        x = (rng.random((B, m.x_dim)) < density).astype(dtype)
         tg = (rng.random((B, m.x_dim)) < 0.4).astype(dtype) if target else None
         eps = None if m.deterministic else m.draw_eps(B)
         kw = dict(beta=0.7, lr=3e-3, beta1=0.8, beta2=0.99)
@@ -66,9 +67,10 @@ def run(cfg, dtype, steps, B, threads, *, target=False, seed=0):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_one_thread_equals_forward_then_adam_bit_for_bit(cfg, dtype):
-    for B, target in ((1, False), (5, True), (33, False)):
-        want = run(cfg, dtype, 3, B, None, target=target)
-        got = run(cfg, dtype, 3, B, 1, target=target)
+    for B, target, density in ((1, False, 0.4), (5, True, 0.4), (33, False, 0.4),
+                               (64, True, 0.1)):
+        want = run(cfg, dtype, 3, B, None, target=target, density=density)
+        got = run(cfg, dtype, 3, B, 1, target=target, density=density)
         for a, b in zip(got, want):
             for u, w in zip(a, b) if isinstance(a, list) else [(a, b)]:
                 np.testing.assert_array_equal(u, w)
@@ -79,14 +81,15 @@ def test_one_thread_equals_forward_then_adam_bit_for_bit(cfg, dtype):
                                  CONFIGS[8], CONFIGS[9], CONFIGS[10]])
 def test_threads_match_one_thread_and_are_reproducible(cfg, dtype):
     # the input gradient of a layer is split over its features when B <= its outputs (64, 16),
-    # else over the batch (512)
-    for B in (1, 3, 16, 64, 512):
-        one = run(cfg, dtype, 3, B, 1)
+    # else over the batch (512); x with 10% ones from 64 rows: the sparse first layer
+    for B, density in ((1, 0.4), (3, 0.4), (16, 0.4), (64, 0.4), (512, 0.4), (64, 0.1),
+                       (512, 0.1)):
+        one = run(cfg, dtype, 3, B, 1, density=density)
         for threads in (2, 3):
-            got = run(cfg, dtype, 3, B, threads)
+            got = run(cfg, dtype, 3, B, threads, density=density)
             np.testing.assert_allclose(got[0], one[0], **TOL[dtype])
             np.testing.assert_allclose(got[4], one[4], rtol=TOL[dtype]["rtol"])
-            again = run(cfg, dtype, 3, B, threads)
+            again = run(cfg, dtype, 3, B, threads, density=density)
             for a, b in zip(got[:4], again[:4]):
                 np.testing.assert_array_equal(a, b)
             assert got[4] == again[4]
