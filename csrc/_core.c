@@ -1216,7 +1216,8 @@ PyMODINIT_FUNC PyInit__core(void) {
         PyModule_AddIntConstant(mod, "MAX_LEVELS", HVAE_MAX_LEVELS) < 0 ||
         PyModule_AddIntConstant(mod, "MAX_HIDDEN", HVAE_MAX_HIDDEN) < 0 ||
         PyModule_AddIntConstant(mod, "MAX_WIDTH", HVAE_MAX_WIDTH) < 0 ||
-        PyModule_AddIntConstant(mod, "MAX_THREADS", HVAE_MAX_THREADS) < 0) {
+        PyModule_AddIntConstant(mod, "MAX_THREADS", HVAE_MAX_THREADS) < 0 ||
+        PyModule_AddIntConstant(mod, "SPARSE_MIN_BATCH", HVAE_SPARSE_MIN_BATCH) < 0) {
         Py_DECREF(&ModelType);
         Py_DECREF(mod);
         return NULL;

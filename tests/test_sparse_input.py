@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 import hvae
+from hvae import _core
 
 import reference as ref
 
-MIN_BATCH = 64  # HVAE_SPARSE_MIN_BATCH (csrc/hvae.h)
+MIN_BATCH = _core.SPARSE_MIN_BATCH
 
 # first-layer widths around the kernels' chunks (64 float32 / 32 float64 features, vectors of
 # 8 / 4) and their tails: 10 (one vector and a tail of 2 / 2 vectors and 2), 70 (a full chunk
