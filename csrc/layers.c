@@ -61,17 +61,27 @@ static hvae_team *team_for(double work, double min) {
 #define LEAKY_SLOPE ((real)0.01)
 #define ACT_NONE (-1) /* a layer without activation (the last of an MLP) */
 
-/* y (n,) = act(y) in place */
-HVAE_CLONES static void F(act_forward_range)(real *y, size_t n, int act) {
+/* y (n,) = act(y + bias) in place (act ACT_NONE: y + bias); bias (n,) */
+HVAE_CLONES static void F(bias_act_range)(real *restrict y, const real *restrict bias, size_t n,
+                                          int act) {
     switch (act) {
+    case ACT_NONE:
+        for (size_t k = 0; k < n; k++) y[k] += bias[k];
+        break;
     case 0: /* tanh */
-        for (size_t k = 0; k < n; k++) y[k] = F(vtanh)(y[k]);
+        for (size_t k = 0; k < n; k++) y[k] = F(vtanh)(y[k] + bias[k]);
         break;
     case 1: /* relu */
-        for (size_t k = 0; k < n; k++) y[k] = y[k] > 0 ? y[k] : (real)0;
+        for (size_t k = 0; k < n; k++) {
+            real a = y[k] + bias[k];
+            y[k] = a > 0 ? a : (real)0;
+        }
         break;
     default: /* leaky relu */
-        for (size_t k = 0; k < n; k++) y[k] = y[k] > 0 ? y[k] : LEAKY_SLOPE * y[k];
+        for (size_t k = 0; k < n; k++) {
+            real a = y[k] + bias[k];
+            y[k] = a > 0 ? a : LEAKY_SLOPE * a;
+        }
         break;
     }
 }
@@ -145,14 +155,13 @@ static void F(linear_forward_part)(void *p, int part, int n_parts) {
         own_range(j->n_out, part, n_parts, &lo, &hi);
     if (hi <= lo || r1 <= r0) return;
     real *out = j->out + r0 * n_out + lo;
-    for (size_t b = 0; b < r1 - r0; b++)
-        memcpy(out + b * n_out, j->bias + lo, sizeof(real) * (hi - lo));
-    /* out[r0:r1, lo:hi] = bias[lo:hi] + in[r0:r1, :] @ W[lo:hi, :]^T */
+    /* out[r0:r1, lo:hi] = in[r0:r1, :] @ W[lo:hi, :]^T, then act(out + bias[lo:hi]) row by row
+     * while the row is in the cache */
     GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)(r1 - r0), (int)(hi - lo), j->n_in,
          (real)1, j->in + r0 * (size_t)j->n_in, j->n_in, j->weight + lo * (size_t)j->n_in,
-         j->n_in, (real)1, out, j->n_out);
-    if (j->act != ACT_NONE)
-        for (size_t b = 0; b < r1 - r0; b++) F(act_forward_range)(out + b * n_out, hi - lo, j->act);
+         j->n_in, (real)0, out, j->n_out);
+    for (size_t b = 0; b < r1 - r0; b++)
+        F(bias_act_range)(out + b * n_out, j->bias + lo, hi - lo, j->act);
 }
 
 /* out (B,O), in (B,I), weight (O,I), bias (O,); I and O are n_in and n_out; act: the
@@ -266,15 +275,15 @@ typedef real F(vec) __attribute__((vector_size(32)));
 #define CHUNK (CHUNK_VECS * VEC_LEN) /* 64 float32 or 32 float64 */
 #define SPARSE_ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* The nonzeros of x in the workspace: by rows (CSR, made by the forward) and by columns (CSC,
- * made from the CSR by the backward), and the layer's W^T by chunks. */
+/* The nonzeros of x in the workspace, by rows (CSR) and by columns (CSC), both made by the
+ * forward, and the layer's W^T by chunks. */
 typedef struct {
-    int *state;     /* 1: the CSR holds this batch's x (the forward took the sparse kernels) */
+    int *state;     /* 1: the index holds this batch's x (the forward took the sparse kernels) */
     int *row_ptr;   /* (B+1,): row b's nonzeros are [row_ptr[b], row_ptr[b+1]) of idx, val */
     int *idx;       /* (cap,): their columns, increasing within a row */
     real *val;      /* (cap,): their values */
     int *col_ptr;   /* (D+1,): column j's nonzeros are [col_ptr[j], col_ptr[j+1]) of cidx, cval */
-    int *col_next;  /* (D,): fill position of each column while the CSC is made */
+    int *col_next;  /* (D,): the column counts while the index is made by one thread */
     int *cidx;      /* (cap,): their rows, increasing within a column */
     real *cval;     /* (cap,) */
     real *wt;       /* (O*D,): the chunk of features [o0, o0+n) at wt + o0*D is W[o0:o0+n, :]^T */
@@ -321,37 +330,97 @@ HVAE_CLONES static void F(gather_sum)(real *restrict sum, const real *restrict r
     }
 }
 
-/* the CSR of x, each part a range of rows: first the count of each row's nonzeros into
- * row_ptr[b+1] (fill 0), then, after the caller's prefix sum, their columns and values */
+/* Counts of nonzeros: returns row xb's (D,), adds each entry's to its column's count */
+HVAE_CLONES static int F(count_nonzeros)(int *restrict col_count, const real *restrict xb,
+                                         size_t D) {
+    int count = 0;
+    for (size_t c = 0; c < D; c++) {
+        int nz = xb[c] != 0;
+        count += nz;
+        col_count[c] += nz;
+    }
+    return count;
+}
+
+/* The CSR and CSC of x, each part a range of rows, in two passes. Count: each row's nonzeros
+ * into row_ptr[b+1], each column's among the part's rows into cols[part * D + c]. After the
+ * caller's prefix sums (row_ptr; cols: where the part's rows start in each column), fill: each
+ * row's columns and values, then the row into its columns (rows in increasing order within a
+ * column: part 0's first). */
 typedef struct {
     const F(sparse_x) *sx;
     const real *x;
+    int *cols; /* (n_parts, D) */
     int B, D, fill;
-} F(csr_job);
+} F(index_job);
 
-static void F(csr_part)(void *p, int part, int n_parts) {
-    const F(csr_job) *j = p;
+static void F(index_part)(void *p, int part, int n_parts) {
+    const F(index_job) *j = p;
+    const F(sparse_x) *sx = j->sx;
     const size_t D = (size_t)j->D;
+    int *cols = j->cols + (size_t)part * D;
     size_t lo, hi;
     part_range((size_t)j->B, 1, part, n_parts, &lo, &hi);
+    if (!j->fill) {
+        memset(cols, 0, sizeof(int) * D);
+        for (size_t b = lo; b < hi; b++)
+            sx->row_ptr[b + 1] = F(count_nonzeros)(cols, j->x + b * D, D);
+        return;
+    }
     for (size_t b = lo; b < hi; b++) {
+        const int start = sx->row_ptr[b], end = sx->row_ptr[b + 1];
         const real *xb = j->x + b * D;
-        if (!j->fill) {
-            int count = 0;
-            for (size_t c = 0; c < D; c++) count += xb[c] != 0;
-            j->sx->row_ptr[b + 1] = count;
-            continue;
-        }
-        int *idx = j->sx->idx;
-        real *val = j->sx->val;
         /* branch-free: write always, advance on a nonzero; stop at the row's last nonzero, so
          * that no write reaches the next row's slots (another part's) */
-        for (int at = j->sx->row_ptr[b], end = j->sx->row_ptr[b + 1], c = 0; at < end; c++) {
-            idx[at] = c;
-            val[at] = xb[c];
+        for (int at = start, c = 0; at < end; c++) {
+            sx->idx[at] = c;
+            sx->val[at] = xb[c];
             at += xb[c] != 0;
         }
+        for (int k = start; k < end; k++) {
+            const int at = cols[sx->idx[k]]++;
+            sx->cidx[at] = (int)b;
+            sx->cval[at] = sx->val[k];
+        }
     }
+}
+
+/* Builds sx's CSR and CSC of x (B, D) over the team when it has at most sx->cap nonzeros;
+ * returns whether it did. */
+static int F(sparse_index)(const F(sparse_x) *sx, const real *x, int B, int D) {
+    hvae_team *tm = team_for((double)B * D, (double)PAR_MIN_ELEMS);
+    int n_parts = hvae_team_size(tm);
+    int *cols = sx->col_next; /* one part's column counts fit there */
+    if (n_parts > 1) {
+        cols = hvae_team_scratch(tm, sizeof(int) * (size_t)n_parts * D);
+        if (!cols) { /* no room for every part's counts: the calling thread alone */
+            tm = NULL;
+            n_parts = 1;
+            cols = sx->col_next;
+        }
+    }
+    F(index_job) ij = {sx, x, cols, B, D, 0};
+    hvae_team_run(tm, F(index_part), &ij);
+    size_t nnz = 0;
+    sx->row_ptr[0] = 0;
+    for (int b = 0; b < B; b++) {
+        nnz += (size_t)sx->row_ptr[b + 1];
+        if (nnz > sx->cap) return 0;
+        sx->row_ptr[b + 1] = (int)nnz;
+    }
+    int at = 0;
+    for (int c = 0; c < D; c++) {
+        sx->col_ptr[c] = at;
+        for (int k = 0; k < n_parts; k++) {
+            int count = cols[(size_t)k * D + c];
+            cols[(size_t)k * D + c] = at;
+            at += count;
+        }
+    }
+    sx->col_ptr[D] = at;
+    ij.fill = 1;
+    hvae_team_run(tm, F(index_part), &ij);
+    return 1;
 }
 
 /* The forward: each part writes W[lo:hi, :]^T of its features into wt, then the output columns
@@ -381,8 +450,7 @@ static void F(sparse_forward_part)(void *p, int part, int n_parts) {
             real *ob = j->out + (size_t)b * O + o0;
             F(gather_sum)(ob, wt, n, sx->idx, sx->val, sx->row_ptr[b], sx->row_ptr[b + 1],
                           (int)n);
-            for (size_t o = 0; o < n; o++) ob[o] += j->bias[o0 + o];
-            if (j->act != ACT_NONE) F(act_forward_range)(ob, n, j->act);
+            F(bias_act_range)(ob, j->bias + o0, n, j->act);
         }
     }
 }
@@ -394,52 +462,12 @@ static int F(sparse_linear_forward)(real *out, const F(sparse_x) *sx, const real
                                     const real *weight, const real *bias, int B, int D, int O,
                                     int act) {
     if (!sx->cap) return 0;
-    hvae_team *tm = team_for((double)B * D, (double)PAR_MIN_ELEMS);
-    F(csr_job) cj = {sx, x, B, D, 0};
-    hvae_team_run(tm, F(csr_part), &cj);
-    size_t nnz = 0;
-    sx->row_ptr[0] = 0;
-    for (int b = 0; b < B; b++) {
-        nnz += (size_t)sx->row_ptr[b + 1];
-        if (nnz > sx->cap) break;
-        sx->row_ptr[b + 1] = (int)nnz;
-    }
-    *sx->state = nnz <= sx->cap;
+    *sx->state = F(sparse_index)(sx, x, B, D);
     if (!*sx->state) return 0;
-    cj.fill = 1;
-    hvae_team_run(tm, F(csr_part), &cj);
     F(sparse_fwd_job) fj = {out, sx, weight, bias, B, D, O, act};
-    hvae_team_run(team_for(2.0 * (double)nnz * O, PAR_MIN_FLOPS), F(sparse_forward_part), &fj);
+    hvae_team_run(team_for(2.0 * (double)sx->row_ptr[B] * O, PAR_MIN_FLOPS),
+                  F(sparse_forward_part), &fj);
     return 1;
-}
-
-/* the CSC from the CSR, each part a range of columns: first the count of each column's
- * nonzeros (fill 0), then, after the caller's prefix sum, their rows and values */
-typedef struct {
-    const F(sparse_x) *sx;
-    int B, D, fill;
-} F(csc_job);
-
-static void F(csc_part)(void *p, int part, int n_parts) {
-    const F(csc_job) *j = p;
-    const F(sparse_x) *sx = j->sx;
-    size_t lo, hi;
-    part_range((size_t)j->D, 1, part, n_parts, &lo, &hi);
-    if (hi <= lo) return;
-    if (!j->fill) {
-        for (size_t c = lo; c < hi; c++) sx->col_next[c] = 0;
-        for (int k = 0; k < sx->row_ptr[j->B]; k++)
-            if ((size_t)sx->idx[k] >= lo && (size_t)sx->idx[k] < hi) sx->col_next[sx->idx[k]]++;
-        return;
-    }
-    for (int b = 0; b < j->B; b++)
-        for (int k = sx->row_ptr[b]; k < sx->row_ptr[b + 1]; k++) {
-            size_t c = (size_t)sx->idx[k];
-            if (c < lo || c >= hi) continue;
-            int at = sx->col_next[c]++;
-            sx->cidx[at] = b;
-            sx->cval[at] = sx->val[k];
-        }
 }
 
 /* The weight and bias gradients: each part the rows of the features it owns, dW by chunks of
@@ -485,21 +513,8 @@ static void F(sparse_backward_part)(void *p, int part, int n_parts) {
 static void F(sparse_linear_backward)(int *grad_ok, real *dweight, real *dbias,
                                       const F(sparse_x) *sx, const real *dout, int B, int D,
                                       int O, int accumulate) {
-    const int nnz = sx->row_ptr[B];
-    hvae_team *tm = team_for((double)nnz, (double)PAR_MIN_ELEMS);
-    F(csc_job) cj = {sx, B, D, 0};
-    hvae_team_run(tm, F(csc_part), &cj);
-    int at = 0;
-    for (int c = 0; c < D; c++) {
-        sx->col_ptr[c] = at;
-        at += sx->col_next[c];
-        sx->col_next[c] = sx->col_ptr[c];
-    }
-    sx->col_ptr[D] = at;
-    cj.fill = 1;
-    hvae_team_run(tm, F(csc_part), &cj);
     F(sparse_bwd_job) bj = {dweight, dbias, sx, dout, B, D, O, accumulate, grad_ok};
-    hvae_team_run(team_for(2.0 * (double)nnz * O + (double)B * O, PAR_MIN_FLOPS),
+    hvae_team_run(team_for(2.0 * (double)sx->row_ptr[B] * O + (double)B * O, PAR_MIN_FLOPS),
                   F(sparse_backward_part), &bj);
 }
 
