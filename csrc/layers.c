@@ -443,8 +443,8 @@ static void F(sparse_forward_part)(void *p, int part, int n_parts) {
         real *wt = sx->wt + o0 * D; /* (D, n) */
         for (size_t c0 = 0; c0 < D; c0 += 16) { /* by blocks of 16 inputs: both sides in L1 */
             const size_t c1 = c0 + 16 < D ? c0 + 16 : D;
-            for (size_t o = 0; o < n; o++)
-                for (size_t c = c0; c < c1; c++) wt[c * n + o] = j->weight[(o0 + o) * D + c];
+            for (size_t c = c0; c < c1; c++)
+                for (size_t o = 0; o < n; o++) wt[c * n + o] = j->weight[(o0 + o) * D + c];
         }
         for (int b = 0; b < j->B; b++) {
             real *ob = j->out + (size_t)b * O + o0;
