@@ -101,22 +101,28 @@ HVAE_CLONES static void F(act_backward_range)(real *dy, const real *y, size_t n,
     }
 }
 
-/* v (n,) = 0 over the current team, each part a range */
+/* n_bufs buffers v[k] (n[k],) = 0 in one pass over the current team, each part a range of
+ * each (one fork-join for all) */
+#define ZERO_MAX_BUFS (3 * HVAE_MAX_LEVELS)
 typedef struct {
-    real *v;
-    size_t n;
+    real *v[ZERO_MAX_BUFS];
+    size_t n[ZERO_MAX_BUFS];
+    int n_bufs;
 } F(zero_job);
 
 static void F(zero_part)(void *p, int part, int n_parts) {
     const F(zero_job) *j = p;
-    size_t lo, hi;
-    part_range(j->n, ALIGN_ELEMS, part, n_parts, &lo, &hi);
-    if (hi > lo) memset(j->v + lo, 0, sizeof(real) * (hi - lo));
+    for (int k = 0; k < j->n_bufs; k++) {
+        size_t lo, hi;
+        part_range(j->n[k], ALIGN_ELEMS, part, n_parts, &lo, &hi);
+        if (hi > lo) memset(j->v[k] + lo, 0, sizeof(real) * (hi - lo));
+    }
 }
 
-static void F(zero)(real *v, size_t n) {
-    F(zero_job) j = {v, n};
-    hvae_team_run(team_for((double)n, (double)PAR_MIN_ELEMS), F(zero_part), &j);
+static void F(zero)(F(zero_job) *j) {
+    size_t total = 0;
+    for (int k = 0; k < j->n_bufs; k++) total += j->n[k];
+    hvae_team_run(team_for((double)total, (double)PAR_MIN_ELEMS), F(zero_part), j);
 }
 
 /* acc (n,) += the sum of the `rows` rows of m (leading dimension ld), row by row */

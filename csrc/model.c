@@ -343,12 +343,18 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
 /* The gradient buffers the backward adds into, set to zero: d z_i, d [mu_i, logvar_i] and d of
  * each decoder's output (the inner layers' gradients are overwritten). */
 static void F(zero_sums)(F(buffers) *bf, const hvae_model *m, int B) {
+    F(zero_job) j = {.n_bufs = 0};
     for (int i = 0; i < m->cfg.n_levels; i++) {
         const hvae_mlp *enc = &m->enc[i], *dec = &m->dec[i];
-        F(zero)(bf->dz[i], (size_t)B * m->cfg.z_dim[i]);
-        F(zero)(bf->denc[i][enc->n_layers - 1], (size_t)B * enc->layer[enc->n_layers - 1].out);
-        F(zero)(bf->ddec[i][dec->n_layers - 1], (size_t)B * dec->layer[dec->n_layers - 1].out);
+        real *v[3] = {bf->dz[i], bf->denc[i][enc->n_layers - 1], bf->ddec[i][dec->n_layers - 1]};
+        int w[3] = {m->cfg.z_dim[i], enc->layer[enc->n_layers - 1].out,
+                    dec->layer[dec->n_layers - 1].out};
+        for (int k = 0; k < 3; k++) {
+            j.v[j.n_bufs] = v[k];
+            j.n[j.n_bufs++] = (size_t)B * w[k];
+        }
     }
+    F(zero)(&j);
 }
 
 /* hvae_backward, or with accumulate 0 the gradient written into grad instead of added to it;
