@@ -127,7 +127,7 @@ typedef struct {
      * KL term of level i; log_weight (B,) or NULL: log p(x,z) - log q(z|x) at the samples (stochastic     \
      * only); loss: mean over the batch of rec + beta * sum_i kl_i. x (B, D) is the encoder      \
      * input, target (B, D) what the likelihood scores; eps: T pointers to (B, d_i), ignored when \
-     * deterministic. Keeps the activations in ws for hvae_backward. */                          \
+     * deterministic. Keeps the activations (and a sparse x's index) in ws for hvae_backward. */ \
     hvae_status hvae_forward_##sfx(real *terms, real *log_weight, real *loss, hvae_workspace *ws, \
                                    const hvae_model *m, const real *params, const real *x,        \
                                    const real *target, const real *const *eps, int batch,         \
