@@ -1,5 +1,7 @@
-/* f32.c - the float32 build of the generic core (vecmath.c + layers.c + model.c + step.c). */
+/* f32.c - the float32 build of the generic core (vecmath.c, layers.c, sparse.c,
+ * model.c, step.c). */
 #include "vecmath.c"
 #include "layers.c"
+#include "sparse.c"
 #include "model.c"
 #include "step.c"

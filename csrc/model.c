@@ -1,6 +1,7 @@
 /* model.c - the T-level chain over one flat parameter buffer: forward (per-example loss terms,
  * log-weights), backward (exact gradient of the batch-mean loss), the encoder and decoder
- * chains alone. Generic in `real`; compiled through f32.c and f64.c after layers.c.
+ * chains alone. Generic in `real`; compiled through f32.c and f64.c after layers.c
+ * and sparse.c.
  *
  * Levels are 1-based in the math and 0-based in arrays: level i lives at index i-1.
  */
@@ -18,7 +19,7 @@ typedef struct {
     real *ddec[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN + 1];
     real *dz[HVAE_MAX_LEVELS];
     real *grads;       /* start of the gradient half */
-    F(sparse_x) sx;    /* x's nonzeros for encoder 1's first layer (layers.c) */
+    F(sparse_x) sx;    /* x's nonzeros for encoder 1's first layer (sparse.c) */
 } F(buffers);
 
 static hvae_status F(carve)(F(buffers) *bf, hvae_workspace *ws, const hvae_model *m, int B) {

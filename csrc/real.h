@@ -1,5 +1,5 @@
-/* real.h - precision selection for the generic kernels: layers.c and model.c are written once
- * in terms of `real` and F(name), and compiled twice, by f32.c and f64.c. */
+/* real.h - precision selection for the generic kernels: layers.c, sparse.c, model.c and step.c
+ * are written once in terms of `real` and F(name), and compiled twice, by f32.c and f64.c. */
 #ifndef HVAE_REAL_H
 #define HVAE_REAL_H
 

@@ -1,7 +1,7 @@
 """A small tour of the C core for valgrind (.ci/valgrind.sh): forward, backward, encode, decode,
 Adam, the fused training step (on one thread and on a team of two) and the elementwise math on
 tiny models of every kind, both precisions, odd layouts, the error paths (after conversions), a
-grow-and-reuse of the workspace, two threads. Prints "ok".
+grow-and-reuse of the workspace, the sparse first layer, two threads. Prints "ok".
 
 Not a pytest file (no test_ prefix): run it as `python tests/valgrind_subset.py`.
 """
@@ -16,7 +16,7 @@ LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 
 
-def tour(m, rng, B):
+def tour(m, rng, B, density=0.5):
     dt = m.dtype
     table = {name: shape for name, _, shape in m.param_table()}
     D = table["enc1.0.weight"][1]
@@ -27,7 +27,7 @@ def tour(m, rng, B):
         lat.append(table[f"enc{i}.{j}.weight"][0] // 2)
         i += 1
     p = (rng.standard_normal(m.n_params) * 0.5).astype(dt)
-    x = (rng.random((B, D)) < 0.5).astype(dt)
+    x = (rng.random((B, D)) < density).astype(dt)
     eps = [rng.standard_normal((B, d)).astype(dt) for d in lat]
     g = np.empty(m.n_params, dt)
     try:
@@ -87,6 +87,11 @@ def main():
                        "float32")
     for B in (16, 320):
         tour(wide, rng, B)
+    # the sparse first layer (64+ rows, at most a quarter of x nonzero), alone and on the team's
+    # splits, and a dense batch of the same size after it
+    for mm, B, density in ((models[0], 64, 0.2), (models[5], 70, 0.1), (wide, 64, 0.1),
+                           (wide, 320, 0.05), (wide, 320, 0.6)):
+        tour(mm, rng, B, density)
     # two threads on two models, and two threads on one model (serialised by its lock)
     pairs = [(models[1], models[2]), (models[3], models[3])]
     for a, b in pairs:
