@@ -52,12 +52,15 @@ SPARSE_ALWAYS_INLINE void F(gather_sum_n)(real *restrict sum, const real *restri
         const real v = val[k], *r = rows + (size_t)at[k] * ld;
         for (int q = 0; q < nv; q++) {
             F(vec) w;
-            memcpy(&w, r + q * VEC_LEN, sizeof w); /* an unaligned load */
+            memcpy(&w, r + q * VEC_LEN, sizeof w);
             acc[q] += v * w;
         }
         for (int c = t0; c < n; c++) tail[c - t0] += v * r[c];
     }
-    memcpy(sum, acc, sizeof(real) * (size_t)t0);
+    /* vector by vector, so that acc stays in registers: copied whole, it got a stack slot that
+     * GCC 12 over-aligns and then reads with aligned moves, which faults under ASan's fake
+     * stack (detect_stack_use_after_return does not keep that alignment; GCC PR 110027) */
+    for (int q = 0; q < nv; q++) memcpy(sum + q * VEC_LEN, &acc[q], sizeof acc[q]);
     for (int c = t0; c < n; c++) sum[c] = tail[c - t0];
 }
 
