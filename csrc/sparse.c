@@ -58,8 +58,9 @@ SPARSE_ALWAYS_INLINE void F(gather_sum_n)(real *restrict sum, const real *restri
         for (int c = t0; c < n; c++) tail[c - t0] += v * r[c];
     }
     /* vector by vector, so that acc stays in registers: copied whole, it got a stack slot that
-     * GCC 12 over-aligns and then reads with aligned moves, which faults under ASan's fake
-     * stack (detect_stack_use_after_return does not keep that alignment; GCC PR 110027) */
+     * GCC over-aligns and then reads with aligned moves, which faulted under ASan's
+     * detect_stack_use_after_return (its fake stack frames need not keep that alignment; fixed
+     * in LLVM's runtime by llvm/llvm-project#152819, 2025, after the libasan of GCC 12) */
     for (int q = 0; q < nv; q++) memcpy(sum + q * VEC_LEN, &acc[q], sizeof acc[q]);
     for (int c = t0; c < n; c++) sum[c] = tail[c - t0];
 }
