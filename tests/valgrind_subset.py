@@ -90,7 +90,7 @@ def main():
     # the sparse first layer (64+ rows, at most a quarter of x nonzero), alone and on the team's
     # splits, and a dense batch of the same size after it
     for mm, B, density in ((models[0], 64, 0.2), (models[5], 70, 0.1), (wide, 64, 0.1),
-                           (wide, 320, 0.05), (wide, 320, 0.6)):
+                           (wide, 96, 0.05), (wide, 96, 0.6)):
         tour(mm, rng, B, density)
     # two threads on two models, and two threads on one model (serialised by its lock)
     pairs = [(models[1], models[2]), (models[3], models[3])]
