@@ -126,13 +126,22 @@ static inline real F(vlog1p_01)(real t) {
     return d == 0 ? t : l * (t / d);
 }
 
-/* tanh(x) = expm1(2x) / (expm1(2x) + 2), odd-symmetric, saturating to +-1 */
+/* tanh(x) = expm1(2|x|) / (expm1(2|x|) + 2), odd-symmetric, saturating to +-1. expm1(y), y >= 0,
+ * from one range reduction: y = n ln2 + r, expm1(y) = 2^n expm1(r) + (2^n - 1), a sum of two
+ * non-negative terms, so accurate for small y too (for n = 0 it is expm1_small(r) itself). */
 static inline real F(vtanh)(real x) {
     real ax = x >= 0 ? x : -x;
-    ax = ax > (real)30 ? (real)30 : ax;
-    real e = F(vexpm1)((real)2 * ax);
-    real t = e / (e + (real)2);
-    return x >= 0 ? t : -t;
+    ax = ax > (real)30 ? (real)30 : ax; /* tanh(30) rounds to 1; 2^n stays in range */
+    const real y = (real)2 * ax;
+    const real t = y * LOG2E + (real)ROUND_MAGIC;
+    const real fn = t - (real)ROUND_MAGIC;
+    const real r = (y - fn * (real)LN2_HI) - fn * (real)LN2_LO;
+    ruint_t u;
+    memcpy(&u, &t, sizeof u);
+    const real s = F(bits_to_real)((u + (ruint_t)EXP_BIAS) << MANT_BITS); /* 2^n, n in [0, 87] */
+    const real e = s * F(expm1_small)(r) + (s - (real)1);
+    const real th = e / (e + (real)2);
+    return x >= 0 ? th : -th;
 }
 
 /* softplus(l) = log(1 + exp(l)) = max(l, 0) + log1p(exp(-|l|)) */
