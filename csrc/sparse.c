@@ -81,6 +81,102 @@ HVAE_CLONES static void F(gather_sum)(real *restrict sum, const real *restrict r
     }
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* transposition by VEC_LEN x VEC_LEN blocks held in registers                                 */
+
+#if defined(HVAE_DOUBLE)
+typedef long long F(ivec) __attribute__((vector_size(32)));
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (F(ivec)){__VA_ARGS__})
+#else
+typedef int F(ivec) __attribute__((vector_size(32)));
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (F(ivec)){__VA_ARGS__})
+#endif
+
+/* d[m * ldd + k] = (accumulate: d[m * ldd + k] +) s[k * lds + m] for k, m < VEC_LEN; returns
+ * whether every value written is within [-limit, limit] (NaN is not). Rows are single variables,
+ * not arrays, so that they stay in registers (see gather_sum_n). */
+SPARSE_ALWAYS_INLINE int F(transpose_block)(real *restrict d, size_t ldd, const real *restrict s,
+                                            size_t lds, int accumulate, real limit) {
+    F(vec) r0, r1, r2, r3;
+    memcpy(&r0, s, sizeof r0);
+    memcpy(&r1, s + lds, sizeof r1);
+    memcpy(&r2, s + 2 * lds, sizeof r2);
+    memcpy(&r3, s + 3 * lds, sizeof r3);
+#if defined(HVAE_DOUBLE)
+    const F(vec) t0 = SHUF(r0, r1, 0, 4, 2, 6), t1 = SHUF(r0, r1, 1, 5, 3, 7);
+    const F(vec) t2 = SHUF(r2, r3, 0, 4, 2, 6), t3 = SHUF(r2, r3, 1, 5, 3, 7);
+    F(vec) c[4] = {SHUF(t0, t2, 0, 1, 4, 5), SHUF(t1, t3, 0, 1, 4, 5), SHUF(t0, t2, 2, 3, 6, 7),
+                   SHUF(t1, t3, 2, 3, 6, 7)};
+#else
+    F(vec) r4, r5, r6, r7;
+    memcpy(&r4, s + 4 * lds, sizeof r4);
+    memcpy(&r5, s + 5 * lds, sizeof r5);
+    memcpy(&r6, s + 6 * lds, sizeof r6);
+    memcpy(&r7, s + 7 * lds, sizeof r7);
+    /* pairs of rows interleaved, then pairs of pairs, then the 128-bit halves */
+    const F(vec) t0 = SHUF(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13), t1 = SHUF(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);
+    const F(vec) t2 = SHUF(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13), t3 = SHUF(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15);
+    const F(vec) t4 = SHUF(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13), t5 = SHUF(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15);
+    const F(vec) t6 = SHUF(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13), t7 = SHUF(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);
+    const F(vec) u0 = SHUF(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13), u1 = SHUF(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
+    const F(vec) u2 = SHUF(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13), u3 = SHUF(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+    const F(vec) u4 = SHUF(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13), u5 = SHUF(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);
+    const F(vec) u6 = SHUF(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13), u7 = SHUF(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);
+    F(vec) c[8] = {SHUF(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11), SHUF(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11),
+                   SHUF(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11), SHUF(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11),
+                   SHUF(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15), SHUF(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15),
+                   SHUF(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15), SHUF(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15)};
+#endif
+    const F(vec) lim = (F(vec)){0} + limit;
+    F(ivec) ok = (F(ivec)){0} - 1;
+    for (int m = 0; m < VEC_LEN; m++) {
+        if (accumulate) {
+            F(vec) old;
+            memcpy(&old, d + m * ldd, sizeof old);
+            c[m] += old;
+        }
+        ok &= (c[m] <= lim) & (c[m] >= -lim);
+        memcpy(d + m * ldd, &c[m], sizeof c[m]);
+    }
+    int all = 1;
+    for (int l = 0; l < VEC_LEN; l++) all &= ok[l] != 0;
+    return all;
+}
+#undef SHUF
+
+/* One entry of the transposition, as transpose_block does it */
+static inline int F(transpose_one)(real *d, const real *s, int accumulate, real limit) {
+    const real v = accumulate ? *d + *s : *s;
+    *d = v;
+    return v <= limit && v >= -limit;
+}
+
+/* dst (cols, ldd) = src (rows, lds)^T: dst[c * ldd + r] = src[r * lds + c], or += (accumulate);
+ * returns whether every value written is within [-limit, limit]. Blocks of VEC_LEN rows of src
+ * are read along the rows (by_src_rows) or along the columns, so that the side that comes from
+ * memory is the one read or written row by row. */
+HVAE_CLONES static int F(transpose)(real *restrict dst, size_t ldd, const real *restrict src,
+                                    size_t lds, size_t rows, size_t cols, int accumulate,
+                                    real limit, int by_src_rows) {
+    const size_t R = rows / VEC_LEN * VEC_LEN, C = cols / VEC_LEN * VEC_LEN;
+    int ok = 1;
+    if (by_src_rows) {
+        for (size_t r = 0; r < R; r += VEC_LEN)
+            for (size_t c = 0; c < C; c += VEC_LEN)
+                ok &= F(transpose_block)(dst + c * ldd + r, ldd, src + r * lds + c, lds,
+                                         accumulate, limit);
+    } else {
+        for (size_t c = 0; c < C; c += VEC_LEN)
+            for (size_t r = 0; r < R; r += VEC_LEN)
+                ok &= F(transpose_block)(dst + c * ldd + r, ldd, src + r * lds + c, lds,
+                                         accumulate, limit);
+    }
+    for (size_t r = 0; r < rows; r++) /* the tails: columns C.. of every row, rows R.. */
+        for (size_t c = r < R ? C : 0; c < cols; c++)
+            ok &= F(transpose_one)(dst + c * ldd + r, src + r * lds + c, accumulate, limit);
+    return ok;
+}
+
 /* Counts of nonzeros: returns row xb's (D,), adds each entry's to its column's count */
 HVAE_CLONES static int F(count_nonzeros)(int *restrict col_count, const real *restrict xb,
                                          size_t D) {
@@ -192,11 +288,7 @@ static void F(sparse_forward_part)(void *p, int part, int n_parts) {
     for (size_t o0 = lo; o0 < hi; o0 += CHUNK) {
         const size_t n = hi - o0 < CHUNK ? hi - o0 : CHUNK;
         real *wt = sx->wt + o0 * D; /* (D, n) */
-        for (size_t c0 = 0; c0 < D; c0 += 16) { /* by blocks of 16 inputs: both sides in L1 */
-            const size_t c1 = c0 + 16 < D ? c0 + 16 : D;
-            for (size_t c = c0; c < c1; c++)
-                for (size_t o = 0; o < n; o++) wt[c * n + o] = j->weight[(o0 + o) * D + c];
-        }
+        F(transpose)(wt, n, j->weight + o0 * D, D, n, D, 0, REAL_MAX, 1);
         for (int b = 0; b < j->B; b++) {
             real *ob = j->out + (size_t)b * O + o0;
             F(gather_sum)(ob, wt, n, sx->idx, sx->val, sx->row_ptr[b], sx->row_ptr[b + 1],
@@ -241,22 +333,17 @@ static void F(sparse_backward_part)(void *p, int part, int n_parts) {
     if (!j->accumulate)
         for (size_t o = lo; o < hi; o++) j->dbias[o] = 0;
     F(add_rows)(j->dbias + lo, j->dout + lo, (size_t)j->B, O, hi - lo);
-    real sum[CHUNK];
+    int ok = 1;
     for (size_t o0 = lo; o0 < hi; o0 += CHUNK) {
         const size_t n = hi - o0 < CHUNK ? hi - o0 : CHUNK;
-        real *dw = j->dweight + o0 * D;
-        for (size_t c = 0; c < D; c++) {
-            F(gather_sum)(sum, j->dout + o0, O, sx->cidx, sx->cval, sx->col_ptr[c],
+        real *dwt = sx->wt + o0 * D; /* (D, n): the forward's W^T chunk, free now */
+        for (size_t c = 0; c < D; c++)
+            F(gather_sum)(dwt + c * n, j->dout + o0, O, sx->cidx, sx->cval, sx->col_ptr[c],
                           sx->col_ptr[c + 1], (int)n);
-            if (j->accumulate)
-                for (size_t o = 0; o < n; o++) dw[o * D + c] += sum[o];
-            else
-                for (size_t o = 0; o < n; o++) dw[o * D + c] = sum[o];
-        }
+        /* dW[o0:o0+n, :] (+)= dwt^T, written row by row, checked on the way */
+        ok &= F(transpose)(j->dweight + o0 * D, D, dwt, n, D, n, j->accumulate, GRAD_LIMIT, 0);
     }
-    if (j->grad_ok && !(F(adam_grad_ok)(j->dweight + lo * D, (hi - lo) * D) &&
-                        F(adam_grad_ok)(j->dbias + lo, hi - lo)))
-        j->grad_ok[part] = 0;
+    if (j->grad_ok && !(ok && F(adam_grad_ok)(j->dbias + lo, hi - lo))) j->grad_ok[part] = 0;
 }
 
 /* dweight (O,D), dbias (O,) += (accumulate) or = (not), as linear_backward without an input

@@ -146,3 +146,42 @@ def test_finite_differences_of_the_sparse_layer():
         fd = (up - down) / (2 * h)
         assert abs(fd - grad[k]) <= 1e-6 * max(1.0, abs(fd)), (k, fd, grad[k])
     assert np.all(grad[[w_off + r * w_shape[1] + c for r in rows for c in empty]] == 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("where", ["blocks", "tail"])
+def test_overflowing_first_layer_gradient_takes_no_step(threads, where):
+    """train_step on a sparse batch whose only gradient too large for Adam (g * g overflows) is
+    the first layer's weight gradient: x of 1e20 against weights of 1e-20, so that every
+    activation is ordinary but x * d out is not. No step: params and moments untouched. The
+    gradient is written through a transposition by blocks of 8 x 8 (float32) checked on the
+    way; `where` puts the overflow in whole blocks only (columns 0-39 of x; the features past
+    64, a chunk's tail, get no gradient) or in the last columns (x_dim 50 = 48 + a tail of 2)."""
+    m = make(CONFIGS[1], "float32")
+    (_, w_off, w_shape), _, (_, v_off, v_shape) = m._core.param_table()[:3]
+    m.params[w_off:w_off + w_shape[0] * w_shape[1]] *= 1e-20
+    rng = np.random.default_rng(3)
+    B = 80
+    x = sparse_x(rng, B, m.x_dim, 0.1, "float32")
+    if where == "blocks":
+        big = slice(0, 40)
+        m.params[v_off:v_off + v_shape[0] * v_shape[1]].reshape(v_shape)[:, 64:] = 0
+    else:
+        big = slice(48, 50)
+    x[:, big] *= 1e20
+    x[0, big] = 1e20  # at least one nonzero there
+    target = (x != 0).astype(np.float32)
+    m1, m2, grad = np.zeros_like(m.params), np.ones_like(m.params), np.zeros_like(m.params)
+    before = [a.copy() for a in (m.params, m1, m2)]
+    loss, _, ok = m._core.train_step(m.params, m1, m2, grad, x, m.draw_eps(B), 1, target=target,
+                                     threads=threads)
+    assert np.isfinite(loss) and not ok
+    w = grad[w_off:w_off + w_shape[0] * w_shape[1]].reshape(w_shape)
+    limit = np.sqrt(np.finfo(np.float32).max) / 2
+    assert not np.all(np.abs(w) <= limit)
+    if where == "blocks":
+        assert np.all(w[64:] == 0)
+    rest = np.delete(grad, np.arange(w_off, w_off + w.size))
+    assert np.all(np.abs(rest) <= 1e6)  # the other gradients are ordinary
+    for a, b in zip((m.params, m1, m2), before):
+        np.testing.assert_array_equal(a, b)
