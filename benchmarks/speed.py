@@ -807,7 +807,8 @@ def report(args, info, peaks, rows, epochs, memory, data_note, warning):
                    "rise is what training adds: the gradient and Adam's moments (3 x params), "
                    "the core's workspace (activations and their gradients; from 64 rows also the "
                    "sparse first layer's index of x's nonzeros, room for B*D/4 by rows and by "
-                   "columns with their values, and that layer's W^T), the batch copies, "
+                   "columns with their values, that layer's W^T and its output gradient by "
+                   "chunks of features), the batch copies, "
                    "the team's scratch and Python's own.")
     sections = [("GEMM peak of hvae's OpenBLAS (GFLOP/s)",
                  ["dtype", "threads", "before the steps", "after the epochs", "peak used"],

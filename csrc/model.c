@@ -50,7 +50,8 @@ static hvae_status F(carve)(F(buffers) *bf, hvae_workspace *ws, const hvae_model
         const size_t D = (size_t)m->cfg.x_dim, O = (size_t)m->enc[0].layer[0].out;
         real *r = (real *)ws->buf + 2 * half;
         sx->wt = r;
-        sx->val = r + D * O;
+        sx->dout = r + D * O;
+        sx->val = sx->dout + (size_t)B * O;
         sx->cval = sx->val + sx->cap;
         int *ip = (int *)(sx->cval + sx->cap);
         sx->state = ip;

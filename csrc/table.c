@@ -80,7 +80,8 @@ size_t hvae_workspace_bytes(const hvae_model *m, int batch, size_t real_size) {
     if (cap) { /* the sparse first layer (model.c carves these in this order) */
         size_t D = (size_t)m->cfg.x_dim, O = (size_t)m->enc[0].layer[0].out;
         if (D > SIZE_MAX / 4 / O) return 0;
-        size_t reals = D * O + 2 * cap; /* W^T, values by rows and by columns */
+        size_t reals = D * O + (size_t)batch * O + 2 * cap; /* W^T, d out by chunks, values
+                                                                * by rows and by columns */
         size_t ints = 1 + ((size_t)batch + 1) + (D + 1) + D + 2 * cap;
         if (reals > (SIZE_MAX - bytes) / real_size) return 0;
         bytes += reals * real_size;
