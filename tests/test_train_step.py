@@ -129,6 +129,34 @@ def test_non_finite_gradient_or_loss_takes_no_step(threads):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B", [3, 80])
+def test_overflow_only_after_tanh_takes_no_step(threads, B):
+    """The only gradients too large for Adam are the decoder's last layer's (its input a tanh
+    output, its d out huge): target 1e20 against ordinary x, that layer's weights 0 so that
+    nothing flows back to the other layers. No step."""
+    m = hvae.HVAE(5, [2], [[4]], activation="tanh", seed=0)
+    names = [name for name, _, _ in m._core.param_table()]
+    table = {name: (off, shape) for name, off, shape in m._core.param_table()}
+    last = [n for n in names if n.startswith("dec1.") and n.endswith(".weight")][-1]
+    off, shape = table[last]
+    m.params[off:off + shape[0] * shape[1]] = 0
+    rng = np.random.default_rng(1)
+    x = (rng.random((B, 5)) < 0.5).astype(np.float32)
+    target = np.full((B, 5), 1e20, np.float32)
+    m1, m2, grad = np.zeros_like(m.params), np.ones_like(m.params), np.zeros_like(m.params)
+    before = [a.copy() for a in (m.params, m1, m2)]
+    loss, _, ok = m._core.train_step(m.params, m1, m2, grad, x, m.draw_eps(B), 1, target=target,
+                                     threads=threads)
+    assert np.isfinite(loss) and not ok
+    limit = np.sqrt(np.finfo(np.float32).max) / 2
+    big = np.flatnonzero(~(np.abs(grad) <= limit))
+    bias_off = table[last.replace(".weight", ".bias")][0]
+    assert big.size and np.all((big >= off) & (big < bias_off + shape[0])), names
+    for a, b in zip((m.params, m1, m2), before):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_fit_n_jobs_in_python_threads_matches_sequential():
     """Two models trained at once from two Python threads, each on a team of two threads, give
     the results of training them one after the other."""
