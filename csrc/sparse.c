@@ -85,17 +85,18 @@ HVAE_CLONES static void F(gather_sum)(real *restrict sum, const real *restrict r
 /* ------------------------------------------------------------------------------------------ */
 /* transposition by VEC_LEN x VEC_LEN blocks held in registers                                 */
 
+/* integer lanes of a vector's width: shuffle masks and comparison results */
 #if defined(HVAE_DOUBLE)
 typedef long long F(ivec) __attribute__((vector_size(32)));
-#define SHUF(a, b, ...) __builtin_shuffle(a, b, (F(ivec)){__VA_ARGS__})
 #else
 typedef int F(ivec) __attribute__((vector_size(32)));
-#define SHUF(a, b, ...) __builtin_shuffle(a, b, (F(ivec)){__VA_ARGS__})
 #endif
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (F(ivec)){__VA_ARGS__})
 
 /* d[m * ldd + k] = (accumulate: d[m * ldd + k] +) s[k * lds + m] for k, m < VEC_LEN; returns
- * whether every value written is within [-limit, limit] (NaN is not). Rows are single variables,
- * not arrays, so that they stay in registers (see gather_sum_n). */
+ * whether every value written is within [-limit, limit] (NaN is not). All in registers: the
+ * rows are single variables, the columns an array indexed by constants only (see gather_sum_n
+ * on arrays of vectors under ASan). */
 SPARSE_ALWAYS_INLINE int F(transpose_block)(real *restrict d, size_t ldd, const real *restrict s,
                                             size_t lds, int accumulate, real limit) {
     F(vec) r0, r1, r2, r3;
@@ -115,18 +116,28 @@ SPARSE_ALWAYS_INLINE int F(transpose_block)(real *restrict d, size_t ldd, const 
     memcpy(&r6, s + 6 * lds, sizeof r6);
     memcpy(&r7, s + 7 * lds, sizeof r7);
     /* pairs of rows interleaved, then pairs of pairs, then the 128-bit halves */
-    const F(vec) t0 = SHUF(r0, r1, 0, 8, 1, 9, 4, 12, 5, 13), t1 = SHUF(r0, r1, 2, 10, 3, 11, 6, 14, 7, 15);
-    const F(vec) t2 = SHUF(r2, r3, 0, 8, 1, 9, 4, 12, 5, 13), t3 = SHUF(r2, r3, 2, 10, 3, 11, 6, 14, 7, 15);
-    const F(vec) t4 = SHUF(r4, r5, 0, 8, 1, 9, 4, 12, 5, 13), t5 = SHUF(r4, r5, 2, 10, 3, 11, 6, 14, 7, 15);
-    const F(vec) t6 = SHUF(r6, r7, 0, 8, 1, 9, 4, 12, 5, 13), t7 = SHUF(r6, r7, 2, 10, 3, 11, 6, 14, 7, 15);
-    const F(vec) u0 = SHUF(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13), u1 = SHUF(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
-    const F(vec) u2 = SHUF(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13), u3 = SHUF(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
-    const F(vec) u4 = SHUF(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13), u5 = SHUF(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);
-    const F(vec) u6 = SHUF(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13), u7 = SHUF(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);
-    F(vec) c[8] = {SHUF(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11), SHUF(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11),
-                   SHUF(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11), SHUF(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11),
-                   SHUF(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15), SHUF(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15),
-                   SHUF(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15), SHUF(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15)};
+#define LO1 0, 8, 1, 9, 4, 12, 5, 13
+#define HI1 2, 10, 3, 11, 6, 14, 7, 15
+#define LO2 0, 1, 8, 9, 4, 5, 12, 13
+#define HI2 2, 3, 10, 11, 6, 7, 14, 15
+#define LO4 0, 1, 2, 3, 8, 9, 10, 11
+#define HI4 4, 5, 6, 7, 12, 13, 14, 15
+    const F(vec) t0 = SHUF(r0, r1, LO1), t1 = SHUF(r0, r1, HI1);
+    const F(vec) t2 = SHUF(r2, r3, LO1), t3 = SHUF(r2, r3, HI1);
+    const F(vec) t4 = SHUF(r4, r5, LO1), t5 = SHUF(r4, r5, HI1);
+    const F(vec) t6 = SHUF(r6, r7, LO1), t7 = SHUF(r6, r7, HI1);
+    const F(vec) u0 = SHUF(t0, t2, LO2), u1 = SHUF(t0, t2, HI2);
+    const F(vec) u2 = SHUF(t1, t3, LO2), u3 = SHUF(t1, t3, HI2);
+    const F(vec) u4 = SHUF(t4, t6, LO2), u5 = SHUF(t4, t6, HI2);
+    const F(vec) u6 = SHUF(t5, t7, LO2), u7 = SHUF(t5, t7, HI2);
+    F(vec) c[8] = {SHUF(u0, u4, LO4), SHUF(u1, u5, LO4), SHUF(u2, u6, LO4), SHUF(u3, u7, LO4),
+                   SHUF(u0, u4, HI4), SHUF(u1, u5, HI4), SHUF(u2, u6, HI4), SHUF(u3, u7, HI4)};
+#undef LO1
+#undef HI1
+#undef LO2
+#undef HI2
+#undef LO4
+#undef HI4
 #endif
     const F(vec) lim = (F(vec)){0} + limit;
     F(ivec) ok = (F(ivec)){0} - 1;
