@@ -457,14 +457,41 @@ HVAE_CLONES static void F(gaussian_nll_backward)(real *restrict dmean, real *res
 }
 
 /* Bernoulli with logits l: acc (B,) += sum softplus(l) - t*l, softplus stable:
- * softplus(l) = max(l,0) + log1p(exp(-|l|)) (vecmath.c); scratch (n,) */
-HVAE_CLONES static void F(bernoulli_nll_forward)(real *restrict acc, real *restrict scratch,
-                                     const real *restrict logits, const real *restrict t, int B,
-                                     int n) {
+ * softplus(l) = max(l,0) + log1p(exp(-|l|)) (vecmath.c); and, when dlogits (B,n) is not NULL,
+ * dlogits = scale * (sigmoid(l) - t) from the same exp(-|l|) (sigmoid as vsigmoid computes it:
+ * the numbers of bernoulli_nll_backward into zeros). A row's summands go through a stack
+ * buffer of BERNOULLI_CHUNK (a multiple of 8) and are added as lane_sum adds a whole row. */
+#define BERNOULLI_CHUNK 256
+HVAE_CLONES static void F(bernoulli_nll_forward)(real *restrict acc, real *restrict dlogits,
+                                                 const real *restrict logits,
+                                                 const real *restrict t, real scale, int B,
+                                                 int n) {
+    real sc[BERNOULLI_CHUNK];
     for (int b = 0; b < B; b++) {
         const real *l = logits + (size_t)b * n, *tb = t + (size_t)b * n;
-        for (int j = 0; j < n; j++) scratch[j] = F(vsoftplus)(l[j]) - tb[j] * l[j];
-        acc[b] += F(lane_sum)(scratch, n);
+        real *dl = dlogits ? dlogits + (size_t)b * n : NULL;
+        real part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int c0 = 0; c0 < n; c0 += BERNOULLI_CHUNK) {
+            const int len = n - c0 < BERNOULLI_CHUNK ? n - c0 : BERNOULLI_CHUNK;
+            const real *lc = l + c0, *tc = tb + c0;
+            if (dl) {
+                real *dc = dl + c0;
+                for (int j = 0; j < len; j++) {
+                    const real al = lc[j] >= 0 ? lc[j] : -lc[j], e = F(vexp)(-al);
+                    sc[j] = (lc[j] > 0 ? lc[j] : (real)0) + F(vlog1p_01)(e) - tc[j] * lc[j];
+                    const real s = (real)1 / ((real)1 + e);
+                    dc[j] = scale * ((lc[j] >= 0 ? s : e * s) - tc[j]);
+                }
+            } else {
+                for (int j = 0; j < len; j++) sc[j] = F(vsoftplus)(lc[j]) - tc[j] * lc[j];
+            }
+            int j = 0;
+            for (; j + 8 <= len; j += 8)
+                for (int q = 0; q < 8; q++) part[q] += sc[j + q];
+            for (; j < len; j++) part[0] += sc[j]; /* the row's tail: only in its last chunk */
+        }
+        acc[b] += ((part[0] + part[4]) + (part[1] + part[5])) +
+                  ((part[2] + part[6]) + (part[3] + part[7]));
     }
 }
 

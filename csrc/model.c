@@ -155,10 +155,13 @@ static const real *F(decoder)(F(buffers) *bf, const hvae_model *m, const real *p
     return F(last)(bf->dec[i], &m->dec[i]);
 }
 
-static void F(likelihood_forward)(real *acc, real *scratch, const hvae_config *c, const real *xp,
-                                  const real *target, int B) {
+/* dxp: NULL, or (Bernoulli only, see fuses_likelihood) where the gradient goes, written */
+static void F(likelihood_forward)(real *acc, real *scratch, real *dxp, const hvae_config *c,
+                                  const real *xp, const real *target, real scale, int B) {
     switch (c->likelihood) {
-    case HVAE_BERNOULLI: F(bernoulli_nll_forward)(acc, scratch, xp, target, B, c->x_dim); break;
+    case HVAE_BERNOULLI:
+        F(bernoulli_nll_forward)(acc, dxp, xp, target, scale, B, c->x_dim);
+        break;
     case HVAE_GAUSSIAN: F(gaussian_nll_forward)(acc, scratch, xp, target, B, c->x_dim); break;
     default: F(gaussian_learned_nll_forward)(acc, scratch, xp, target, B, c->x_dim); break;
     }
@@ -173,9 +176,14 @@ static void F(likelihood_backward)(real *dxp, const hvae_config *c, const real *
     }
 }
 
+/* Does the forward of train_step give the likelihood's gradient too, from the same pass over
+ * the decoder's output (sharing exp(-|l|))? For Bernoulli; the others leave it to the backward. */
+static int F(fuses_likelihood)(const hvae_config *c) { return c->likelihood == HVAE_BERNOULLI; }
+
 /* Either over the current team, each part a range of rows (an example's term is the same
  * whichever thread computes it): the forward when acc is given (scratch (B, D): rows [lo, hi)
- * use row lo), else the backward into dxp. */
+ * use row lo), also writing the gradient into dxp when that is given (fuses_likelihood), else
+ * the backward into dxp. */
 typedef struct {
     real *acc, *scratch, *dxp;
     const hvae_config *c;
@@ -191,7 +199,8 @@ static void F(likelihood_part)(void *p, int part, int n_parts) {
     if (hi <= lo) return;
     const real *xp = j->xp + lo * w, *t = j->target + lo * D;
     if (j->acc)
-        F(likelihood_forward)(j->acc + lo, j->scratch + lo * D, j->c, xp, t, (int)(hi - lo));
+        F(likelihood_forward)(j->acc + lo, j->scratch + lo * D, j->dxp ? j->dxp + lo * w : NULL,
+                              j->c, xp, t, j->scale, (int)(hi - lo));
     else
         F(likelihood_backward)(j->dxp + lo * w, j->c, xp, t, j->scale, (int)(hi - lo));
 }
@@ -290,9 +299,12 @@ static void F(kl_over_team)(F(kl_job) *j) {
 /* ------------------------------------------------------------------------------------------ */
 /* public entry points                                                                          */
 
-hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_workspace *ws,
-                            const hvae_model *m, const real *params, const real *x,
-                            const real *target, const real *const *eps, int B, real beta) {
+/* hvae_forward; with lik_grad (and fuses_likelihood, no log_weight), also the likelihood's
+ * gradient into the workspace, for a backward_pass with lik_done */
+static hvae_status F(forward_pass)(real *terms, real *log_weight, real *loss, hvae_workspace *ws,
+                                   const hvae_model *m, const real *params, const real *x,
+                                   const real *target, const real *const *eps, int B, real beta,
+                                   int lik_grad) {
     const hvae_config *c = &m->cfg;
     const int T = c->n_levels;
     F(buffers) bf;
@@ -312,8 +324,6 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
 
     memset(terms, 0, sizeof(real) * (size_t)B * (T + 1));
     real *scratch = bf.grads; /* (B, max(D, d_i)): the gradient half is free during the forward */
-    F(likelihood_job) lj = {terms, scratch, NULL, c, zhat[0], target, 0, B};
-    F(likelihood_over_team)(&lj);
     F(kl_job) kj = {.c = c, .terms = terms, .scratch = scratch, .B = B};
     for (int i = 1; i <= T; i++) {
         kj.mulv[i - 1] = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
@@ -321,6 +331,11 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
         kj.prior[i] = zhat[i];
     }
     F(kl_over_team)(&kj);
+    /* after the KL terms, whose scratch may overlap the gradient the likelihood then writes */
+    real *dxp = lik_grad && !log_weight && F(fuses_likelihood)(c)
+                    ? bf.ddec[0][m->dec[0].n_layers - 1] : NULL;
+    F(likelihood_job) lj = {terms, scratch, dxp, c, zhat[0], target, (real)1 / (real)B, B};
+    F(likelihood_over_team)(&lj);
     double sum = 0;
     for (int b = 0; b < B; b++) {
         double klsum = 0;
@@ -342,9 +357,16 @@ hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_work
     return HVAE_OK;
 }
 
+hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_workspace *ws,
+                            const hvae_model *m, const real *params, const real *x,
+                            const real *target, const real *const *eps, int B, real beta) {
+    return F(forward_pass)(terms, log_weight, loss, ws, m, params, x, target, eps, B, beta, 0);
+}
+
 /* The gradient buffers the backward adds into, set to zero: d z_i, d [mu_i, logvar_i] and d of
- * each decoder's output (the inner layers' gradients are overwritten). */
-static void F(zero_sums)(F(buffers) *bf, const hvae_model *m, int B) {
+ * each decoder's output (the inner layers' gradients are overwritten), but for decoder 1's
+ * output when the forward wrote its gradient (lik_done). */
+static void F(zero_sums)(F(buffers) *bf, const hvae_model *m, int B, int lik_done) {
     F(zero_job) j = {.n_bufs = 0};
     for (int i = 0; i < m->cfg.n_levels; i++) {
         const hvae_mlp *enc = &m->enc[i], *dec = &m->dec[i];
@@ -352,6 +374,7 @@ static void F(zero_sums)(F(buffers) *bf, const hvae_model *m, int B) {
         int w[3] = {m->cfg.z_dim[i], enc->layer[enc->n_layers - 1].out,
                     dec->layer[dec->n_layers - 1].out};
         for (int k = 0; k < 3; k++) {
+            if (k == 2 && i == 0 && lik_done) continue;
             j.v[j.n_bufs] = v[k];
             j.n[j.n_bufs++] = (size_t)B * w[k];
         }
@@ -361,11 +384,12 @@ static void F(zero_sums)(F(buffers) *bf, const hvae_model *m, int B) {
 
 /* hvae_backward, or with accumulate 0 the gradient written into grad instead of added to it;
  * grad_ok: NULL, or HVAE_MAX_THREADS flags set to 1, of which part p of the team is cleared
- * when a gradient it computed fails Adam's check (adam_grad_ok) */
-static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, hvae_workspace *ws,
-                                    const hvae_model *m, const real *params, const real *x,
-                                    const real *target, const real *const *eps, int B,
-                                    real beta) {
+ * when a gradient it computed fails Adam's check (adam_grad_ok); lik_done: the forward_pass
+ * before, with lik_grad, wrote the likelihood's gradient already (fuses_likelihood) */
+static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, int lik_done,
+                                    hvae_workspace *ws, const hvae_model *m, const real *params,
+                                    const real *x, const real *target, const real *const *eps,
+                                    int B, real beta) {
     const hvae_config *c = &m->cfg;
     const int T = c->n_levels;
     F(buffers) bf;
@@ -374,13 +398,15 @@ static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, hv
     hvae_status st = F(carve)(&bf, ws, m, B);
     if (st != HVAE_OK) return st;
     if (c->deterministic) eps = NULL;
-    F(zero_sums)(&bf, m, B);
+    F(zero_sums)(&bf, m, B, lik_done);
     const real rs = (real)1 / (real)B, ks = beta / (real)B;
 
     /* likelihood -> d decoder-1 output */
-    F(likelihood_job) lj = {NULL, NULL, bf.ddec[0][m->dec[0].n_layers - 1], c,
-                            F(last)(bf.dec[0], &m->dec[0]), target, rs, B};
-    F(likelihood_over_team)(&lj);
+    if (!lik_done) {
+        F(likelihood_job) lj = {NULL, NULL, bf.ddec[0][m->dec[0].n_layers - 1], c,
+                                F(last)(bf.dec[0], &m->dec[0]), target, rs, B};
+        F(likelihood_over_team)(&lj);
+    }
     /* KL terms -> d mulv_i, d zhat_i, d z_i */
     F(kl_job) kj = {.c = c, .ks = ks, .B = B};
     for (int i = 1; i <= T; i++) {
@@ -413,7 +439,7 @@ static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, hv
 hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m,
                              const real *params, const real *x, const real *target,
                              const real *const *eps, int B, real beta) {
-    return F(backward_pass)(grad, NULL, 1, ws, m, params, x, target, eps, B, beta);
+    return F(backward_pass)(grad, NULL, 1, 0, ws, m, params, x, target, eps, B, beta);
 }
 
 hvae_status F(hvae_encode)(real *const *mulv, real *const *z, hvae_workspace *ws,

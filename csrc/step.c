@@ -1,6 +1,6 @@
 /* step.c - one training step in one call: forward, backward and Adam over the model's team
  * (hvae.h), no round trip to the caller between them. Generic in `real`; compiled through
- * f32.c and f64.c after model.c, whose static backward_pass it calls. */
+ * f32.c and f64.c after model.c, whose static forward_pass and backward_pass it calls. */
 #include "hvae.h"
 #include "real.h"
 
@@ -39,11 +39,12 @@ hvae_status F(hvae_train_step)(real *terms, real *loss, int *updated, real *grad
     hvae_team *caller_team = hvae_team_current();
     hvae_team_set_current(team);
     *updated = 0;
-    hvae_status st = F(hvae_forward)(terms, NULL, loss, ws, m, params, x, target, eps, B, beta);
+    hvae_status st = F(forward_pass)(terms, NULL, loss, ws, m, params, x, target, eps, B, beta, 1);
     int ok[HVAE_MAX_THREADS], all_ok = 1;
     for (int k = 0; k < HVAE_MAX_THREADS; k++) ok[k] = 1;
     if (st == HVAE_OK && isfinite(*loss))
-        st = F(backward_pass)(grad, ok, 0, ws, m, params, x, target, eps, B, beta);
+        st = F(backward_pass)(grad, ok, 0, F(fuses_likelihood)(&m->cfg), ws, m, params, x,
+                              target, eps, B, beta);
     for (int k = 0; k < HVAE_MAX_THREADS; k++) all_ok &= ok[k];
     if (st == HVAE_OK && isfinite(*loss) && all_ok) {
         F(adam_job) j = {params, m1, m2, grad, m,
