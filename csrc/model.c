@@ -299,12 +299,12 @@ static void F(kl_over_team)(F(kl_job) *j) {
 /* ------------------------------------------------------------------------------------------ */
 /* public entry points                                                                          */
 
-/* hvae_forward; with lik_grad (and fuses_likelihood, no log_weight), also the likelihood's
- * gradient into the workspace, for a backward_pass with lik_done */
+/* hvae_forward; lik_done non-NULL (and fuses_likelihood, no log_weight): also the
+ * likelihood's gradient into the workspace, *lik_done = 1 then (0 otherwise), for backward_pass */
 static hvae_status F(forward_pass)(real *terms, real *log_weight, real *loss, hvae_workspace *ws,
                                    const hvae_model *m, const real *params, const real *x,
                                    const real *target, const real *const *eps, int B, real beta,
-                                   int lik_grad) {
+                                   int *lik_done) {
     const hvae_config *c = &m->cfg;
     const int T = c->n_levels;
     F(buffers) bf;
@@ -332,8 +332,9 @@ static hvae_status F(forward_pass)(real *terms, real *log_weight, real *loss, hv
     }
     F(kl_over_team)(&kj);
     /* after the KL terms, whose scratch may overlap the gradient the likelihood then writes */
-    real *dxp = lik_grad && !log_weight && F(fuses_likelihood)(c)
+    real *dxp = lik_done && !log_weight && F(fuses_likelihood)(c)
                     ? bf.ddec[0][m->dec[0].n_layers - 1] : NULL;
+    if (lik_done) *lik_done = dxp != NULL;
     F(likelihood_job) lj = {terms, scratch, dxp, c, zhat[0], target, (real)1 / (real)B, B};
     F(likelihood_over_team)(&lj);
     double sum = 0;
@@ -360,7 +361,7 @@ static hvae_status F(forward_pass)(real *terms, real *log_weight, real *loss, hv
 hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_workspace *ws,
                             const hvae_model *m, const real *params, const real *x,
                             const real *target, const real *const *eps, int B, real beta) {
-    return F(forward_pass)(terms, log_weight, loss, ws, m, params, x, target, eps, B, beta, 0);
+    return F(forward_pass)(terms, log_weight, loss, ws, m, params, x, target, eps, B, beta, NULL);
 }
 
 /* The gradient buffers the backward adds into, set to zero: d z_i, d [mu_i, logvar_i] and d of
@@ -385,7 +386,7 @@ static void F(zero_sums)(F(buffers) *bf, const hvae_model *m, int B, int lik_don
 /* hvae_backward, or with accumulate 0 the gradient written into grad instead of added to it;
  * grad_ok: NULL, or HVAE_MAX_THREADS flags set to 1, of which part p of the team is cleared
  * when a gradient it computed fails Adam's check (adam_grad_ok); lik_done: the forward_pass
- * before, with lik_grad, wrote the likelihood's gradient already (fuses_likelihood) */
+ * before wrote the likelihood's gradient already (its *lik_done) */
 static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, int lik_done,
                                     hvae_workspace *ws, const hvae_model *m, const real *params,
                                     const real *x, const real *target, const real *const *eps,

@@ -39,12 +39,13 @@ hvae_status F(hvae_train_step)(real *terms, real *loss, int *updated, real *grad
     hvae_team *caller_team = hvae_team_current();
     hvae_team_set_current(team);
     *updated = 0;
-    hvae_status st = F(forward_pass)(terms, NULL, loss, ws, m, params, x, target, eps, B, beta, 1);
+    int lik_done = 0;
+    hvae_status st =
+        F(forward_pass)(terms, NULL, loss, ws, m, params, x, target, eps, B, beta, &lik_done);
     int ok[HVAE_MAX_THREADS], all_ok = 1;
     for (int k = 0; k < HVAE_MAX_THREADS; k++) ok[k] = 1;
     if (st == HVAE_OK && isfinite(*loss))
-        st = F(backward_pass)(grad, ok, 0, F(fuses_likelihood)(&m->cfg), ws, m, params, x,
-                              target, eps, B, beta);
+        st = F(backward_pass)(grad, ok, 0, lik_done, ws, m, params, x, target, eps, B, beta);
     for (int k = 0; k < HVAE_MAX_THREADS; k++) all_ok &= ok[k];
     if (st == HVAE_OK && isfinite(*loss) && all_ok) {
         F(adam_job) j = {params, m1, m2, grad, m,
