@@ -79,8 +79,8 @@ size_t hvae_workspace_bytes(const hvae_model *m, int batch, size_t real_size);
 
 /* A batch of at least HVAE_SPARSE_MIN_BATCH rows whose x has at most hvae_sparse_capacity
  * nonzeros (a quarter of its entries) goes through the encoder's first layer by sparse kernels:
- * the workspace of such batch sizes also holds the nonzeros' positions and values and the
- * layer's weights transposed. */
+ * the workspace of such batch sizes also holds the nonzeros' positions and values, the
+ * layer's weights transposed and a copy of its output gradient (B x its width). */
 #define HVAE_SPARSE_MIN_BATCH 64
 
 /* Nonzeros of x the workspace of this batch size has room for: B * D / 4, or 0 (the sparse

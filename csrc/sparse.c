@@ -85,13 +85,14 @@ HVAE_CLONES static void F(gather_sum)(real *restrict sum, const real *restrict r
 /* ------------------------------------------------------------------------------------------ */
 /* transposition by VEC_LEN x VEC_LEN blocks held in registers                                 */
 
-/* integer lanes of a vector's width: shuffle masks and comparison results */
+/* integer lanes of a vector's width: comparison results */
 #if defined(HVAE_DOUBLE)
 typedef long long F(ivec) __attribute__((vector_size(32)));
 #else
 typedef int F(ivec) __attribute__((vector_size(32)));
 #endif
-#define SHUF(a, b, ...) __builtin_shuffle(a, b, (F(ivec)){__VA_ARGS__})
+/* lanes of a and b (indices into a then b), GCC 12+ and clang */
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 
 /* d[m * ldd + k] = (accumulate: d[m * ldd + k] +) s[k * lds + m] for k, m < VEC_LEN; returns
  * whether every value written is within [-limit, limit] (NaN is not). All in registers: the
@@ -300,7 +301,7 @@ static void F(sparse_forward_part)(void *p, int part, int n_parts) {
     for (size_t o0 = lo; o0 < hi; o0 += CHUNK) {
         const size_t n = hi - o0 < CHUNK ? hi - o0 : CHUNK;
         real *wt = sx->wt + o0 * D; /* (D, n) */
-        F(transpose)(wt, n, j->weight + o0 * D, D, n, D, 0, REAL_MAX, 1);
+        F(transpose)(wt, n, j->weight + o0 * D, D, n, D, 0, REAL_MAX, 1); /* no check */
         for (int b = 0; b < j->B; b++) {
             real *ob = j->out + (size_t)b * O + o0;
             F(gather_sum)(ob, wt, n, sx->idx, sx->val, sx->row_ptr[b], sx->row_ptr[b + 1],
@@ -326,7 +327,8 @@ static int F(sparse_linear_forward)(real *out, const F(sparse_x) *sx, const real
 }
 
 /* The weight and bias gradients: each part the rows of the features it owns, dW by chunks of
- * features, column by column (sum, the chunk's gradient for one input, has room for CHUNK). */
+ * features: the chunk's gradient summed input by input into its free W^T chunk, (D, n), then
+ * transposed into dW's rows. */
 typedef struct {
     real *dweight, *dbias;
     const F(sparse_x) *sx;

@@ -149,38 +149,44 @@ def test_finite_differences_of_the_sparse_layer():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("where", ["blocks", "tail"])
-def test_overflowing_first_layer_gradient_takes_no_step(threads, where):
+@pytest.mark.parametrize("where", ["blocks", "feature_tail", "input_tail"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_overflowing_first_layer_gradient_takes_no_step(dtype, where, threads):
     """train_step on a sparse batch whose only gradient too large for Adam (g * g overflows) is
-    the first layer's weight gradient: x of 1e20 against weights of 1e-20, so that every
-    activation is ordinary but x * d out is not. No step: params and moments untouched. The
-    gradient is written through a transposition by blocks of 8 x 8 (float32) checked on the
-    way; `where` puts the overflow in whole blocks only (columns 0-39 of x; the features past
-    64, a chunk's tail, get no gradient) or in the last columns (x_dim 50 = 48 + a tail of 2)."""
-    m = make(CONFIGS[1], "float32")
+    the first layer's weight gradient: x of 1e20 (1e160 in float64) against weights of 1e-20
+    (1e-160), so that every activation is ordinary but x * d out is not. No step: params and
+    moments untouched. The gradient is written through transposes of 8 x 8 (float32) or 4 x 4
+    (float64) blocks checked on the way, with scalar tails; `where` puts the overflow in whole
+    blocks only (features 0-63, inputs 0-287), in the last features only (200-202: the tail of
+    the last part's last chunk; 512 rows are enough for the team to split the layer: 203
+    features = 104 + 99 or 64 + 72 + 67), or in the last inputs only (296-299 of 300)."""
+    m = make(dict(x_dim=300, latent_dims=[4], hidden_dims=[[203]], activation="relu"), dtype)
     (_, w_off, w_shape), _, (_, v_off, v_shape) = m._core.param_table()[:3]
-    m.params[w_off:w_off + w_shape[0] * w_shape[1]] *= 1e-20
+    scale = {"float32": 1e20, "float64": 1e160}[dtype]
+    m.params[w_off:w_off + w_shape[0] * w_shape[1]] /= scale
+    live = {"blocks": slice(0, 64), "feature_tail": slice(200, 203), "input_tail": slice(0, 203)}
+    second = m.params[v_off:v_off + v_shape[0] * v_shape[1]].reshape(v_shape)
+    keep = second[:, live[where]].copy()
+    second[:] = 0  # features outside `live` get no gradient
+    second[:, live[where]] = keep
     rng = np.random.default_rng(3)
-    B = 80
-    x = sparse_x(rng, B, m.x_dim, 0.1, "float32")
-    if where == "blocks":
-        big = slice(0, 40)
-        m.params[v_off:v_off + v_shape[0] * v_shape[1]].reshape(v_shape)[:, 64:] = 0
-    else:
-        big = slice(48, 50)
-    x[:, big] *= 1e20
-    x[0, big] = 1e20  # at least one nonzero there
-    target = (x != 0).astype(np.float32)
+    B = 512
+    x = sparse_x(rng, B, m.x_dim, 0.1, dtype)
+    big = slice(296, 300) if where == "input_tail" else slice(0, 288)
+    x[:, big] *= scale
+    x[0, big] = scale  # at least one nonzero there
+    target = (x != 0).astype(dtype)
     m1, m2, grad = np.zeros_like(m.params), np.ones_like(m.params), np.zeros_like(m.params)
     before = [a.copy() for a in (m.params, m1, m2)]
     loss, _, ok = m._core.train_step(m.params, m1, m2, grad, x, m.draw_eps(B), 1, target=target,
                                      threads=threads)
     assert np.isfinite(loss) and not ok
     w = grad[w_off:w_off + w_shape[0] * w_shape[1]].reshape(w_shape)
-    limit = np.sqrt(np.finfo(np.float32).max) / 2
-    assert not np.all(np.abs(w) <= limit)
-    if where == "blocks":
-        assert np.all(w[64:] == 0)
+    limit = np.sqrt(np.finfo(dtype).max) / 2
+    over = ~(np.abs(w) <= limit)
+    rows, cols = np.nonzero(over)
+    assert rows.size and np.all(np.isin(rows, np.arange(203)[live[where]]))
+    assert np.all((cols >= big.start) & (cols < big.stop))
     rest = np.delete(grad, np.arange(w_off, w_off + w.size))
     assert np.all(np.abs(rest) <= 1e6)  # the other gradients are ordinary
     for a, b in zip((m.params, m1, m2), before):
