@@ -339,6 +339,7 @@ static const char *const ACTIVATIONS[] = {"tanh", "relu", "leaky_relu", NULL};
 static const char *const KLS[] = {"analytic", "mc", NULL};
 static const char *const PRIOR_VARIANCES[] = {"unit", "learned", NULL};
 static const char *const DTYPES[] = {"float32", "float64", NULL};
+static const char *const INFERENCES[] = {"bottom_up", "top_down", NULL};
 
 /* The length of a sized sequence, -1 when it has none (e.g. an iterator): checked before
  * PySequence_Fast, which would copy a huge one (range(10**10)) into a list first. */
@@ -383,16 +384,16 @@ static int parse_dims(PyObject *seq, const char *name, int *out, int max, int *n
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"x_dim", "latent_dims", "hidden_dims", "likelihood", "activation",
-                             "kl", "deterministic", "dtype", "prior_variance", NULL};
+                             "kl", "deterministic", "dtype", "prior_variance", "inference", NULL};
     PyObject *x_dim_obj, *latent_obj, *hidden_obj, *lik = NULL, *act = NULL, *kl = NULL,
-             *dtype = NULL, *det_obj = NULL, *pvar = NULL;
+             *dtype = NULL, *det_obj = NULL, *pvar = NULL, *inf = NULL;
     int deterministic = 0;
     if (self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Model: already initialised; create a new Model");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OOOOOO", kwlist, &x_dim_obj, &latent_obj,
-                                     &hidden_obj, &lik, &act, &kl, &det_obj, &dtype, &pvar))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OOOOOOO", kwlist, &x_dim_obj, &latent_obj,
+                                     &hidden_obj, &lik, &act, &kl, &det_obj, &dtype, &pvar, &inf))
         return -1;
     if (det_obj && as_flag(det_obj, "deterministic", &deterministic) < 0) return -1;
     hvae_config cfg;
@@ -449,7 +450,23 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     v = 0;
     if (dtype && pick(dtype, "dtype", DTYPES, &v) < 0) return -1;
     self->typenum = v == 0 ? NPY_FLOAT32 : NPY_FLOAT64;
+    v = 0;
+    if (inf && pick(inf, "inference", INFERENCES, &v) < 0) return -1;
+    cfg.inference = (hvae_inference)v;
     cfg.deterministic = deterministic;
+    if (cfg.inference == HVAE_TOP_DOWN) {
+        if (deterministic) {
+            PyErr_SetString(PyExc_ValueError, "deterministic: an autoencoder has no top-down "
+                            "inference; use inference='bottom_up'");
+            return -1;
+        }
+        for (int i = 0; i < cfg.n_levels; i++)
+            if (cfg.n_hidden[i] < 1) {
+                PyErr_Format(PyExc_ValueError, "hidden_dims[%d]: top-down inference needs at "
+                             "least one hidden layer at every level, got none", i);
+                return -1;
+            }
+    }
     hvae_status st = hvae_model_init(&self->model, &cfg);
     if (st != HVAE_OK) return set_status_error(st);
     if (!self->lock) {
@@ -639,13 +656,55 @@ static int batch_call_error(int team_failed, int threads, hvae_status st, const 
     return st == HVAE_OK ? 0 : batch_status_error(st, m, typenum, B, "x");
 }
 
+/* free_bits: None (-> *present 0), or a sequence of T numbers >= 0, finite in the precision tn,
+ * into out (T,) and out32 (T,). A tuple copy is read, so an item's conversion cannot change what
+ * is being read. 0, or -1. */
+static int free_bits_arg(PyObject *obj, int T, int tn, double *out, float *out32, int *present) {
+    *present = 0;
+    if (!obj || obj == Py_None) return 0;
+    PyObject *tup = PySequence_Check(obj) ? PySequence_Tuple(obj) : NULL;
+    if (!tup) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "free_bits: expected a sequence of %d numbers (one per "
+                     "level), got %R", T, (PyObject *)Py_TYPE(obj));
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(tup) != T) {
+        PyErr_Format(PyExc_ValueError, "free_bits: expected %d numbers (one per level), got %zd",
+                     T, PyTuple_GET_SIZE(tup));
+        Py_DECREF(tup);
+        return -1;
+    }
+    for (int i = 0; i < T; i++) {
+        char item[32];
+        snprintf(item, sizeof item, "free_bits[%d]", i);
+        if (as_bounded_double(PyTuple_GET_ITEM(tup, i), item, 0, 0, INFINITY, 0, &out[i]) < 0) {
+            Py_DECREF(tup);
+            return -1;
+        }
+        out32[i] = (float)out[i];
+        if (tn == NPY_FLOAT32 && !isfinite(out32[i])) {
+            PyErr_Format(PyExc_ValueError, "%s: expected a number finite in float32, got %R",
+                         item, PyTuple_GET_ITEM(tup, i));
+            Py_DECREF(tup);
+            return -1;
+        }
+    }
+    Py_DECREF(tup);
+    *present = 1;
+    return 0;
+}
+
 PyDoc_STRVAR(forward_doc,
-"forward(params, x, target=None, eps=None, beta=1.0, grad=None, log_weight=False, threads=1)\n"
+"forward(params, x, target=None, eps=None, beta=1.0, grad=None, log_weight=False, threads=1,\n"
+"        free_bits=None)\n"
 "--\n\n"
 "Loss terms of a batch, and optionally the gradient and the log importance weights.\n\n"
 "params: (P,); x: (B, D) encoder input; target: (B, D) what the likelihood scores (default x);\n"
 "eps: list of T arrays (B, d_i) of standard normal noise (required unless deterministic);\n"
-"beta: weight of the KL terms; grad: None or a (P,) array of the model's dtype, overwritten\n"
+"beta: weight of the KL terms; free_bits: None or T numbers >= 0, the floor of each level's\n"
+"batch-mean KL in the loss (its gradient is zero below it); grad: None or a (P,) array of the\n"
+"model's dtype, overwritten\n"
 "with the gradient of the loss; log_weight: when true, also return log p(x,z) - log q(z|x);\n"
 "threads: the model's team of threads splits the work (the same numbers up to rounding; the\n"
 "linked OpenBLAS runs at one thread meanwhile).\n\n"
@@ -655,14 +714,14 @@ PyDoc_STRVAR(forward_doc,
 
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"params", "x", "target", "eps", "beta", "grad", "log_weight",
-                             "threads", NULL};
+                             "threads", "free_bits", NULL};
     PyObject *params_obj, *x_obj, *target_obj = Py_None, *eps_obj = Py_None, *grad_obj = Py_None;
-    PyObject *beta_obj = NULL, *lw_obj = NULL, *threads_obj = NULL;
-    double beta = 1.0;
-    int want_lw = 0, threads = 1, team_failed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOOOOO", kwlist, &params_obj, &x_obj,
+    PyObject *beta_obj = NULL, *lw_obj = NULL, *threads_obj = NULL, *fb_obj = NULL;
+    double beta = 1.0, fb[HVAE_MAX_LEVELS];
+    int want_lw = 0, threads = 1, team_failed = 0, has_fb = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOOOOOO", kwlist, &params_obj, &x_obj,
                                      &target_obj, &eps_obj, &beta_obj, &grad_obj, &lw_obj,
-                                     &threads_obj))
+                                     &threads_obj, &fb_obj))
         return NULL;
     if (lw_obj && as_flag(lw_obj, "log_weight", &want_lw) < 0) return NULL;
     if (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0)
@@ -678,6 +737,8 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
     memset(&in, 0, sizeof in);
     if (beta_obj && as_bounded_double(beta_obj, "beta", 0, 0, INFINITY, 0, &beta) < 0)
         return NULL;
+    float fb32[HVAE_MAX_LEVELS];
+    if (free_bits_arg(fb_obj, T, tn, fb, fb32, &has_fb) < 0) return NULL;
     if (!(params = params_arg(self, params_obj))) goto done;
     if (batch_parse(self, x_obj, target_obj, eps_obj, &in) < 0) goto done;
     npy_intp B = in.B;
@@ -716,21 +777,23 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
                 float lossf = 0;
                 st = hvae_forward_f32(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &lossf,
                                       &self->ws, m, pp, xp, tp, (const float *const *)ep, (int)B,
-                                      (float)beta);
+                                      (float)beta, has_fb ? fb32 : NULL);
                 if (st == HVAE_OK && gp) {
                     memset(gp, 0, P * sizeof(float));
                     st = hvae_backward_f32(gp, &self->ws, m, pp, xp, tp,
-                                           (const float *const *)ep, (int)B, (float)beta);
+                                           (const float *const *)ep, (int)B, (float)beta,
+                                           has_fb ? fb32 : NULL);
                 }
                 loss = lossf;
             } else {
                 st = hvae_forward_f64(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &loss,
                                       &self->ws, m, pp, xp, tp, (const double *const *)ep, (int)B,
-                                      beta);
+                                      beta, has_fb ? fb : NULL);
                 if (st == HVAE_OK && gp) {
                     memset(gp, 0, P * sizeof(double));
                     st = hvae_backward_f64(gp, &self->ws, m, pp, xp, tp,
-                                           (const double *const *)ep, (int)B, beta);
+                                           (const double *const *)ep, (int)B, beta,
+                                           has_fb ? fb : NULL);
                 }
             }
             hvae_team_set_current(NULL);
@@ -792,9 +855,10 @@ static int check_disjoint(PyArrayObject **arr, const char *const *names, int n) 
 
 PyDoc_STRVAR(train_step_doc,
 "train_step(params, m, v, grad, x, eps, step, target=None, beta=1.0, lr=1e-3, beta1=0.9,\n"
-"           beta2=0.999, adam_eps=1e-8, threads=1)\n"
+"           beta2=0.999, adam_eps=1e-8, threads=1, free_bits=None)\n"
 "--\n\n"
-"One training step in one call: forward(params, x, target, eps, beta, grad) then, when the loss\n"
+"One training step in one call: forward(params, x, target, eps, beta, grad, free_bits=) then,\n"
+"when the loss\n"
 "and every gradient are finite, adam_update(params, m, v, grad, step, lr, beta1, beta2,\n"
 "adam_eps), with the same numbers as those two calls. params, m, v, grad: (P,) arrays of the\n"
 "model's dtype, C-contiguous and writeable, sharing no memory; grad is overwritten with the\n"
@@ -806,17 +870,18 @@ PyDoc_STRVAR(train_step_doc,
 
 static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"params", "m", "v", "grad", "x", "eps", "step", "target", "beta",
-                             "lr", "beta1", "beta2", "adam_eps", "threads", NULL};
+                             "lr", "beta1", "beta2", "adam_eps", "threads", "free_bits", NULL};
     PyObject *p_obj, *m_obj, *v_obj, *g_obj, *x_obj, *eps_obj, *step_obj, *target_obj = Py_None;
     PyObject *beta_obj = NULL, *lr_obj = NULL, *b1_obj = NULL, *b2_obj = NULL,
-             *aeps_obj = NULL, *threads_obj = NULL;
-    double beta = 1.0;
-    int threads = 1, team_failed = 0, updated = 0;
+             *aeps_obj = NULL, *threads_obj = NULL, *fb_obj = NULL;
+    double beta = 1.0, fb[HVAE_MAX_LEVELS];
+    float fb32[HVAE_MAX_LEVELS];
+    int threads = 1, team_failed = 0, updated = 0, has_fb = 0;
     hvae_adam opt;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|OOOOOOO", kwlist, &p_obj, &m_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|OOOOOOOO", kwlist, &p_obj, &m_obj,
                                      &v_obj, &g_obj, &x_obj, &eps_obj, &step_obj, &target_obj,
                                      &beta_obj, &lr_obj, &b1_obj, &b2_obj, &aeps_obj,
-                                     &threads_obj))
+                                     &threads_obj, &fb_obj))
         return NULL;
     if (not_ready(self)) return NULL;
     const hvae_model *m = &self->model;
@@ -827,7 +892,8 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
         return NULL;
     if (adam_args(step_obj, lr_obj, b1_obj, b2_obj, aeps_obj, "adam_eps", tn, &opt) < 0 ||
         (beta_obj && as_bounded_double(beta_obj, "beta", 0, 0, INFINITY, 0, &beta) < 0) ||
-        (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0))
+        (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0) ||
+        free_bits_arg(fb_obj, T, tn, fb, fb32, &has_fb) < 0)
         return NULL;
     PyArrayObject *outs[4] = {(PyArrayObject *)p_obj, (PyArrayObject *)m_obj,
                               (PyArrayObject *)v_obj, (PyArrayObject *)g_obj};
@@ -860,12 +926,12 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
                 float lossf = 0;
                 st = hvae_train_step_f32(PyArray_DATA(terms), &lossf, &updated, gp, pp, mp, vp,
                                          &self->ws, m, xp, tp, (const float *const *)ep, (int)B,
-                                         (float)beta, &opt, team);
+                                         (float)beta, has_fb ? fb32 : NULL, &opt, team);
                 loss = lossf;
             } else {
                 st = hvae_train_step_f64(PyArray_DATA(terms), &loss, &updated, gp, pp, mp, vp,
                                          &self->ws, m, xp, tp, (const double *const *)ep,
-                                         (int)B, beta, &opt, team);
+                                         (int)B, beta, has_fb ? fb : NULL, &opt, team);
             }
             team_end(team);
         }
@@ -892,7 +958,7 @@ static PyObject *list_of(PyArrayObject **arrs, int n) {
 PyDoc_STRVAR(encode_doc,
 "encode(params, x, eps=None)\n"
 "--\n\n"
-"The encoder chain alone. x: (B, D); eps: list of T arrays (B, d_i), or None for z_i = mu_i.\n"
+"The inference chain alone (top-down: mulv is q after the merge). x: (B, D); eps: list of T arrays (B, d_i), or None for z_i = mu_i.\n"
 "Returns (mulv, z): lists of T arrays, mulv[i-1] (B, 2 d_i) = [mu_i, logvar_i], z[i-1] (B, d_i).");
 
 static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds) {

@@ -1,7 +1,8 @@
-/* model.c - the T-level chain over one flat parameter buffer: forward (per-example loss terms,
- * log-weights), backward (exact gradient of the batch-mean loss), the encoder and decoder
- * chains alone. Generic in `real`; compiled through f32.c and f64.c after layers.c
- * and sparse.c.
+/* model.c - the T-level model over one flat parameter buffer: forward (per-example loss terms,
+ * log-weights), backward (exact gradient of the batch-mean loss), the inference and generative
+ * chains alone; the bottom-up inference chain here, the top-down one in topdown.c (sharing the
+ * buffers, MLPs and loss terms of this file). Generic in `real`; compiled through f32.c and
+ * f64.c after layers.c and sparse.c, before topdown.c.
  *
  * Levels are 1-based in the math and 0-based in arrays: level i lives at index i-1.
  */
@@ -18,6 +19,9 @@ typedef struct {
     real *denc[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN + 1]; /* their gradients, same shapes */
     real *ddec[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN + 1];
     real *dz[HVAE_MAX_LEVELS];
+    real *q[HVAE_MAX_LEVELS];  /* [mu, logvar] of q(z_i | .), (B, 2 d_i): encoder i's output, or
+                                * top-down below the top the merge's own buffer */
+    real *dq[HVAE_MAX_LEVELS]; /* their gradients */
     real *grads;       /* start of the gradient half */
     F(sparse_x) sx;    /* x's nonzeros for encoder 1's first layer (sparse.c) */
 } F(buffers);
@@ -41,6 +45,14 @@ static hvae_status F(carve)(F(buffers) *bf, hvae_workspace *ws, const hvae_model
         bf->z[i] = p;
         bf->dz[i] = p + half;
         p += (size_t)B * m->cfg.z_dim[i];
+        const hvae_mlp *enc = &m->enc[i];
+        bf->q[i] = bf->enc[i][enc->n_layers - 1];
+        bf->dq[i] = bf->denc[i][enc->n_layers - 1];
+        if (m->cfg.inference == HVAE_TOP_DOWN && i < m->cfg.n_levels - 1) {
+            bf->q[i] = p;
+            bf->dq[i] = p + half;
+            p += (size_t)B * 2 * m->cfg.z_dim[i];
+        }
     }
     bf->grads = (real *)ws->buf + half;
     /* then the sparse first layer's buffers, as hvae_workspace_bytes counts them */
@@ -85,12 +97,14 @@ static void F(mlp_forward)(real *const *outs, const hvae_mlp *mlp, const real *p
 }
 
 /* grad (P,) += (accumulate) or = (not), din (B, in_0) += or NULL; douts[last] holds d output,
- * the rest are overwritten; outs, in, sx as in the forward (din NULL when the forward took the
- * sparse kernels); grad_ok as in linear_backward */
+ * the rest are overwritten, but for douts[last - 1] when hidden_acc: it holds a gradient of the
+ * last hidden layer's output from elsewhere (top-down: the encoder above), added to; outs, in,
+ * sx as in the forward (din NULL when the forward took the sparse kernels); grad_ok as in
+ * linear_backward */
 static void F(mlp_backward)(real *grad, real *din, int *grad_ok, real *const *douts,
                             real *const *outs, const hvae_mlp *mlp, const real *params,
                             const real *in, const F(sparse_x) *sx, int B, int act,
-                            int accumulate) {
+                            int accumulate, int hidden_acc) {
     for (int j = mlp->n_layers - 1; j >= 0; j--) {
         const hvae_linear *l = &mlp->layer[j];
         if (j == 0 && sx && sx->cap && *sx->state && !din) {
@@ -99,9 +113,10 @@ static void F(mlp_backward)(real *grad, real *din, int *grad_ok, real *const *do
             continue;
         }
         /* d outs[j-1] through layer j, times the derivative of the activation that made it */
+        const int din_acc = j == 0 || (hidden_acc && j == mlp->n_layers - 1);
         F(linear_backward)(j > 0 ? douts[j - 1] : din, grad_ok, grad + l->weight, grad + l->bias,
                            douts[j], j > 0 ? outs[j - 1] : in, params + l->weight, B, l->in,
-                           l->out, accumulate, j == 0, j > 0 ? outs[j - 1] : NULL, act);
+                           l->out, accumulate, din_acc, j > 0 ? outs[j - 1] : NULL, act);
     }
 }
 
@@ -244,7 +259,7 @@ typedef struct {
     real *terms, *scratch;
     real *dmulv[HVAE_MAX_LEVELS], *dprior[HVAE_MAX_LEVELS + 1], *dz[HVAE_MAX_LEVELS];
     const real *mulv[HVAE_MAX_LEVELS], *prior[HVAE_MAX_LEVELS + 1], *z[HVAE_MAX_LEVELS];
-    real ks; /* d loss / d kl_b */
+    real ks[HVAE_MAX_LEVELS]; /* d loss / d kl_b of each level */
     int B;
 } F(kl_job);
 
@@ -277,15 +292,17 @@ static void F(kl_part)(void *p, int part, int n_parts) {
         }
         real *dmulv = j->dmulv[i - 1] + lo * 2 * d, *dz = j->dz[i - 1] + lo * d;
         real *dprior = j->dprior[i] ? j->dprior[i] + lo * w : NULL;
+        const real ks = j->ks[i - 1];
+        if (ks == 0) continue; /* free bits: the level is under its floor */
         if (c->deterministic) {
-            if (i < T) F(prior_nll_backward)(dprior, dz, c, i, prior, z, j->ks, n, di);
+            if (i < T) F(prior_nll_backward)(dprior, dz, c, i, prior, z, ks, n, di);
         } else if (c->kl == HVAE_KL_ANALYTIC && F(learned_prior)(c, i)) {
-            F(gauss_kl_learned_backward)(dmulv, dprior, mulv, prior, j->ks, n, di);
+            F(gauss_kl_learned_backward)(dmulv, dprior, mulv, prior, ks, n, di);
         } else if (c->kl == HVAE_KL_ANALYTIC || i == T) {
-            F(gauss_kl_backward)(dmulv, dprior, mulv, prior, j->ks, n, di);
+            F(gauss_kl_backward)(dmulv, dprior, mulv, prior, ks, n, di);
         } else {
-            F(prior_nll_backward)(dprior, dz, c, i, prior, z, j->ks, n, di);
-            F(gauss_negentropy_backward)(dmulv, j->ks, n, di);
+            F(prior_nll_backward)(dprior, dz, c, i, prior, z, ks, n, di);
+            F(gauss_negentropy_backward)(dmulv, ks, n, di);
         }
     }
 }
@@ -296,6 +313,24 @@ static void F(kl_over_team)(F(kl_job) *j) {
     hvae_team_run(team_for((double)j->B * per, (double)PAR_MIN_ELEMS), F(kl_part), j);
 }
 
+/* The top-down chain (topdown.c): the inference pass, which leaves z_i, q(z_i | z_{i+1}, x) in
+ * bf->q and p(z_i | z_{i+1}) (decoders 2..T) in bf->dec; and its backward once the loss terms
+ * have put their gradients into bf->dz, bf->dq and the decoders' outputs. */
+static void F(topdown_pass)(F(buffers) *bf, const hvae_model *m, const real *params,
+                            const real *x, const real *const *eps, int B);
+static void F(topdown_backward)(real *grad, int *grad_ok, int accumulate, F(buffers) *bf,
+                                const hvae_model *m, const real *params, const real *x,
+                                const real *const *eps, int B);
+
+/* q: z_1 .. z_T by the model's inference chain; eps NULL means the means */
+static void F(inference_pass)(F(buffers) *bf, const hvae_model *m, const real *params,
+                              const real *x, const real *const *eps, int B) {
+    if (m->cfg.inference == HVAE_TOP_DOWN)
+        F(topdown_pass)(bf, m, params, x, eps, B);
+    else
+        F(encode_pass)(bf, m, params, x, eps, B);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* public entry points                                                                          */
 
@@ -304,7 +339,7 @@ static void F(kl_over_team)(F(kl_job) *j) {
 static hvae_status F(forward_pass)(real *terms, real *log_weight, real *loss, hvae_workspace *ws,
                                    const hvae_model *m, const real *params, const real *x,
                                    const real *target, const real *const *eps, int B, real beta,
-                                   int *lik_done) {
+                                   const real *free_bits, int *lik_done) {
     const hvae_config *c = &m->cfg;
     const int T = c->n_levels;
     F(buffers) bf;
@@ -314,19 +349,22 @@ static hvae_status F(forward_pass)(real *terms, real *log_weight, real *loss, hv
     if (st != HVAE_OK) return st;
     if (c->deterministic) eps = NULL;
 
-    /* q: z_1 .. z_T */
-    F(encode_pass)(&bf, m, params, x, eps, B);
-    /* p: zhat_{i-1} = dec_i(z_i), x's parameters from dec_1(z_1) */
-    /* zhat[i]: the mean of p(z_i | z_{i+1}) (1-based), [mean, logvar] when learned */
+    F(inference_pass)(&bf, m, params, x, eps, B);
+    /* p: zhat_{i-1} = dec_i(z_i) (top-down: computed by the inference pass for i >= 2), x's
+     * parameters from dec_1(z_1); zhat[i]: the mean of p(z_i | z_{i+1}) (1-based), [mean, logvar]
+     * when learned */
     const real *zhat[HVAE_MAX_LEVELS + 1];
-    for (int i = 0; i < T; i++) zhat[i] = F(decoder)(&bf, m, params, i, bf.z[i], B);
+    for (int i = 0; i < T; i++)
+        zhat[i] = i == 0 || c->inference != HVAE_TOP_DOWN
+                      ? F(decoder)(&bf, m, params, i, bf.z[i], B)
+                      : F(last)(bf.dec[i], &m->dec[i]);
     zhat[T] = NULL; /* p(z_T) = N(0, I) */
 
     memset(terms, 0, sizeof(real) * (size_t)B * (T + 1));
     real *scratch = bf.grads; /* (B, max(D, d_i)): the gradient half is free during the forward */
     F(kl_job) kj = {.c = c, .terms = terms, .scratch = scratch, .B = B};
     for (int i = 1; i <= T; i++) {
-        kj.mulv[i - 1] = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
+        kj.mulv[i - 1] = bf.q[i - 1];
         kj.z[i - 1] = bf.z[i - 1];
         kj.prior[i] = zhat[i];
     }
@@ -343,15 +381,28 @@ static hvae_status F(forward_pass)(real *terms, real *log_weight, real *loss, hv
         for (int i = 1; i <= T; i++) klsum += terms[(size_t)i * B + b];
         sum += terms[b] + (double)beta * klsum;
     }
+    for (int i = 1; i <= T; i++) { /* the batch means, for free bits here and in the backward */
+        double kl = 0;
+        for (int b = 0; b < B; b++) kl += terms[(size_t)i * B + b];
+        ws->kl_mean[i - 1] = kl / B;
+    }
+    if (free_bits) { /* rec + beta * sum_i max(free_bits_i, mean kl_i) */
+        sum = 0;
+        for (int b = 0; b < B; b++) sum += terms[b];
+        sum /= B;
+        for (int i = 0; i < T; i++)
+            sum += (double)beta * fmax((double)free_bits[i], ws->kl_mean[i]);
+        sum *= B;
+    }
     *loss = (real)(sum / B);
 
     if (log_weight) { /* -(log p(x,z) - log q(z|x)) accumulated, then negated */
         memcpy(log_weight, terms, sizeof(real) * (size_t)B);
         for (int i = 1; i <= T; i++) {
-            const real *mulv = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
             F(prior_nll_forward)(log_weight, scratch, c, i, zhat[i], bf.z[i - 1], B,
                                  c->z_dim[i - 1]);
-            F(gauss_logq_forward)(log_weight, scratch, mulv, eps[i - 1], B, c->z_dim[i - 1]);
+            F(gauss_logq_forward)(log_weight, scratch, bf.q[i - 1], eps[i - 1], B,
+                                  c->z_dim[i - 1]);
         }
         for (int b = 0; b < B; b++) log_weight[b] = -log_weight[b];
     }
@@ -360,22 +411,28 @@ static hvae_status F(forward_pass)(real *terms, real *log_weight, real *loss, hv
 
 hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_workspace *ws,
                             const hvae_model *m, const real *params, const real *x,
-                            const real *target, const real *const *eps, int B, real beta) {
-    return F(forward_pass)(terms, log_weight, loss, ws, m, params, x, target, eps, B, beta, NULL);
+                            const real *target, const real *const *eps, int B, real beta,
+                            const real *free_bits) {
+    return F(forward_pass)(terms, log_weight, loss, ws, m, params, x, target, eps, B, beta,
+                           free_bits, NULL);
 }
 
 /* The gradient buffers the backward adds into, set to zero: d z_i, d [mu_i, logvar_i] and d of
  * each decoder's output (the inner layers' gradients are overwritten), but for decoder 1's
- * output when the forward wrote its gradient (lik_done). */
+ * output when the forward wrote its gradient (lik_done); top-down below the top also d q_i
+ * after the merge and d d_i, which encoder i+1 passes down. */
 static void F(zero_sums)(F(buffers) *bf, const hvae_model *m, int B, int lik_done) {
     F(zero_job) j = {.n_bufs = 0};
-    for (int i = 0; i < m->cfg.n_levels; i++) {
+    const int T = m->cfg.n_levels, top_down = m->cfg.inference == HVAE_TOP_DOWN;
+    for (int i = 0; i < T; i++) {
         const hvae_mlp *enc = &m->enc[i], *dec = &m->dec[i];
-        real *v[3] = {bf->dz[i], bf->denc[i][enc->n_layers - 1], bf->ddec[i][dec->n_layers - 1]};
-        int w[3] = {m->cfg.z_dim[i], enc->layer[enc->n_layers - 1].out,
-                    dec->layer[dec->n_layers - 1].out};
-        for (int k = 0; k < 3; k++) {
-            if (k == 2 && i == 0 && lik_done) continue;
+        const int n = enc->n_layers, below = top_down && i < T - 1;
+        real *v[5] = {bf->dz[i], bf->denc[i][n - 1], bf->ddec[i][dec->n_layers - 1],
+                      below ? bf->dq[i] : NULL, below ? bf->denc[i][n - 2] : NULL};
+        int w[5] = {m->cfg.z_dim[i], enc->layer[n - 1].out, dec->layer[dec->n_layers - 1].out,
+                    2 * m->cfg.z_dim[i], n > 1 ? enc->layer[n - 2].out : 0};
+        for (int k = 0; k < 5; k++) {
+            if ((k == 2 && i == 0 && lik_done) || !v[k]) continue;
             j.v[j.n_bufs] = v[k];
             j.n[j.n_bufs++] = (size_t)B * w[k];
         }
@@ -390,7 +447,7 @@ static void F(zero_sums)(F(buffers) *bf, const hvae_model *m, int B, int lik_don
 static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, int lik_done,
                                     hvae_workspace *ws, const hvae_model *m, const real *params,
                                     const real *x, const real *target, const real *const *eps,
-                                    int B, real beta) {
+                                    int B, real beta, const real *free_bits) {
     const hvae_config *c = &m->cfg;
     const int T = c->n_levels;
     F(buffers) bf;
@@ -400,7 +457,7 @@ static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, in
     if (st != HVAE_OK) return st;
     if (c->deterministic) eps = NULL;
     F(zero_sums)(&bf, m, B, lik_done);
-    const real rs = (real)1 / (real)B, ks = beta / (real)B;
+    const real rs = (real)1 / (real)B;
 
     /* likelihood -> d decoder-1 output */
     if (!lik_done) {
@@ -408,22 +465,27 @@ static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, in
                                 F(last)(bf.dec[0], &m->dec[0]), target, rs, B};
         F(likelihood_over_team)(&lj);
     }
-    /* KL terms -> d mulv_i, d zhat_i, d z_i */
-    F(kl_job) kj = {.c = c, .ks = ks, .B = B};
+    /* KL terms -> d mulv_i, d zhat_i, d z_i; a level under its free bits contributes nothing */
+    F(kl_job) kj = {.c = c, .B = B};
     for (int i = 1; i <= T; i++) {
-        const hvae_mlp *enc = &m->enc[i - 1];
-        kj.mulv[i - 1] = F(last)(bf.enc[i - 1], enc);
-        kj.dmulv[i - 1] = bf.denc[i - 1][enc->n_layers - 1];
+        const int floored = free_bits && !(ws->kl_mean[i - 1] > (double)free_bits[i - 1]);
+        kj.ks[i - 1] = floored ? (real)0 : beta / (real)B;
+        kj.mulv[i - 1] = bf.q[i - 1];
+        kj.dmulv[i - 1] = bf.dq[i - 1];
         kj.prior[i] = i < T ? F(last)(bf.dec[i], &m->dec[i]) : NULL;
         kj.dprior[i] = i < T ? bf.ddec[i][m->dec[i].n_layers - 1] : NULL;
         kj.z[i - 1] = bf.z[i - 1];
         kj.dz[i - 1] = bf.dz[i - 1];
     }
     F(kl_over_team)(&kj);
+    if (c->inference == HVAE_TOP_DOWN) {
+        F(topdown_backward)(grad, grad_ok, accumulate, &bf, m, params, x, eps, B);
+        return HVAE_OK;
+    }
     /* decoders: d z_i from dec_i's input */
     for (int i = T - 1; i >= 0; i--)
         F(mlp_backward)(grad, bf.dz[i], grad_ok, bf.ddec[i], bf.dec[i], &m->dec[i], params,
-                        bf.z[i], NULL, B, c->activation, accumulate);
+                        bf.z[i], NULL, B, c->activation, accumulate, 0);
     /* encoders top down: d z_i is complete once encoder i+1 has passed it back */
     for (int i = T - 1; i >= 0; i--) {
         const hvae_mlp *enc = &m->enc[i];
@@ -432,15 +494,15 @@ static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, in
         F(reparam_over_team)(&rj);
         F(mlp_backward)(grad, i > 0 ? bf.dz[i - 1] : NULL, grad_ok, bf.denc[i], bf.enc[i], enc,
                         params, i > 0 ? bf.z[i - 1] : x, i > 0 ? NULL : &bf.sx, B,
-                        c->activation, accumulate);
+                        c->activation, accumulate, 0);
     }
     return HVAE_OK;
 }
 
 hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m,
                              const real *params, const real *x, const real *target,
-                             const real *const *eps, int B, real beta) {
-    return F(backward_pass)(grad, NULL, 1, 0, ws, m, params, x, target, eps, B, beta);
+                             const real *const *eps, int B, real beta, const real *free_bits) {
+    return F(backward_pass)(grad, NULL, 1, 0, ws, m, params, x, target, eps, B, beta, free_bits);
 }
 
 hvae_status F(hvae_encode)(real *const *mulv, real *const *z, hvae_workspace *ws,
@@ -450,11 +512,10 @@ hvae_status F(hvae_encode)(real *const *mulv, real *const *z, hvae_workspace *ws
     if (B < 1) return HVAE_EINVAL;
     hvae_status st = F(carve)(&bf, ws, m, B);
     if (st != HVAE_OK) return st;
-    F(encode_pass)(&bf, m, params, x, eps, B);
+    F(inference_pass)(&bf, m, params, x, eps, B);
     for (int i = 0; i < m->cfg.n_levels; i++) {
         size_t d = (size_t)m->cfg.z_dim[i];
-        if (mulv && mulv[i])
-            memcpy(mulv[i], F(last)(bf.enc[i], &m->enc[i]), sizeof(real) * (size_t)B * 2 * d);
+        if (mulv && mulv[i]) memcpy(mulv[i], bf.q[i], sizeof(real) * (size_t)B * 2 * d);
         if (z && z[i]) memcpy(z[i], bf.z[i], sizeof(real) * (size_t)B * d);
     }
     return HVAE_OK;

@@ -9,6 +9,7 @@ LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 KL_ESTIMATORS = ("analytic", "mc")
 PRIOR_VARIANCES = ("unit", "learned")
+INFERENCES = ("bottom_up", "top_down")
 DTYPES = ("float32", "float64")
 INITS = ("torch", "glorot")
 MAX_ROWS = 2 ** 31 - 1  # rows of one core call
@@ -63,10 +64,18 @@ class HVAE:
         "torch": weights and biases ~ U(+-1/sqrt(fan_in)), as ``torch.nn.Linear``; "glorot":
         weights ~ U(+-sqrt(6 / (fan_in + fan_out))), zero biases (Glorot & Bengio 2010, the IWAE
         paper's choice).
-    prior_variance : {"unit", "learned"}
+    prior_variance : {"unit", "learned"}, optional
         The variance of p(z_{i-1} | z_i) for the levels i >= 2: the seed's identity, or a
         diagonal learned by decoder i, whose output is then [mean, logvar] (width 2 d_{i-1}),
-        as in the IWAE and Ladder VAE papers. No effect when T = 1.
+        as in the IWAE and Ladder VAE papers. No effect when T = 1. Default: "unit" for
+        bottom-up inference, "learned" for top-down.
+    inference : {"bottom_up", "top_down"}
+        The approximate posterior. "bottom_up": q(z_i | z_{i-1}), encoder i reading z_{i-1}.
+        "top_down" (Ladder VAE, Sønderby et al. 2016): a deterministic bottom-up pass d_i
+        (encoder i's last hidden layer, reading d_{i-1}, d_0 = x) gives N(mu^_i, exp(logvar^_i));
+        q(z_T | x) is that at the top, and below it q(z_i | z_{i+1}, x) is its precision-
+        weighted merge with p(z_i | z_{i+1}), the decoder shared by p and q. Needs at least one
+        hidden layer per level; not for a deterministic autoencoder.
 
     Attributes
     ----------
@@ -76,7 +85,7 @@ class HVAE:
 
     def __init__(self, x_dim, latent_dims, hidden_dims=None, *, likelihood="bernoulli",
                  activation="tanh", kl="analytic", dtype="float32", seed=None,
-                 deterministic=False, init="torch", prior_variance="unit"):
+                 deterministic=False, init="torch", prior_variance=None, inference="bottom_up"):
         if isinstance(x_dim, bool) or not isinstance(x_dim, (int, np.integer)):
             raise TypeError(f"x_dim: expected an integer, got {x_dim!r}")
         if isinstance(latent_dims, (int, np.integer)) and not isinstance(latent_dims, bool):
@@ -90,6 +99,18 @@ class HVAE:
         elif len(hidden_dims) and all(isinstance(h, (int, np.integer)) for h in hidden_dims):
             hidden_dims = [list(hidden_dims)] * len(latent_dims)
         hidden_dims = [_int_list(h, f"hidden_dims[{i}]") for i, h in enumerate(hidden_dims)]
+        if inference not in INFERENCES:
+            raise ValueError(f"inference: expected one of {INFERENCES}, got {inference!r}")
+        if prior_variance is None:
+            prior_variance = "learned" if inference == "top_down" else "unit"
+        if inference == "top_down":
+            if deterministic:
+                raise ValueError("deterministic: an autoencoder has no top-down inference; use "
+                                 "inference='bottom_up'")
+            for i, h in enumerate(hidden_dims):
+                if not h:
+                    raise ValueError(f"hidden_dims[{i}]: top-down inference needs at least one "
+                                     f"hidden layer at every level, got {h!r}")
         for name, value, choices in (("init", init, INITS), ("likelihood", likelihood, LIKELIHOODS),
                                      ("activation", activation, ACTIVATIONS),
                                      ("kl", kl, KL_ESTIMATORS),
@@ -109,6 +130,7 @@ class HVAE:
         self.deterministic = bool(deterministic)
         self.init = init
         self.prior_variance = prior_variance
+        self.inference = inference
         self._core = self._new_core()
         _check_memory(self._core.n_params * np.dtype(self.dtype).itemsize, "the parameters")
         self._rng = np.random.default_rng(seed)
@@ -124,7 +146,7 @@ class HVAE:
         """A core Model of this architecture (its own workspace)."""
         return _core.Model(self.x_dim, self.latent_dims, self.hidden_dims, self.likelihood,
                            self.activation, self.kl, self.deterministic, self.dtype,
-                           self.prior_variance)
+                           self.prior_variance, self.inference)
 
     @property
     def n_levels(self):
@@ -206,16 +228,45 @@ class HVAE:
         """The NumPy scalar type of the model's dtype."""
         return np.dtype(self.dtype).type
 
-    def _forward(self, x, eps, target, beta, grad=None, log_weight=False, threads=1):
+    def _forward(self, x, eps, target, beta, grad=None, log_weight=False, threads=1,
+                 free_bits=None):
         x = self._check_x(x, finite=False)
         if target is not None:
             target = self._check_x(target, "target", finite=False)
         if eps is None and not self.deterministic:
             eps = self.draw_eps(len(x))
         return self._core.forward(self.params, x, target, None if self.deterministic else eps,
-                                  beta=beta, grad=grad, log_weight=log_weight, threads=threads)
+                                  beta=beta, grad=grad, log_weight=log_weight, threads=threads,
+                                  free_bits=self.free_bits_per_level(free_bits))
 
-    def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, out=None, n_jobs=None):
+    def free_bits_per_level(self, free_bits):
+        """``free_bits`` (None, a number, or one number per level, in nats) as None or a list of
+        T floats, each finite and >= 0; a ValueError / TypeError naming ``free_bits``."""
+        if free_bits is None:
+            return None
+        if isinstance(free_bits, (int, float, np.integer, np.floating)) \
+                and not isinstance(free_bits, bool):
+            values = [free_bits] * self.n_levels
+        elif isinstance(free_bits, (list, tuple, np.ndarray)):
+            values = list(np.asarray(free_bits, dtype=object).ravel()) \
+                if isinstance(free_bits, np.ndarray) else list(free_bits)
+            if len(values) != self.n_levels:
+                raise ValueError(f"free_bits: expected a number or {self.n_levels} numbers (one "
+                                 f"per level), got {len(values)}")
+        else:
+            raise TypeError(f"free_bits: expected a number or a list of {self.n_levels} numbers, "
+                            f"got {type(free_bits).__name__}")
+        out = []
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"free_bits: expected numbers, got {v!r}")
+            if not np.isfinite(v) or v < 0:
+                raise ValueError(f"free_bits: expected finite numbers >= 0 (nats), got {v!r}")
+            out.append(float(v))
+        return out
+
+    def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, free_bits=None, out=None,
+                      n_jobs=None):
         """Loss of a batch and its exact gradient with respect to :attr:`params`.
 
         Parameters
@@ -230,6 +281,10 @@ class HVAE:
             and corrupted inputs.
         beta : float
             Weight of the KL terms (1 for the ELBO).
+        free_bits : float or list of float, optional
+            Free bits (Kingma et al. 2016), in nats, one for every level or one per level:
+            level i's term becomes ``beta * max(free_bits[i-1], mean_b kl_i)``, whose gradient
+            is zero while the batch mean is at or under the floor.
         out : ndarray, shape (n_params,), optional
             Buffer for the gradient (the model's dtype); a new array when None.
         n_jobs : int, optional
@@ -243,7 +298,7 @@ class HVAE:
         """
         grad = np.empty(self.n_params, self.dtype) if out is None else out
         loss, _, _ = self._forward(x, eps, target, beta, grad=grad,
-                                   threads=training.resolve_n_jobs(n_jobs))
+                                   threads=training.resolve_n_jobs(n_jobs), free_bits=free_bits)
         return loss, grad
 
     def elbo_terms(self, x, eps=None, *, target=None):
@@ -267,8 +322,8 @@ class HVAE:
             self.optimizer_ = training.Adam(self.n_params, self.dtype)
 
     def fit(self, X, *, epochs, batch_size=100, lr=1e-3, validation_data=None,
-            kl_warmup_epochs=0, kl_warmup_delay=0, beta=1.0, patience=None, progress=True,
-            checkpoint=None, callbacks=None, n_jobs=None):
+            kl_warmup_epochs=0, kl_warmup_delay=0, beta=1.0, free_bits=None, patience=None,
+            progress=True, checkpoint=None, callbacks=None, n_jobs=None):
         """Train with Adam on shuffled minibatches, continuing from the current state.
 
         Each call runs ``epochs`` more epochs: parameters, Adam moments, the random stream and
@@ -294,6 +349,11 @@ class HVAE:
             while the decoder still ignores z_1 (README, "MNIST").
         beta : float
             KL weight after warm-up (beta-VAE; 1 for the ELBO).
+        free_bits : float or list of float, optional
+            Free bits in nats (Kingma et al. 2016), one for every level or one per level: in the
+            training loss level i's KL term is ``max(free_bits[i-1], batch mean of kl_i)``, so
+            no gradient pushes a level below its floor (against posterior collapse). Evaluation
+            and ``val_loss`` are unaffected.
         patience : int, optional
             Stop after this many epochs without a better ``val_loss`` and keep the best
             parameters (needs ``validation_data``).
@@ -322,15 +382,17 @@ class HVAE:
         """
         return training.fit(self, X, epochs=epochs, batch_size=batch_size, lr=lr,
                             validation_data=validation_data, kl_warmup_epochs=kl_warmup_epochs,
-                            kl_warmup_delay=kl_warmup_delay, beta=beta, patience=patience,
-                            progress=progress, checkpoint=checkpoint, callbacks=callbacks,
-                            n_jobs=n_jobs)
+                            kl_warmup_delay=kl_warmup_delay, beta=beta, free_bits=free_bits,
+                            patience=patience, progress=progress, checkpoint=checkpoint,
+                            callbacks=callbacks, n_jobs=n_jobs)
 
-    def partial_fit(self, X, *, batch_size=100, lr=1e-3, beta=1.0, progress=False, n_jobs=None):
+    def partial_fit(self, X, *, batch_size=100, lr=1e-3, beta=1.0, free_bits=None,
+                    progress=False, n_jobs=None):
         """One shuffled pass of minibatches over X (one epoch); see :meth:`fit`. Returns self."""
         return training.fit(self, X, epochs=1, batch_size=batch_size, lr=lr,
-                            validation_data=None, kl_warmup_epochs=0, beta=beta, patience=None,
-                            progress=progress, checkpoint=None, callbacks=None, n_jobs=n_jobs)
+                            validation_data=None, kl_warmup_epochs=0, beta=beta,
+                            free_bits=free_bits, patience=None, progress=progress,
+                            checkpoint=None, callbacks=None, n_jobs=n_jobs)
 
     # ------------------------------------------------------------------------------------------
     # what was learned
@@ -342,8 +404,10 @@ class HVAE:
         ----------
         x : array_like, shape (n, x_dim)
         sample : bool
-            False: level i+1 sees the mean of level i (a deterministic summary). True: it sees a
-            sample z_i drawn from the model's Generator, as in training.
+            False: each level is conditioned on the mean of the level it reads (bottom-up:
+            q(z_{i+1} | z_i) at z_i = its mean; top-down: q(z_i | z_{i+1}, x) at z_{i+1} = its
+            mean), a deterministic summary. True: on a sample drawn from the model's Generator,
+            as in training.
 
         Returns
         -------
@@ -529,7 +593,10 @@ class HVAE:
     def __repr__(self):
         flags = (", deterministic=True" if self.deterministic else "") + \
             (f", init={self.init!r}" if self.init != "torch" else "") + \
-            (f", prior_variance={self.prior_variance!r}" if self.prior_variance != "unit" else "")
+            (f", inference={self.inference!r}" if self.inference != "bottom_up" else "") + \
+            (f", prior_variance={self.prior_variance!r}"
+             if self.prior_variance != ("learned" if self.inference == "top_down" else "unit")
+             else "")
         return (f"HVAE(x_dim={self.x_dim}, latent_dims={self.latent_dims}, "
                 f"hidden_dims={self.hidden_dims}, likelihood={self.likelihood!r}, "
                 f"activation={self.activation!r}, kl={self.kl!r}, dtype={self.dtype!r}, "

@@ -48,14 +48,15 @@ class Adam:
             self.step += 1
         return ok
 
-    def train_step(self, core, params, grad, x, eps, beta, threads=1):
+    def train_step(self, core, params, grad, x, eps, beta, threads=1, free_bits=None):
         """Loss, gradient (into grad) and this update in one core call
         (``_core.Model.train_step``): the numbers of ``core.forward`` then :meth:`update`.
-        Returns (loss, terms, updated); nothing changes when the loss or gradient is not
-        finite."""
+        free_bits: None or T floats (see HVAE.fit). Returns (loss, terms, updated); nothing
+        changes when the loss or gradient is not finite."""
         loss, terms, ok = core.train_step(params, self.m, self.v, grad, x, eps, self.step + 1,
                                           beta=beta, lr=self.lr, beta1=self.beta1,
-                                          beta2=self.beta2, adam_eps=self.eps, threads=threads)
+                                          beta2=self.beta2, adam_eps=self.eps, threads=threads,
+                                          free_bits=free_bits)
         if ok:
             self.step += 1
         return loss, terms, ok
@@ -96,9 +97,10 @@ class _Bar:
             self.bar.close()
 
 
-def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs):
-    """One shuffled pass of minibatches, each step one core call on n_jobs threads. Returns the
-    epoch's mean loss and terms.
+def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs,
+              free_bits=None):
+    """One shuffled pass of minibatches, each step one core call on n_jobs threads (free_bits:
+    None or T floats). Returns the epoch's mean loss and terms.
 
     Raises FloatingPointError on a non-finite loss or gradient (parameters untouched by that step).
     """
@@ -115,7 +117,8 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoc
         eps = model.draw_eps(len(idx))
         b = warmup_beta(beta, warmup_epochs, opt.step, steps, warmup_delay)
         loss, terms, ok = opt.train_step(model._core, model.params, grad, xb,
-                                         None if model.deterministic else eps, b, n_jobs)
+                                         None if model.deterministic else eps, b, n_jobs,
+                                         free_bits)
         if not ok:
             what = "loss" if not np.isfinite(loss) else "gradient"
             raise FloatingPointError(
@@ -145,7 +148,7 @@ def validation_loss(model, X, rows=4096):
 
 
 def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, beta, patience,
-        progress, checkpoint, callbacks, n_jobs, kl_warmup_delay=0):
+        progress, checkpoint, callbacks, n_jobs, kl_warmup_delay=0, free_bits=None):
     """The body of HVAE.fit (see there)."""
     X = model._check_x(X, "X")
     X_val = None if validation_data is None else model._check_x(validation_data,
@@ -183,6 +186,7 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
     if patience is not None and (not isinstance(patience, (int, np.integer)) or patience < 1):
         raise ValueError(f"patience: expected None or an integer >= 1, got {patience!r}")
     n_jobs = resolve_n_jobs(n_jobs)
+    free_bits = model.free_bits_per_level(free_bits)
     model._ensure_optimizer()
     model.optimizer_.lr = float(lr)
     batch_size = min(int(batch_size), len(X))
@@ -197,7 +201,7 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
             bar.set_description(f"epoch {epoch + 1}")
             t0 = time.perf_counter()
             record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs, kl_warmup_delay,
-                               bar, epoch, n_jobs)
+                               bar, epoch, n_jobs, free_bits)
             record["epoch"] = epoch + 1
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
             record["seconds"] = time.perf_counter() - t0
