@@ -182,7 +182,12 @@ def build_parser():
                         "more levels (default: mc)")
     g.add_argument("--prior-variance", choices=("unit", "learned"),
                    help="variance of p(z_{i-1}|z_i) between levels: the seed's identity, or "
-                        "learned by the decoder as in the IWAE paper (default: unit)")
+                        "learned by the decoder as in the IWAE paper (default: unit for "
+                        "bottom-up inference, learned for top-down)")
+    g.add_argument("--inference", choices=("bottom_up", "top_down"),
+                   help="q(z_i|z_{i-1}) (bottom_up), or the Ladder VAE's top-down q(z_i|z_{i+1}, "
+                        "x), which shares the decoders with p (needs a hidden layer per level) "
+                        "(default: bottom_up)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="(default: float32)")
     g.add_argument("--seed", type=int,
                    help="seeds initialisation, noise, shuffling and binarization (default: 0)")
@@ -202,6 +207,9 @@ def build_parser():
                         "levels of a hierarchy from collapsing)")
     g.add_argument("--beta", type=_nonnegative_float, default=1.0, metavar="B",
                    help="KL weight after warm-up (1 for the ELBO)")
+    g.add_argument("--free-bits", type=_nonnegative_float, nargs="+", metavar="NATS",
+                   help="free bits: each level's KL term in the training loss is at least this "
+                        "(one value for every level, or one per level; default: none)")
     g.add_argument("--patience", type=_positive_int, metavar="N",
                    help="stop after this many epochs without a better validation loss and keep "
                         "the best parameters (default: no early stopping)")
@@ -380,7 +388,8 @@ def _check_resume_flags(args, model):
     """With --resume, architecture flags that were given must match the checkpoint."""
     given = {"latent_dims": args.latent_dims, "likelihood": args.likelihood,
              "activation": args.activation, "kl": args.kl, "dtype": args.dtype,
-             "seed": args.seed, "prior_variance": args.prior_variance}
+             "seed": args.seed, "prior_variance": args.prior_variance,
+             "inference": args.inference}
     if args.hidden_dims is not None:
         hd = args.hidden_dims
         given["hidden_dims"] = hd * len(model.latent_dims) if len(hd) == 1 else hd
@@ -409,8 +418,15 @@ def _new_model(args):
     return HVAE(x_dim, latent, hidden, likelihood=args.likelihood or "bernoulli",
                 activation=args.activation or "tanh", kl=args.kl or "mc",
                 dtype=args.dtype or "float32", seed=0 if args.seed is None else args.seed,
-                deterministic=args.deterministic,
-                prior_variance=args.prior_variance or "unit")
+                deterministic=args.deterministic, prior_variance=args.prior_variance,
+                inference=args.inference or "bottom_up")
+
+
+def _free_bits(values):
+    """--free-bits as fit takes it: None, one number for every level, or one per level."""
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def _epoch_line(record, total):
@@ -441,6 +457,10 @@ def cmd_train(args, out):
         model = _new_model(args)
         if args.resume:
             print(f"no checkpoint at {path} yet; starting a new model", file=out)
+    if args.free_bits is not None and len(args.free_bits) not in (1, model.n_levels):
+        raise UsageError(f"argument --free-bits: {len(args.free_bits)} values for "
+                         f"{model.n_levels} levels; give one value (every level) or one per "
+                         f"level (see 'hvae train --help')")
     # all data first, so a missing file fails before any training
     grey = binarizes(args.data, model.likelihood, args.no_binarize)
     train = load_split(args.data, "train", args.data_dir)
@@ -478,7 +498,7 @@ def cmd_train(args, out):
                 model.fit(X, epochs=remaining, batch_size=args.batch_size, lr=args.lr,
                           validation_data=valid, kl_warmup_epochs=args.kl_warmup_epochs,
                           kl_warmup_delay=args.kl_warmup_delay, beta=args.beta,
-                          patience=args.patience, progress=progress, checkpoint=path,
+                          free_bits=_free_bits(args.free_bits), patience=args.patience, progress=progress, checkpoint=path,
                           callbacks=[report])
             except FloatingPointError as exc:
                 raise CLIError(f"{exc} {_saved(path, model)}") from None
