@@ -78,6 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup-delay", type=float, default=None,
                    help="epochs at KL weight 0 before the warm-up (default: 5 for the two-level "
                         "models, which keeps their top level from collapsing; 0 for vae1)")
+    p.add_argument("--free-bits", type=float, default=None,
+                   help="free bits in nats per level (Kingma et al. 2016): each level's KL term "
+                        "of the training loss is at least this (default: none)")
     p.add_argument("--patience", type=int, default=50,
                    help="stop after this many epochs without a better validation ELBO")
     p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
@@ -127,7 +130,7 @@ def train(name, X, X_val, args, log):
             break
         lr = args.lr * (args.lr_final / args.lr) ** min(1.0, elapsed / budget)
         m.fit(X, epochs=1, batch_size=100, lr=lr, kl_warmup_epochs=args.warmup_epochs,
-              kl_warmup_delay=delay, progress=False)
+              kl_warmup_delay=delay, free_bits=args.free_bits, progress=False)
         epoch += 1
         rec = m.history_[-1]
         if epoch <= delay:  # an autoencoder so far: its ELBO says nothing yet
@@ -242,7 +245,10 @@ def main(argv=None):
         if m.inference == "top_down":
             arch += ", top-down inference"
         rows.append(dict(
-            model=name, architecture=arch, kl=kwargs["kl"], test_ll=float(ll.mean()),
+            model=name, architecture=arch,
+            kl=kwargs["kl"] + ("" if args.free_bits is None
+                               else f", free bits {args.free_bits:g} nats per level"),
+            test_ll=float(ll.mean()),
             test_ll_se=float(ll.std() / np.sqrt(len(ll))), k=args.k,
             test_elbo=float(elbo.mean()), published=published, source=source,
             target=TARGETS[name], epochs=epochs, best_epoch=best_epoch,
