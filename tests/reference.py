@@ -523,13 +523,15 @@ def _free_bits_loss(rec, kls, beta, free_bits):
 
 
 def _check_eps(eps, B, latent_dims):
+    """``eps`` as T float64 arrays of shapes (B, d_i); ValueError otherwise."""
     T = len(latent_dims)
     if eps is None or len(eps) != T:
         raise ValueError("eps must be a list of T arrays")
     eps = [np.asarray(e, dtype=np.float64) for e in eps]
     for i in range(T):
         if eps[i].shape != (B, latent_dims[i]):
-            raise ValueError(f"eps[{i}] has shape {eps[i].shape}, expected {(B, latent_dims[i])}")
+            raise ValueError(f"eps[{i}] has shape {eps[i].shape}, "
+                             f"expected {(B, latent_dims[i])}")
     return eps
 
 
@@ -561,12 +563,7 @@ def _forward_impl(params, x_in, target, eps, x_dim, latent_dims, hidden_dims,
     if deterministic:
         eps = [None] * T
     else:
-        if eps is None or len(eps) != T:
-            raise ValueError("eps must be a list of T arrays")
-        eps = [np.asarray(e, dtype=np.float64) for e in eps]
-        for i in range(T):
-            if eps[i].shape != (B, latent_dims[i]):
-                raise ValueError(f"eps[{i}] has shape {eps[i].shape}, expected {(B, latent_dims[i])}")
+        eps = _check_eps(eps, B, latent_dims)
 
     # Encoders, bottom-up: z_0 = x_in, z_i sampled from q(z_i | z_{i-1}).
     mus, logvars, zs, enc_caches = [], [], [], []
