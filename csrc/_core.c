@@ -340,6 +340,8 @@ static const char *const KLS[] = {"analytic", "mc", NULL};
 static const char *const PRIOR_VARIANCES[] = {"unit", "learned", NULL};
 static const char *const DTYPES[] = {"float32", "float64", NULL};
 static const char *const INFERENCES[] = {"bottom_up", "top_down", NULL};
+static const char *const OBJECTIVES[] = {"elbo", "iwae", NULL};
+static const char *const GRADIENTS[] = {"standard", "dreg", NULL};
 
 /* The length of a sized sequence, -1 when it has none (e.g. an iterator): checked before
  * PySequence_Fast, which would copy a huge one (range(10**10)) into a list first. */
@@ -545,12 +547,46 @@ static void release_all(PyArrayObject **arrs, int n) {
     for (int i = 0; i < n; i++) Py_XDECREF(arrs[i]);
 }
 
-/* A batch's inputs: x (B, D), target (B, D) (x itself when None), eps (T arrays (B, d_i); none
- * for a deterministic model). */
+/* A batch's inputs: x (B, D), target (B, D) (x itself when None), eps (T arrays (B k, d_i),
+ * k samples per example; none for a deterministic model). */
 typedef struct {
     PyArrayObject *x, *target, *eps[HVAE_MAX_LEVELS];
     npy_intp B;
 } batch_args;
+
+/* The estimator from optional objective, k and gradient objects, checked against the model
+ * and free bits: 0, or -1 with a ValueError / TypeError naming the argument. */
+static int estimator_args(PyObject *obj_obj, PyObject *k_obj, PyObject *grad_obj,
+                          const hvae_config *c, int has_free_bits, hvae_estimator *est) {
+    int v = 0;
+    *est = (hvae_estimator){HVAE_ELBO, 1, HVAE_GRAD_STANDARD};
+    if (obj_obj && pick(obj_obj, "objective", OBJECTIVES, &v) < 0) return -1;
+    est->objective = (hvae_objective)v;
+    if (k_obj && as_int(k_obj, "k", 1, INT_MAX, &est->k) < 0) return -1;
+    v = 0;
+    if (grad_obj && pick(grad_obj, "gradient", GRADIENTS, &v) < 0) return -1;
+    est->gradient = (hvae_gradient)v;
+    const char *err = NULL;
+    if (est->objective == HVAE_ELBO && est->k != 1)
+        err = "k: the ELBO takes one sample per example (k = 1); use objective='iwae'";
+    else if (est->objective == HVAE_ELBO && est->gradient == HVAE_GRAD_DREG)
+        err = "gradient: 'dreg' is a gradient of objective='iwae'";
+    else if (est->objective == HVAE_IWAE && c->deterministic)
+        err = "objective: 'iwae' is not defined for a deterministic autoencoder";
+    else if (est->objective == HVAE_IWAE && has_free_bits)
+        err = "free_bits: not defined for objective='iwae' (a bound on log p(x), not a sum of "
+              "KL terms)";
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return -1;
+    }
+    if (est->gradient == HVAE_GRAD_DREG && c->n_levels != 1) {
+        PyErr_Format(PyExc_ValueError, "gradient: 'dreg' is defined for one stochastic level "
+                     "(T = 1), got T = %d; use gradient='standard'", c->n_levels);
+        return -1;
+    }
+    return 0;
+}
 
 static void batch_release(batch_args *a, int T) {
     Py_XDECREF(a->x);
@@ -561,7 +597,7 @@ static void batch_release(batch_args *a, int T) {
 /* Convert and check x, target, eps into *a (zeroed first); 0, or -1 with an exception (the
  * caller still calls batch_release). */
 static int batch_parse(ModelObject *self, PyObject *x_obj, PyObject *target_obj,
-                       PyObject *eps_obj, batch_args *a) {
+                       PyObject *eps_obj, int k, batch_args *a) {
     const hvae_model *m = &self->model;
     memset(a, 0, sizeof *a);
     if (!(a->x = input_2d(x_obj, "x", self->typenum, -1, m->cfg.x_dim))) return -1;
@@ -578,7 +614,12 @@ static int batch_parse(ModelObject *self, PyObject *x_obj, PyObject *target_obj,
                      m->cfg.n_levels);
         return -1;
     }
-    return eps_arg(self, eps_obj, "eps", m->cfg.n_levels, a->B, a->eps);
+    if (a->B > INT_MAX / k) {
+        PyErr_Format(PyExc_ValueError, "x: %zd examples of k = %d samples are more rows than a "
+                     "call takes (%d)", (Py_ssize_t)a->B, k, INT_MAX);
+        return -1;
+    }
+    return eps_arg(self, eps_obj, "eps", m->cfg.n_levels, a->B * k, a->eps);
 }
 
 /* An array the core writes must share no memory with the batch's inputs. */
@@ -697,7 +738,7 @@ static int free_bits_arg(PyObject *obj, int T, int tn, double *out, float *out32
 
 PyDoc_STRVAR(forward_doc,
 "forward(params, x, target=None, eps=None, beta=1.0, grad=None, log_weight=False, threads=1,\n"
-"        free_bits=None)\n"
+"        free_bits=None, objective='elbo', k=1, gradient='standard')\n"
 "--\n\n"
 "Loss terms of a batch, and optionally the gradient and the log importance weights.\n\n"
 "params: (P,); x: (B, D) encoder input; target: (B, D) what the likelihood scores (default x);\n"
@@ -708,20 +749,25 @@ PyDoc_STRVAR(forward_doc,
 "with the gradient of the loss; log_weight: when true, also return log p(x,z) - log q(z|x);\n"
 "threads: the model's team of threads splits the work (the same numbers up to rounding; the\n"
 "linked OpenBLAS runs at one thread meanwhile).\n\n"
-"Returns (loss, terms, log_weight): loss the batch mean of rec + beta * sum(kl), terms (T+1, B)\n"
-"with row 0 the reconstruction term -log p(x|z_1) and row i the KL term of level i, log_weight\n"
-"(B,) or None.");
+"objective, k, gradient: 'elbo' (k = 1), or 'iwae' with k samples per example, eps then of\n"
+"B k rows (sample j of example b in row b k + j), the gradient 'standard' or (T = 1) 'dreg'.\n\n"
+"Returns (loss, terms, log_weight): loss the batch mean of rec + beta * sum(kl) (IWAE: minus\n"
+"the batch mean of the bound), terms (T+1, B k) with row 0 the reconstruction term\n"
+"-log p(x|z_1) and row i the KL term of level i, log_weight (B k,) or None.");
 
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"params", "x", "target", "eps", "beta", "grad", "log_weight",
-                             "threads", "free_bits", NULL};
+                             "threads", "free_bits", "objective", "k", "gradient", NULL};
     PyObject *params_obj, *x_obj, *target_obj = Py_None, *eps_obj = Py_None, *grad_obj = Py_None;
     PyObject *beta_obj = NULL, *lw_obj = NULL, *threads_obj = NULL, *fb_obj = NULL;
+    PyObject *objective_obj = NULL, *k_obj = NULL, *gradient_obj = NULL;
     double beta = 1.0, fb[HVAE_MAX_LEVELS];
     int want_lw = 0, threads = 1, team_failed = 0, has_fb = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOOOOOO", kwlist, &params_obj, &x_obj,
+    hvae_estimator est;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOOOOOOOOO", kwlist, &params_obj, &x_obj,
                                      &target_obj, &eps_obj, &beta_obj, &grad_obj, &lw_obj,
-                                     &threads_obj, &fb_obj))
+                                     &threads_obj, &fb_obj, &objective_obj, &k_obj,
+                                     &gradient_obj))
         return NULL;
     if (lw_obj && as_flag(lw_obj, "log_weight", &want_lw) < 0) return NULL;
     if (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0)
@@ -738,10 +784,12 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
     if (beta_obj && as_bounded_double(beta_obj, "beta", 0, 0, INFINITY, 0, &beta) < 0)
         return NULL;
     float fb32[HVAE_MAX_LEVELS];
-    if (free_bits_arg(fb_obj, T, tn, fb, fb32, &has_fb) < 0) return NULL;
+    if (free_bits_arg(fb_obj, T, tn, fb, fb32, &has_fb) < 0 ||
+        estimator_args(objective_obj, k_obj, gradient_obj, &m->cfg, has_fb, &est) < 0)
+        return NULL;
     if (!(params = params_arg(self, params_obj))) goto done;
-    if (batch_parse(self, x_obj, target_obj, eps_obj, &in) < 0) goto done;
-    npy_intp B = in.B;
+    if (batch_parse(self, x_obj, target_obj, eps_obj, est.k, &in) < 0) goto done;
+    npy_intp B = in.B, R = in.B * est.k;
     if (m->cfg.deterministic && want_lw) {
         PyErr_SetString(PyExc_ValueError,
                         "log_weight: not defined for a deterministic autoencoder");
@@ -756,10 +804,10 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
         }
         if (check_not_batch(g, "grad", &in, T) < 0) goto done;
     }
-    if (check_workspace(m, tn, B, "x") < 0) goto done;
-    npy_intp tdims[2] = {T + 1, B};
+    if (check_workspace(m, tn, R, "x") < 0) goto done;
+    npy_intp tdims[2] = {T + 1, R};
     if (!(terms = (PyArrayObject *)PyArray_SimpleNew(2, tdims, tn))) goto done;
-    if (want_lw && !(lw = (PyArrayObject *)PyArray_SimpleNew(1, &B, tn))) goto done;
+    if (want_lw && !(lw = (PyArrayObject *)PyArray_SimpleNew(1, &R, tn))) goto done;
 
     const void *eps_ptr[HVAE_MAX_LEVELS];
     const void *const *ep = batch_eps(&in, m, eps_ptr);
@@ -777,30 +825,30 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
                 float lossf = 0;
                 st = hvae_forward_f32(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &lossf,
                                       &self->ws, m, pp, xp, tp, (const float *const *)ep, (int)B,
-                                      (float)beta, has_fb ? fb32 : NULL);
+                                      (float)beta, has_fb ? fb32 : NULL, &est);
                 if (st == HVAE_OK && gp) {
                     memset(gp, 0, P * sizeof(float));
                     st = hvae_backward_f32(gp, &self->ws, m, pp, xp, tp,
                                            (const float *const *)ep, (int)B, (float)beta,
-                                           has_fb ? fb32 : NULL);
+                                           has_fb ? fb32 : NULL, &est);
                 }
                 loss = lossf;
             } else {
                 st = hvae_forward_f64(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &loss,
                                       &self->ws, m, pp, xp, tp, (const double *const *)ep, (int)B,
-                                      beta, has_fb ? fb : NULL);
+                                      beta, has_fb ? fb : NULL, &est);
                 if (st == HVAE_OK && gp) {
                     memset(gp, 0, P * sizeof(double));
                     st = hvae_backward_f64(gp, &self->ws, m, pp, xp, tp,
                                            (const double *const *)ep, (int)B, beta,
-                                           has_fb ? fb : NULL);
+                                           has_fb ? fb : NULL, &est);
                 }
             }
             hvae_team_set_current(NULL);
             team_end(team);
         }
     });
-    if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;
+    if (batch_call_error(team_failed, threads, st, m, tn, R) < 0) goto done;
     result = Py_BuildValue("dOO", loss, (PyObject *)terms, lw ? (PyObject *)lw : Py_None);
 done:
     Py_XDECREF(params);
@@ -855,7 +903,8 @@ static int check_disjoint(PyArrayObject **arr, const char *const *names, int n) 
 
 PyDoc_STRVAR(train_step_doc,
 "train_step(params, m, v, grad, x, eps, step, target=None, beta=1.0, lr=1e-3, beta1=0.9,\n"
-"           beta2=0.999, adam_eps=1e-8, threads=1, free_bits=None)\n"
+"           beta2=0.999, adam_eps=1e-8, threads=1, free_bits=None, objective='elbo', k=1,\n"
+"           gradient='standard')\n"
 "--\n\n"
 "One training step in one call: forward(params, x, target, eps, beta, grad, free_bits=) then,\n"
 "when the loss\n"
@@ -870,18 +919,22 @@ PyDoc_STRVAR(train_step_doc,
 
 static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"params", "m", "v", "grad", "x", "eps", "step", "target", "beta",
-                             "lr", "beta1", "beta2", "adam_eps", "threads", "free_bits", NULL};
+                             "lr", "beta1", "beta2", "adam_eps", "threads", "free_bits",
+                             "objective", "k", "gradient", NULL};
     PyObject *p_obj, *m_obj, *v_obj, *g_obj, *x_obj, *eps_obj, *step_obj, *target_obj = Py_None;
     PyObject *beta_obj = NULL, *lr_obj = NULL, *b1_obj = NULL, *b2_obj = NULL,
-             *aeps_obj = NULL, *threads_obj = NULL, *fb_obj = NULL;
+             *aeps_obj = NULL, *threads_obj = NULL, *fb_obj = NULL, *objective_obj = NULL,
+             *k_obj = NULL, *gradient_obj = NULL;
+    hvae_estimator est;
     double beta = 1.0, fb[HVAE_MAX_LEVELS];
     float fb32[HVAE_MAX_LEVELS];
     int threads = 1, team_failed = 0, updated = 0, has_fb = 0;
     hvae_adam opt;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|OOOOOOOO", kwlist, &p_obj, &m_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|OOOOOOOOOOO", kwlist, &p_obj, &m_obj,
                                      &v_obj, &g_obj, &x_obj, &eps_obj, &step_obj, &target_obj,
                                      &beta_obj, &lr_obj, &b1_obj, &b2_obj, &aeps_obj,
-                                     &threads_obj, &fb_obj))
+                                     &threads_obj, &fb_obj, &objective_obj, &k_obj,
+                                     &gradient_obj))
         return NULL;
     if (not_ready(self)) return NULL;
     const hvae_model *m = &self->model;
@@ -893,7 +946,8 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
     if (adam_args(step_obj, lr_obj, b1_obj, b2_obj, aeps_obj, "adam_eps", tn, &opt) < 0 ||
         (beta_obj && as_bounded_double(beta_obj, "beta", 0, 0, INFINITY, 0, &beta) < 0) ||
         (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0) ||
-        free_bits_arg(fb_obj, T, tn, fb, fb32, &has_fb) < 0)
+        free_bits_arg(fb_obj, T, tn, fb, fb32, &has_fb) < 0 ||
+        estimator_args(objective_obj, k_obj, gradient_obj, &m->cfg, has_fb, &est) < 0)
         return NULL;
     PyArrayObject *outs[4] = {(PyArrayObject *)p_obj, (PyArrayObject *)m_obj,
                               (PyArrayObject *)v_obj, (PyArrayObject *)g_obj};
@@ -903,12 +957,12 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
     PyObject *result = NULL;
     batch_args in;
     hvae_status st = HVAE_OK;
-    if (batch_parse(self, x_obj, target_obj, eps_obj, &in) < 0) goto done;
+    if (batch_parse(self, x_obj, target_obj, eps_obj, est.k, &in) < 0) goto done;
     for (int k = 0; k < 4; k++)
         if (check_not_batch(outs[k], names[k], &in, T) < 0) goto done;
-    npy_intp B = in.B;
-    if (check_workspace(m, tn, B, "x") < 0) goto done;
-    npy_intp tdims[2] = {T + 1, B};
+    npy_intp B = in.B, R = in.B * est.k;
+    if (check_workspace(m, tn, R, "x") < 0) goto done;
+    npy_intp tdims[2] = {T + 1, R};
     if (!(terms = (PyArrayObject *)PyArray_SimpleNew(2, tdims, tn))) goto done;
 
     const void *eps_ptr[HVAE_MAX_LEVELS];
@@ -926,17 +980,17 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
                 float lossf = 0;
                 st = hvae_train_step_f32(PyArray_DATA(terms), &lossf, &updated, gp, pp, mp, vp,
                                          &self->ws, m, xp, tp, (const float *const *)ep, (int)B,
-                                         (float)beta, has_fb ? fb32 : NULL, &opt, team);
+                                         (float)beta, has_fb ? fb32 : NULL, &est, &opt, team);
                 loss = lossf;
             } else {
                 st = hvae_train_step_f64(PyArray_DATA(terms), &loss, &updated, gp, pp, mp, vp,
                                          &self->ws, m, xp, tp, (const double *const *)ep,
-                                         (int)B, beta, has_fb ? fb : NULL, &opt, team);
+                                         (int)B, beta, has_fb ? fb : NULL, &est, &opt, team);
             }
             team_end(team);
         }
     });
-    if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;
+    if (batch_call_error(team_failed, threads, st, m, tn, R) < 0) goto done;
     result = Py_BuildValue("dON", loss, (PyObject *)terms, PyBool_FromLong(updated));
 done:
     batch_release(&in, T);

@@ -496,15 +496,17 @@ HVAE_CLONES static void F(gaussian_nll_forward)(real *restrict acc, real *restri
     }
 }
 
-/* dmean (B,n) += or NULL, dt (B,n) += or NULL */
+/* dmean (B,n) += or NULL, dt (B,n) += or NULL; mean NULL = 0 (then dmean NULL) */
 HVAE_CLONES static void F(gaussian_nll_backward)(real *restrict dmean, real *restrict dt,
                                      const real *restrict mean, const real *restrict t,
                                      real scale, int B, int n) {
     size_t len = (size_t)B * n;
     if (dmean)
         for (size_t k = 0; k < len; k++) dmean[k] -= scale * (t[k] - mean[k]);
-    if (dt)
+    if (dt && mean)
         for (size_t k = 0; k < len; k++) dt[k] += scale * (t[k] - mean[k]);
+    else if (dt)
+        for (size_t k = 0; k < len; k++) dt[k] += scale * t[k];
 }
 
 /* Bernoulli with logits l: acc (B,) += sum softplus(l) - t*l, softplus stable:

@@ -83,6 +83,8 @@ size_t hvae_workspace_bytes(const hvae_model *m, int batch, size_t real_size) {
     size_t per = 2 * m->act_per_example * real_size;
     if ((size_t)batch > SIZE_MAX / per) return 0;
     size_t bytes = per * (size_t)batch;
+    if ((size_t)batch > (SIZE_MAX - bytes) / real_size) return 0;
+    bytes += (size_t)batch * real_size; /* the importance weights of the rows */
     size_t cap = hvae_sparse_capacity(m, batch);
     if (cap) { /* the sparse first layer (model.c carves these in this order) */
         size_t D = (size_t)m->cfg.x_dim, O = (size_t)m->enc[0].layer[0].out;

@@ -42,16 +42,19 @@ static real *F(hidden_top)(real *const *outs, const hvae_mlp *mlp) {
 }
 
 static void F(topdown_pass)(F(buffers) *bf, const hvae_model *m, const real *params,
-                            const real *x, const real *const *eps, int B) {
+                            const real *x, const real *const *eps, int B, int n_x) {
     const hvae_config *c = &m->cfg;
     const int T = c->n_levels;
-    /* bottom-up: d_i and [mu^_i, logvar^_i] = the outputs of encoder i */
+    /* bottom-up, once per example: d_i and [mu^_i, logvar^_i] = the outputs of encoder i, the
+     * latter expanded to the example's B / n_x rows */
     const real *in = x;
     for (int i = 0; i < T; i++) {
-        F(mlp_forward)(bf->enc[i], &m->enc[i], params, in, i == 0 ? &bf->sx : NULL, B,
+        F(mlp_forward)(bf->enc[i], &m->enc[i], params, in, i == 0 ? &bf->sx : NULL, n_x,
                        c->activation);
         in = F(hidden_top)(bf->enc[i], &m->enc[i]);
     }
+    for (int i = 0; i < T; i++)
+        F(rows_expand)(bf->enc[i][m->enc[i].n_layers - 1], n_x, B / n_x, 2 * c->z_dim[i]);
     /* top-down: z_T ~ q(z_T | x); then p(z_i | z_{i+1}), the merge, z_i ~ q(z_i | z_{i+1}, x) */
     for (int i = T - 1; i >= 0; i--) {
         if (i < T - 1) {
@@ -69,7 +72,7 @@ static void F(topdown_pass)(F(buffers) *bf, const hvae_model *m, const real *par
  * bf->dq, bf->dz and decoders 2..T's output gradients the KL terms' (all summed into). */
 static void F(topdown_backward)(real *grad, int *grad_ok, int accumulate, F(buffers) *bf,
                                 const hvae_model *m, const real *params, const real *x,
-                                const real *const *eps, int B) {
+                                const real *const *eps, int B, int n_x) {
     const hvae_config *c = &m->cfg;
     const int T = c->n_levels, act = c->activation;
     /* decoder 1 -> d z_1; then up: z_i -> q_i -> (mu^_i, logvar^_i) and p(z_i | z_{i+1}) ->
@@ -90,10 +93,13 @@ static void F(topdown_backward)(real *grad, int *grad_ok, int accumulate, F(buff
         F(mlp_backward)(grad, bf->dz[i + 1], grad_ok, bf->ddec[i + 1], bf->dec[i + 1], dec,
                         params, bf->z[i + 1], NULL, B, act, accumulate, 0);
     }
-    /* the bottom-up pass, top first: encoder i+1 adds d d_i into encoder i's last hidden layer */
-    for (int i = T - 1; i >= 0; i--)
+    /* the bottom-up pass, top first, once per example (its rows' gradients summed): encoder i+1
+     * adds d d_i into encoder i's last hidden layer */
+    for (int i = T - 1; i >= 0; i--) {
+        F(rows_sum)(bf->denc[i][m->enc[i].n_layers - 1], n_x, B / n_x, 2 * c->z_dim[i]);
         F(mlp_backward)(grad, i > 0 ? F(hidden_top)(bf->denc[i - 1], &m->enc[i - 1]) : NULL,
                         grad_ok, bf->denc[i], bf->enc[i], &m->enc[i], params,
                         i > 0 ? F(hidden_top)(bf->enc[i - 1], &m->enc[i - 1]) : x,
-                        i > 0 ? NULL : &bf->sx, B, act, accumulate, i < T - 1);
+                        i > 0 ? NULL : &bf->sx, n_x, act, accumulate, i < T - 1);
+    }
 }
