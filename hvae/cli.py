@@ -210,6 +210,14 @@ def build_parser():
     g.add_argument("--free-bits", type=_nonnegative_float, nargs="+", metavar="NATS",
                    help="free bits: each level's KL term in the training loss is at least this "
                         "(one value for every level, or one per level; default: none)")
+    g.add_argument("--objective", choices=("elbo", "iwae"), default="elbo",
+                   help="the ELBO, or the importance-weighted bound (IWAE) with -k samples per "
+                        "example")
+    g.add_argument("-k", "--samples", type=_positive_int, default=1, metavar="K", dest="k",
+                   help="importance samples per example of --objective iwae")
+    g.add_argument("--gradient", choices=("standard", "dreg"), default="standard",
+                   help="IWAE's gradient: standard, or doubly reparameterized (one level only; "
+                        "lower variance for the encoder)")
     g.add_argument("--patience", type=_positive_int, metavar="N",
                    help="stop after this many epochs without a better validation loss and keep "
                         "the best parameters (default: no early stopping)")
@@ -461,6 +469,14 @@ def cmd_train(args, out):
         raise UsageError(f"argument --free-bits: {len(args.free_bits)} values for "
                          f"{model.n_levels} levels; give one value (every level) or one per "
                          f"level (see 'hvae train --help')")
+    try:
+        estimator = model.estimator(args.objective, args.k, args.gradient)
+        if args.free_bits is not None and args.objective == "iwae":
+            raise ValueError("--free-bits: not defined for --objective iwae")
+    except ValueError as exc:  # "name: why" -> "argument --name: why"
+        name, why = str(exc).split(":", 1)
+        flag = "-k" if name == "k" else "--" + name.lstrip("-").replace("_", "-")
+        raise UsageError(f"argument {flag}:{why} (see 'hvae train --help')") from None
     # all data first, so a missing file fails before any training
     grey = binarizes(args.data, model.likelihood, args.no_binarize)
     train = load_split(args.data, "train", args.data_dir)
@@ -498,7 +514,8 @@ def cmd_train(args, out):
                 model.fit(X, epochs=remaining, batch_size=args.batch_size, lr=args.lr,
                           validation_data=valid, kl_warmup_epochs=args.kl_warmup_epochs,
                           kl_warmup_delay=args.kl_warmup_delay, beta=args.beta,
-                          free_bits=_free_bits(args.free_bits), patience=args.patience, progress=progress, checkpoint=path,
+                          free_bits=_free_bits(args.free_bits), patience=args.patience,
+                          **estimator, progress=progress, checkpoint=path,
                           callbacks=[report])
             except FloatingPointError as exc:
                 raise CLIError(f"{exc} {_saved(path, model)}") from None

@@ -10,6 +10,8 @@ ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 KL_ESTIMATORS = ("analytic", "mc")
 PRIOR_VARIANCES = ("unit", "learned")
 INFERENCES = ("bottom_up", "top_down")
+OBJECTIVES = ("elbo", "iwae")
+GRADIENTS = ("standard", "dreg")
 DTYPES = ("float32", "float64")
 INITS = ("torch", "glorot")
 MAX_ROWS = 2 ** 31 - 1  # rows of one core call
@@ -229,15 +231,38 @@ class HVAE:
         return np.dtype(self.dtype).type
 
     def _forward(self, x, eps, target, beta, grad=None, log_weight=False, threads=1,
-                 free_bits=None):
+                 free_bits=None, objective="elbo", k=1, gradient="standard"):
+        est = self.estimator(objective, k, gradient)
         x = self._check_x(x, finite=False)
         if target is not None:
             target = self._check_x(target, "target", finite=False)
         if eps is None and not self.deterministic:
-            eps = self.draw_eps(len(x))
+            eps = self.draw_eps(len(x) * est["k"])
         return self._core.forward(self.params, x, target, None if self.deterministic else eps,
                                   beta=beta, grad=grad, log_weight=log_weight, threads=threads,
-                                  free_bits=self.free_bits_per_level(free_bits))
+                                  free_bits=self.free_bits_per_level(free_bits), **est)
+
+    def estimator(self, objective="elbo", k=1, gradient="standard"):
+        """The training objective as the core takes it, checked: a dict of ``objective``, ``k``
+        and ``gradient`` (see :meth:`loss_and_grad`); a ValueError / TypeError naming the
+        argument otherwise."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient: expected one of {GRADIENTS}, got {gradient!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_ROWS:
+            raise ValueError(f"k: expected an integer in [1, {MAX_ROWS}], got {k!r}")
+        if objective == "elbo" and k != 1:
+            raise ValueError(f"k: {k} samples per example need objective='iwae' (the ELBO takes "
+                             "one)")
+        if objective == "elbo" and gradient != "standard":
+            raise ValueError(f"gradient: {gradient!r} is a gradient of objective='iwae'")
+        if objective == "iwae" and self.deterministic:
+            raise ValueError("objective: 'iwae' is not defined for a deterministic autoencoder")
+        if gradient == "dreg" and self.n_levels != 1:
+            raise ValueError(f"gradient: 'dreg' (doubly reparameterized) is defined for one "
+                             f"stochastic level, got {self.n_levels}; use gradient='standard'")
+        return {"objective": objective, "k": int(k), "gradient": gradient}
 
     def free_bits_per_level(self, free_bits):
         """``free_bits`` (None, a number, or one number per level, in nats) as None or a list of
@@ -265,8 +290,8 @@ class HVAE:
             out.append(float(v))
         return out
 
-    def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, free_bits=None, out=None,
-                      n_jobs=None):
+    def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, free_bits=None,
+                      objective="elbo", k=1, gradient="standard", out=None, n_jobs=None):
         """Loss of a batch and its exact gradient with respect to :attr:`params`.
 
         Parameters
@@ -274,8 +299,9 @@ class HVAE:
         x : array_like, shape (batch, x_dim)
             Encoder input.
         eps : list of ndarray, optional
-            T arrays (batch, d_i) of standard normal noise; drawn from the model's Generator when
-            None. Ignored by a deterministic autoencoder.
+            T arrays (batch * k, d_i) of standard normal noise, sample j of example b in row
+            b * k + j; drawn from the model's Generator when None. Ignored by a deterministic
+            autoencoder.
         target : array_like, shape (batch, x_dim), optional
             What the likelihood scores (default x); a denoising autoencoder passes clean targets
             and corrupted inputs.
@@ -284,7 +310,18 @@ class HVAE:
         free_bits : float or list of float, optional
             Free bits (Kingma et al. 2016), in nats, one for every level or one per level:
             level i's term becomes ``beta * max(free_bits[i-1], mean_b kl_i)``, whose gradient
-            is zero while the batch mean is at or under the floor.
+            is zero while the batch mean is at or under the floor. ELBO only.
+        objective : {"elbo", "iwae"}
+            "elbo": the negative ELBO (k = 1). "iwae": the importance-weighted bound of Burda
+            et al. with k samples per example, loss = -mean_b log (1/k) sum_j w_bj, log w =
+            log p(x | z) + beta (log p(z) - log q(z | x)) at the samples. What an example's
+            samples share (bottom-up: encoder 1; top-down: the bottom-up pass) is computed once.
+        k : int
+            Samples per example (IWAE).
+        gradient : {"standard", "dreg"}
+            IWAE's gradient: the standard one (softmax weights of each example's k
+            log-weights), or the doubly reparameterized one (Tucker et al. 2018; T = 1 only),
+            whose encoder gradient has lower variance and the same mean.
         out : ndarray, shape (n_params,), optional
             Buffer for the gradient (the model's dtype); a new array when None.
         n_jobs : int, optional
@@ -293,12 +330,14 @@ class HVAE:
         Returns
         -------
         loss : float
-            Mean over the batch of the per-example negative ELBO estimate, in nats.
+            Mean over the batch of the per-example negative ELBO estimate (IWAE: of the negative
+            bound), in nats.
         grad : ndarray, shape (n_params,)
         """
         grad = np.empty(self.n_params, self.dtype) if out is None else out
         loss, _, _ = self._forward(x, eps, target, beta, grad=grad,
-                                   threads=training.resolve_n_jobs(n_jobs), free_bits=free_bits)
+                                   threads=training.resolve_n_jobs(n_jobs), free_bits=free_bits,
+                                   objective=objective, k=k, gradient=gradient)
         return loss, grad
 
     def elbo_terms(self, x, eps=None, *, target=None):
@@ -322,8 +361,9 @@ class HVAE:
             self.optimizer_ = training.Adam(self.n_params, self.dtype)
 
     def fit(self, X, *, epochs, batch_size=100, lr=1e-3, validation_data=None,
-            kl_warmup_epochs=0, kl_warmup_delay=0, beta=1.0, free_bits=None, patience=None,
-            progress=True, checkpoint=None, callbacks=None, n_jobs=None):
+            kl_warmup_epochs=0, kl_warmup_delay=0, beta=1.0, free_bits=None, objective="elbo",
+            k=1, gradient="standard", patience=None, progress=True, checkpoint=None,
+            callbacks=None, n_jobs=None):
         """Train with Adam on shuffled minibatches, continuing from the current state.
 
         Each call runs ``epochs`` more epochs: parameters, Adam moments, the random stream and
@@ -354,6 +394,11 @@ class HVAE:
             training loss level i's KL term is ``max(free_bits[i-1], batch mean of kl_i)``, so
             no gradient pushes a level below its floor (against posterior collapse). Evaluation
             and ``val_loss`` are unaffected.
+        objective, k, gradient
+            The training objective (see :meth:`loss_and_grad`): the ELBO, or the IWAE bound with
+            k samples per example and its standard or doubly reparameterized gradient. The KL
+            warm-up's weight is the IWAE's beta. ``loss`` in the history is then the negative
+            bound; ``val_loss`` stays the negative ELBO.
         patience : int, optional
             Stop after this many epochs without a better ``val_loss`` and keep the best
             parameters (needs ``validation_data``).
@@ -383,16 +428,18 @@ class HVAE:
         return training.fit(self, X, epochs=epochs, batch_size=batch_size, lr=lr,
                             validation_data=validation_data, kl_warmup_epochs=kl_warmup_epochs,
                             kl_warmup_delay=kl_warmup_delay, beta=beta, free_bits=free_bits,
-                            patience=patience, progress=progress, checkpoint=checkpoint,
-                            callbacks=callbacks, n_jobs=n_jobs)
+                            estimator=self.estimator(objective, k, gradient), patience=patience,
+                            progress=progress, checkpoint=checkpoint, callbacks=callbacks,
+                            n_jobs=n_jobs)
 
     def partial_fit(self, X, *, batch_size=100, lr=1e-3, beta=1.0, free_bits=None,
-                    progress=False, n_jobs=None):
+                    objective="elbo", k=1, gradient="standard", progress=False, n_jobs=None):
         """One shuffled pass of minibatches over X (one epoch); see :meth:`fit`. Returns self."""
         return training.fit(self, X, epochs=1, batch_size=batch_size, lr=lr,
                             validation_data=None, kl_warmup_epochs=0, beta=beta,
-                            free_bits=free_bits, patience=None, progress=progress,
-                            checkpoint=None, callbacks=None, n_jobs=n_jobs)
+                            free_bits=free_bits, estimator=self.estimator(objective, k, gradient),
+                            patience=None, progress=progress, checkpoint=None, callbacks=None,
+                            n_jobs=n_jobs)
 
     # ------------------------------------------------------------------------------------------
     # what was learned
@@ -544,20 +591,25 @@ class HVAE:
         if self.deterministic:
             raise ValueError(f"{what}: not defined for a deterministic autoencoder")
 
-    def elbo(self, x, k=1):
+    def elbo(self, x, k=1, *, n_jobs=None):
         """Per-example importance-weighted ELBO with k samples (k = 1: the plain ELBO estimate).
 
         Computed from exact densities, log p(x, z) - log q(z | x), never the analytic shortcut.
+        n_jobs: threads of the core (see :meth:`fit`).
 
         Returns
         -------
         ndarray, shape (n,), float64, nats
         """
         self._check_stochastic("elbo")
-        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"))
+        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"),
+                                     threads=training.resolve_n_jobs(n_jobs))
 
-    def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False):
+    def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False, n_jobs=None):
         """Importance-sampled estimate of log p(x) per example (the IWAE bound with k samples).
+
+        What an example's k samples share (bottom-up: encoder 1; top-down: the bottom-up pass)
+        is computed once per example (per chunk of ``batch_size`` samples when k is larger).
 
         Parameters
         ----------
@@ -567,6 +619,9 @@ class HVAE:
         batch_size : int
             Rows (example x sample) per core call; bounds memory whatever k.
         progress : bool
+            A progress bar over examples.
+        n_jobs : int, optional
+            Threads of the core (None: 1; -1: every CPU), as in :meth:`fit`.
 
         Returns
         -------
@@ -577,7 +632,7 @@ class HVAE:
         _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
                       * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
         return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"), rows=rows,
-                                     progress=progress)
+                                     progress=progress, threads=training.resolve_n_jobs(n_jobs))
 
     def score(self, X, k=100):
         """Mean importance-sampled log-likelihood of X in nats (higher is better)."""

@@ -48,15 +48,17 @@ class Adam:
             self.step += 1
         return ok
 
-    def train_step(self, core, params, grad, x, eps, beta, threads=1, free_bits=None):
+    def train_step(self, core, params, grad, x, eps, beta, threads=1, free_bits=None,
+                   estimator=None):
         """Loss, gradient (into grad) and this update in one core call
         (``_core.Model.train_step``): the numbers of ``core.forward`` then :meth:`update`.
-        free_bits: None or T floats (see HVAE.fit). Returns (loss, terms, updated); nothing
-        changes when the loss or gradient is not finite."""
+        free_bits: None or T floats; estimator: None (the ELBO) or HVAE.estimator's dict (see
+        HVAE.fit). Returns (loss, terms, updated); nothing changes when the loss or gradient is
+        not finite."""
         loss, terms, ok = core.train_step(params, self.m, self.v, grad, x, eps, self.step + 1,
                                           beta=beta, lr=self.lr, beta1=self.beta1,
                                           beta2=self.beta2, adam_eps=self.eps, threads=threads,
-                                          free_bits=free_bits)
+                                          free_bits=free_bits, **(estimator or {}))
         if ok:
             self.step += 1
         return loss, terms, ok
@@ -98,9 +100,10 @@ class _Bar:
 
 
 def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs,
-              free_bits=None):
+              free_bits=None, estimator=None):
     """One shuffled pass of minibatches, each step one core call on n_jobs threads (free_bits:
-    None or T floats). Returns the epoch's mean loss and terms.
+    None or T floats; estimator: None or HVAE.estimator's dict). Returns the epoch's mean loss
+    and terms.
 
     Raises FloatingPointError on a non-finite loss or gradient (parameters untouched by that step).
     """
@@ -114,11 +117,11 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoc
     for s in range(steps):
         idx = order[s * batch_size:(s + 1) * batch_size]
         xb = X[idx]
-        eps = model.draw_eps(len(idx))
+        eps = model.draw_eps(len(idx) * (estimator["k"] if estimator else 1))
         b = warmup_beta(beta, warmup_epochs, opt.step, steps, warmup_delay)
         loss, terms, ok = opt.train_step(model._core, model.params, grad, xb,
                                          None if model.deterministic else eps, b, n_jobs,
-                                         free_bits)
+                                         free_bits, estimator)
         if not ok:
             what = "loss" if not np.isfinite(loss) else "gradient"
             raise FloatingPointError(
@@ -148,7 +151,8 @@ def validation_loss(model, X, rows=4096):
 
 
 def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, beta, patience,
-        progress, checkpoint, callbacks, n_jobs, kl_warmup_delay=0, free_bits=None):
+        progress, checkpoint, callbacks, n_jobs, kl_warmup_delay=0, free_bits=None,
+        estimator=None):
     """The body of HVAE.fit (see there)."""
     X = model._check_x(X, "X")
     X_val = None if validation_data is None else model._check_x(validation_data,
@@ -187,6 +191,9 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
         raise ValueError(f"patience: expected None or an integer >= 1, got {patience!r}")
     n_jobs = resolve_n_jobs(n_jobs)
     free_bits = model.free_bits_per_level(free_bits)
+    if free_bits is not None and estimator and estimator["objective"] == "iwae":
+        raise ValueError("free_bits: not defined for objective='iwae' (a bound on log p(x), not "
+                         "a sum of KL terms)")
     model._ensure_optimizer()
     model.optimizer_.lr = float(lr)
     batch_size = min(int(batch_size), len(X))
@@ -201,7 +208,7 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
             bar.set_description(f"epoch {epoch + 1}")
             t0 = time.perf_counter()
             record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs, kl_warmup_delay,
-                               bar, epoch, n_jobs, free_bits)
+                               bar, epoch, n_jobs, free_bits, estimator)
             record["epoch"] = epoch + 1
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
             record["seconds"] = time.perf_counter() - t0
