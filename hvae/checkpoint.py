@@ -1,5 +1,6 @@
 """Checkpoints: an HVAE with its optimiser state, random state and history in one .npz file, the
-architecture as JSON, no pickle, written atomically (temporary file, fsync, rename)."""
+architecture as JSON, no pickle, written atomically (temporary file, fsync, rename). The model
+class is the caller's: this module reads and writes its attributes but does not import it."""
 import json
 import os
 import zipfile
@@ -7,13 +8,14 @@ import zipfile
 import numpy as np
 
 from .atomic import atomic_write
+from .training import Adam
 
 FORMAT = "hvae-checkpoint"
 VERSION = 1
 CONFIG_KEYS = ("x_dim", "latent_dims", "hidden_dims", "likelihood", "activation", "kl", "dtype",
-               "seed", "deterministic", "init", "prior_variance", "inference")
+               "seed", "deterministic", "init", "prior_variance", "inference", "warm_start")
 # keys that checkpoints written before they existed lack, with the value those models had
-CONFIG_DEFAULTS = {"prior_variance": "unit", "inference": "bottom_up"}
+CONFIG_DEFAULTS = {"prior_variance": "unit", "inference": "bottom_up", "warm_start": True}
 MAX_META_BYTES = 1 << 26  # the JSON block of a real checkpoint is a few hundred kB at most
 
 
@@ -104,25 +106,20 @@ def _read_array(zf, name, path, shape, dtype):
     return np.frombuffer(data, dtype=got_dtype).reshape(shape).copy()
 
 
-def load(path):
-    """Read a checkpoint written by :func:`save`.
+def load(path, model_class):
+    """Read a checkpoint written by :func:`save` (the body of :func:`hvae.load`, see there for
+    what is restored and raised).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    model_class : type
+        Built from the saved configuration as ``model_class(**config)`` (:class:`hvae.HVAE`).
 
     Returns
     -------
-    HVAE
-        With parameters, optimiser state, random state and ``history_`` restored, so that
-        ``fit`` continues exactly as an uninterrupted run would.
-
-    Raises
-    ------
-    FileNotFoundError
-        No such file.
-    ValueError
-        The file is truncated, corrupted, not an hvae checkpoint, or inconsistent.
+    model_class
     """
-    from .model import HVAE
-    from .training import Adam
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
@@ -148,7 +145,7 @@ def load(path):
             config = {**CONFIG_DEFAULTS, **meta["config"]}
             if set(config) != set(CONFIG_KEYS):
                 raise _bad(path, f"config keys {sorted(config)}")
-            model = HVAE(**config)
+            model = model_class(**config)
             n, dtype = model.n_params, model.dtype
             model.params[:] = _read_array(zf, "params", path, (n,), dtype)
             if not np.isfinite(model.params).all():

@@ -78,16 +78,52 @@ class HVAE:
         q(z_T | x) is that at the top, and below it q(z_i | z_{i+1}, x) is its precision-
         weighted merge with p(z_i | z_{i+1}), the decoder shared by p and q. Needs at least one
         hidden layer per level; not for a deterministic autoencoder.
+    warm_start : bool
+        What :meth:`fit` starts from. True (the default): the current state, so a second call
+        continues training and ``hvae.load(path).fit(X, ...)`` resumes a run bit for bit.
+        False: scikit-learn's default, every :meth:`fit` starts over from ``seed`` (fresh
+        parameters, optimiser, random stream and history), so fitting twice equals fitting
+        once. :meth:`partial_fit` always continues. (See "scikit-learn" below.)
 
     Attributes
     ----------
     params : ndarray, shape (n_params,)
         Every weight and bias in one contiguous buffer (see :meth:`named_params`).
+    latent_dims, hidden_dims, dtype, prior_variance
+        The constructor's arguments as resolved: ``latent_dims`` a list, ``hidden_dims`` one
+        list per level (the default filled in), ``dtype`` a string, ``prior_variance`` "unit"
+        or "learned"; the other arguments are stored under their names too.
+        :meth:`get_params` returns them all exactly as passed.
+    history_ : list of dict
+        One record per epoch trained (loss, reconstruction, kl per level, beta, val_loss,
+        seconds).
+    optimizer_ : Adam or None
+        The optimiser's state once training has begun.
+
+    Notes
+    -----
+    **scikit-learn.** The class follows scikit-learn's estimator protocol without importing
+    it: :meth:`get_params` / :meth:`set_params` over the constructor's arguments (so
+    ``sklearn.base.clone``, ``Pipeline`` and ``GridSearchCV`` work; fit parameters pass as
+    ``pipe.fit(X, vae__epochs=5)``), ``fit(X, y=None)`` returning self, :meth:`transform`,
+    :meth:`fit_transform`, :meth:`score_samples` and :meth:`score`. Two deliberate departures:
+    the model exists from construction (``params`` is drawn by ``__init__``, so it can be
+    evaluated, saved or used in ``loss_and_grad`` before any fit), and ``warm_start`` defaults
+    to True, because continuing is how a saved run resumes exactly and how the command line's
+    ``--resume`` works. scikit-learn's model-selection tools fit fresh clones, which are the
+    same whichever ``warm_start``; pass ``warm_start=False`` for scikit-learn's
+    fit-from-scratch semantics on repeated fits of one object.
     """
 
     def __init__(self, x_dim, latent_dims, hidden_dims=None, *, likelihood="bernoulli",
                  activation="tanh", kl="analytic", dtype="float32", seed=None,
-                 deterministic=False, init="torch", prior_variance=None, inference="bottom_up"):
+                 deterministic=False, init="torch", prior_variance=None, inference="bottom_up",
+                 warm_start=True):
+        # what get_params returns: the arguments themselves (sklearn's clone checks identity)
+        given = dict(x_dim=x_dim, latent_dims=latent_dims, hidden_dims=hidden_dims,
+                     likelihood=likelihood, activation=activation, kl=kl, dtype=dtype, seed=seed,
+                     deterministic=deterministic, init=init, prior_variance=prior_variance,
+                     inference=inference, warm_start=warm_start)
         if isinstance(x_dim, bool) or not isinstance(x_dim, (int, np.integer)):
             raise TypeError(f"x_dim: expected an integer, got {x_dim!r}")
         if isinstance(latent_dims, (int, np.integer)) and not isinstance(latent_dims, bool):
@@ -121,6 +157,9 @@ class HVAE:
                                       DTYPES)):
             if value not in choices:
                 raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+        if not isinstance(warm_start, (bool, np.bool_)):
+            raise TypeError(f"warm_start: expected True or False, got {warm_start!r}")
+        self._given = given
         self.x_dim = int(x_dim)
         self.latent_dims = latent_dims
         self.hidden_dims = hidden_dims
@@ -133,6 +172,7 @@ class HVAE:
         self.init = init
         self.prior_variance = prior_variance
         self.inference = inference
+        self.warm_start = bool(warm_start)
         self._core = self._new_core()
         _check_memory(self._core.n_params * np.dtype(self.dtype).itemsize, "the parameters")
         self._rng = np.random.default_rng(seed)
@@ -140,6 +180,67 @@ class HVAE:
         self.history_ = []
         self.optimizer_ = None
         self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------
+    # scikit-learn's estimator protocol
+
+    def get_params(self, deep=True):
+        """The constructor's arguments, exactly as passed (scikit-learn's protocol).
+
+        Parameters
+        ----------
+        deep : bool
+            Ignored: an HVAE holds no sub-estimators.
+
+        Returns
+        -------
+        dict of str to object
+            ``x_dim``, ``latent_dims``, ... ``warm_start``: the objects given to ``__init__``
+            (``hidden_dims=None`` stays None; the resolved values are the attributes).
+        """
+        return dict(self._given)
+
+    def set_params(self, **params):
+        """Change constructor arguments and rebuild the model (scikit-learn's protocol).
+
+        The model is constructed anew from the merged arguments: parameters drawn afresh from
+        ``seed``, no optimiser state, empty history. Nothing changes when the new arguments
+        are refused.
+
+        Parameters
+        ----------
+        **params
+            Constructor arguments by name (see the class docstring).
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        ValueError
+            A name that is not a constructor argument, or an argument the constructor refuses
+            (TypeError likewise).
+        """
+        if not params:
+            return self
+        unknown = sorted(set(params) - set(self._given))
+        if unknown:
+            raise ValueError(f"set_params: {unknown[0]!r} is not a parameter of HVAE; expected "
+                             f"one of {sorted(self._given)}")
+        rebuilt = type(self)(**{**self._given, **params})
+        vars(self).clear()
+        vars(self).update(vars(rebuilt))
+        return self
+
+    def __sklearn_tags__(self):
+        """scikit-learn's estimator tags (called by scikit-learn only, which it imports): a
+        transformer of dense, finite, real arrays, usable before fit, y ignored."""
+        from sklearn.utils import InputTags, Tags, TargetTags, TransformerTags
+
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False),
+                    transformer_tags=TransformerTags(preserves_dtype=[self.dtype]),
+                    input_tags=InputTags(), requires_fit=False)
 
     # ------------------------------------------------------------------------------------------
     # parameters
@@ -154,6 +255,14 @@ class HVAE:
     def n_levels(self):
         """T, the number of stochastic levels."""
         return len(self.latent_dims)
+
+    def _restart(self):
+        """The state of a freshly constructed model: random stream from ``seed``, parameters
+        drawn from it, no optimiser, no history (``fit`` with ``warm_start=False``)."""
+        self._rng = np.random.default_rng(self.seed)
+        self.reset_parameters()
+        self.optimizer_ = None
+        self.history_ = []
 
     def reset_parameters(self):
         """Draw fresh parameters by the ``init`` scheme (see the class docstring). Returns self."""
@@ -360,7 +469,7 @@ class HVAE:
         if self.optimizer_ is None:
             self.optimizer_ = training.Adam(self.n_params, self.dtype)
 
-    def fit(self, X, *, epochs, batch_size=100, lr=1e-3, validation_data=None,
+    def fit(self, X, y=None, *, epochs=10, batch_size=100, lr=1e-3, validation_data=None,
             kl_warmup_epochs=0, kl_warmup_delay=0, beta=1.0, free_bits=None, objective="elbo",
             k=1, gradient="standard", patience=None, progress=True, checkpoint=None,
             callbacks=None, n_jobs=None):
@@ -368,12 +477,15 @@ class HVAE:
 
         Each call runs ``epochs`` more epochs: parameters, Adam moments, the random stream and
         ``history_`` carry over (also through :meth:`save` / :func:`hvae.load`), so two calls of
-        2 epochs give bit for bit the parameters of one call of 4.
+        2 epochs give bit for bit the parameters of one call of 4. With ``warm_start=False``
+        each call starts over from ``seed`` instead (scikit-learn's convention).
 
         Parameters
         ----------
         X : array_like, shape (n, x_dim)
             Training data (values in [0, 1] for the Bernoulli likelihood).
+        y : None
+            Ignored (scikit-learn's protocol: an unsupervised fit takes y and drops it).
         epochs : int
             Epochs to run in this call.
         batch_size : int
@@ -430,7 +542,24 @@ class HVAE:
                             kl_warmup_delay=kl_warmup_delay, beta=beta, free_bits=free_bits,
                             estimator=self.estimator(objective, k, gradient), patience=patience,
                             progress=progress, checkpoint=checkpoint, callbacks=callbacks,
-                            n_jobs=n_jobs)
+                            n_jobs=n_jobs, restart=not self.warm_start)
+
+    def fit_transform(self, X, y=None, **fit_params):
+        """:meth:`fit` then :meth:`transform` (scikit-learn's protocol).
+
+        Parameters
+        ----------
+        X : array_like, shape (n, x_dim)
+        y : None
+            Ignored.
+        **fit_params
+            Passed to :meth:`fit` (``epochs=``, ``batch_size=``, ...).
+
+        Returns
+        -------
+        ndarray, shape (n, d_T)
+        """
+        return self.fit(X, **fit_params).transform(X)
 
     def partial_fit(self, X, *, batch_size=100, lr=1e-3, beta=1.0, free_bits=None,
                     objective="elbo", k=1, gradient="standard", progress=False, n_jobs=None):
@@ -466,9 +595,19 @@ class HVAE:
         mulv, _ = self._core.encode(self.params, x, eps)
         return [(a[:, :d], a[:, d:]) for a, d in zip(mulv, self.latent_dims)]
 
-    def transform(self, x):
-        """Top-level posterior means, shape (n, d_T): the embedding to plot."""
-        return self.encode(x)[-1][0]
+    def transform(self, X):
+        """Top-level posterior means: the embedding to plot, or the features for a downstream
+        model (scikit-learn's transformer protocol).
+
+        Parameters
+        ----------
+        X : array_like, shape (n, x_dim)
+
+        Returns
+        -------
+        ndarray, shape (n, d_T), the model's dtype
+        """
+        return self.encode(X)[-1][0]
 
     def _mean_of_x(self, x_params):
         """Decoder-1 output -> expected x: probabilities (Bernoulli) or means."""
@@ -634,9 +773,40 @@ class HVAE:
         return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"), rows=rows,
                                      progress=progress, threads=training.resolve_n_jobs(n_jobs))
 
-    def score(self, X, k=100):
-        """Mean importance-sampled log-likelihood of X in nats (higher is better)."""
-        return float(np.mean(self.log_likelihood(X, k=k)))
+    def score_samples(self, X, k=100, *, n_jobs=None):
+        """Per-example log-likelihood, importance-sampled with k samples (scikit-learn's
+        protocol; :meth:`log_likelihood` with a smaller default k).
+
+        Parameters
+        ----------
+        X : array_like, shape (n, x_dim)
+        k : int
+            Importance samples per example.
+        n_jobs : int, optional
+            Threads of the core (see :meth:`fit`).
+
+        Returns
+        -------
+        ndarray, shape (n,), float64, nats
+        """
+        return self.log_likelihood(X, k=k, n_jobs=n_jobs)
+
+    def score(self, X, y=None, k=100):
+        """Mean of :meth:`score_samples` in nats (higher is better).
+
+        Parameters
+        ----------
+        X : array_like, shape (n, x_dim)
+        y : None
+            Ignored (scikit-learn's protocol).
+        k : int
+            Importance samples per example.
+
+        Returns
+        -------
+        float
+        """
+        return float(np.mean(self.score_samples(X, k=k)))
 
     # ------------------------------------------------------------------------------------------
     # persistence
@@ -647,6 +817,7 @@ class HVAE:
 
     def __repr__(self):
         flags = (", deterministic=True" if self.deterministic else "") + \
+            (", warm_start=False" if not self.warm_start else "") + \
             (f", init={self.init!r}" if self.init != "torch" else "") + \
             (f", inference={self.inference!r}" if self.inference != "bottom_up" else "") + \
             (f", prior_variance={self.prior_variance!r}"
@@ -656,6 +827,29 @@ class HVAE:
                 f"hidden_dims={self.hidden_dims}, likelihood={self.likelihood!r}, "
                 f"activation={self.activation!r}, kl={self.kl!r}, dtype={self.dtype!r}, "
                 f"seed={self.seed!r}{flags})  # {self.n_params:,} parameters")
+
+
+def load(path):
+    """Read a checkpoint written by :meth:`HVAE.save`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    HVAE
+        With parameters, optimiser state, random state and ``history_`` restored, so that
+        ``fit`` continues exactly as an uninterrupted run would.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        The file is truncated, corrupted, not an hvae checkpoint, or inconsistent.
+    """
+    return checkpoint.load(path, HVAE)
 
 
 def _sigmoid(a):

@@ -152,8 +152,9 @@ def validation_loss(model, X, rows=4096):
 
 def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, beta, patience,
         progress, checkpoint, callbacks, n_jobs, kl_warmup_delay=0, free_bits=None,
-        estimator=None):
-    """The body of HVAE.fit (see there)."""
+        estimator=None, restart=False):
+    """The body of HVAE.fit (see there); restart: begin from the seed once the arguments are
+    checked (``warm_start=False``)."""
     X = model._check_x(X, "X")
     X_val = None if validation_data is None else model._check_x(validation_data,
                                                                 "validation_data")
@@ -194,6 +195,8 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
     if free_bits is not None and estimator and estimator["objective"] == "iwae":
         raise ValueError("free_bits: not defined for objective='iwae' (a bound on log p(x), not "
                          "a sum of KL terms)")
+    if restart:
+        model._restart()
     model._ensure_optimizer()
     model.optimizer_.lr = float(lr)
     batch_size = min(int(batch_size), len(X))
