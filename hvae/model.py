@@ -307,6 +307,9 @@ class HVAE:
     def _check_x(self, x, name="x", finite=True):
         """x as a 2-D array of the model's dtype with x_dim columns, finite unless the caller
         leaves that check to the core (which names the argument the same way)."""
+        if type(x).__module__.startswith("scipy.sparse"):
+            raise TypeError(f"{name}: sparse matrices are not supported; pass a dense array "
+                            f"({name}.toarray()); the core skips the zeros of a sparse x itself")
         try:
             arr = np.asarray(x)
         except (ValueError, TypeError) as exc:
@@ -561,9 +564,10 @@ class HVAE:
         """
         return self.fit(X, **fit_params).transform(X)
 
-    def partial_fit(self, X, *, batch_size=100, lr=1e-3, beta=1.0, free_bits=None,
+    def partial_fit(self, X, y=None, *, batch_size=100, lr=1e-3, beta=1.0, free_bits=None,
                     objective="elbo", k=1, gradient="standard", progress=False, n_jobs=None):
-        """One shuffled pass of minibatches over X (one epoch); see :meth:`fit`. Returns self."""
+        """One shuffled pass of minibatches over X (one epoch), always continuing from the
+        current state whatever ``warm_start``; y is ignored; see :meth:`fit`. Returns self."""
         return training.fit(self, X, epochs=1, batch_size=batch_size, lr=lr,
                             validation_data=None, kl_warmup_epochs=0, beta=beta,
                             free_bits=free_bits, estimator=self.estimator(objective, k, gradient),
