@@ -1,12 +1,12 @@
 # Makefile - every set-up step on a fresh machine: OpenBLAS (apt-get), the .venv, the editable
-# install with its dependency groups, the in-place build of hvae._core; then the jobs.
+# install with its dependency groups (test and docs), the in-place build of hvae._core; then the jobs.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CSRC   := $(wildcard csrc/*.c csrc/*.h)
 
-.PHONY: build test demo blas clean bench-speed bench-mnist notebooks lab sanitize valgrind
+.PHONY: build test docs demo blas clean bench-speed bench-mnist notebooks lab sanitize valgrind
 
 build: $(VENV)/.installed hvae/_core.stamp
 
@@ -20,7 +20,7 @@ blas:
 $(VENV)/.installed: pyproject.toml setup.py | blas
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,docs]"
 	touch $@
 
 # the old library is unlinked first: a running process keeps its copy instead of seeing it change
@@ -31,6 +31,12 @@ hvae/_core.stamp: $(CSRC) setup.py $(VENV)/.installed
 
 test: build
 	$(PY) -m pytest -q tests
+
+# the documentation (Sphinx: numpydoc, the notebooks from their saved outputs), warnings as
+# errors, into docs/_build/html; SPHINXOPTS adds options, e.g. -D mathjax_path=... for a local
+# MathJax when the pages are viewed offline
+docs: build
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html $(SPHINXOPTS)
 
 # the main job: train a two-level HVAE on MNIST (digits when MNIST is absent), pictures in demo/
 demo: build
@@ -69,4 +75,4 @@ bench-mnist: build
 	$(PY) benchmarks/mnist.py --vae1 --budget-minutes 55 --threads 2
 
 clean:
-	rm -rf build *.egg-info hvae/*.so hvae/_core.stamp
+	rm -rf build *.egg-info hvae/*.so hvae/_core.stamp docs/_build docs/jupyter_execute

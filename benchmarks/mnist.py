@@ -200,12 +200,14 @@ def _write_markdown(path, data):
     ]
     for r in data.values():
         met = "met" if r["test_ll"] >= r["target"] else f"missed by {r['target'] - r['test_ll']:.2f}"
-        lines.append(
-            f"| {r['model']} | {r['architecture']} | {r['kl']} | **{r['test_ll']:.2f}** "
-            f"± {r['test_ll_se']:.2f} | {r['k']} | {r['test_elbo']:.2f} | {r['published']} "
-            f"({r['source']}) | {r['target']} ({met}) | {r['epochs']} ({r['best_epoch']}) | "
-            f"{r.get('warmup', '0 + 20')} | "
-            f"{r['train_minutes']:.1f} min | {r['date']} | {r['commit']} | {r['machine']} |")
+        cells = [r["model"], r["architecture"], r["kl"],
+                 f"**{r['test_ll']:.2f}** ± {r['test_ll_se']:.2f}", r["k"],
+                 f"{r['test_elbo']:.2f}", f"{r['published']} ({r['source']})",
+                 f"{r['target']} ({met})", f"{r['epochs']} ({r['best_epoch']})",
+                 r.get("warmup", "0 + 20"), f"{r['train_minutes']:.1f} min", r["date"],
+                 r["commit"], r["machine"]]
+        # a "|" inside a cell (p(z1|z2)) is escaped, else it splits the cell
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -383,7 +383,7 @@ def _mean_se(values):
 
 
 def _load(path):
-    from .checkpoint import load
+    from .model import load
 
     if not os.path.exists(path):
         raise CLIError(f"{path}: no such checkpoint")
