@@ -48,7 +48,7 @@ class HVAE:
     hidden_dims : list of list of int, or list of int, optional
         ``hidden_dims[i-1]``: the encoder's hidden widths at level i (the decoder of level i uses
         them reversed). A flat list of ints applies to every level. Default
-        :func:`default_hidden_dims` (the IWAE architectures).
+        :func:`hvae.model.default_hidden_dims` (the IWAE architectures).
     likelihood : {"bernoulli", "gaussian", "gaussian_learned"}
         p(x | z_1): Bernoulli with logits, unit-variance Gaussian, or Gaussian with a learned
         per-dimension log-variance.
