@@ -795,7 +795,7 @@ class HVAE:
         """
         return self.log_likelihood(X, k=k, n_jobs=n_jobs)
 
-    def score(self, X, y=None, k=100):
+    def score(self, X, y=None, *, k=100):
         """Mean of :meth:`score_samples` in nats (higher is better).
 
         Parameters
