@@ -634,9 +634,10 @@ class HVAE:
         return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"), rows=rows,
                                      progress=progress, threads=training.resolve_n_jobs(n_jobs))
 
-    def score(self, X, k=100):
-        """Mean importance-sampled log-likelihood of X in nats (higher is better)."""
-        return float(np.mean(self.log_likelihood(X, k=k)))
+    def score(self, X, k=100, *, n_jobs=None):
+        """Mean importance-sampled log-likelihood of X in nats (higher is better); see
+        :meth:`log_likelihood`."""
+        return float(np.mean(self.log_likelihood(X, k=k, n_jobs=n_jobs)))
 
     # ------------------------------------------------------------------------------------------
     # persistence
