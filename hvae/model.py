@@ -233,6 +233,10 @@ class HVAE:
     def _forward(self, x, eps, target, beta, grad=None, log_weight=False, threads=1,
                  free_bits=None, objective="elbo", k=1, gradient="standard"):
         est = self.estimator(objective, k, gradient)
+        free_bits = self.free_bits_per_level(free_bits)
+        if free_bits is not None and objective == "iwae":
+            raise ValueError("free_bits: not defined for objective='iwae' (a bound on log p(x), "
+                             "not a sum of KL terms)")
         x = self._check_x(x, finite=False)
         if target is not None:
             target = self._check_x(target, "target", finite=False)
@@ -240,7 +244,7 @@ class HVAE:
             eps = self.draw_eps(len(x) * est["k"])
         return self._core.forward(self.params, x, target, None if self.deterministic else eps,
                                   beta=beta, grad=grad, log_weight=log_weight, threads=threads,
-                                  free_bits=self.free_bits_per_level(free_bits), **est)
+                                  free_bits=free_bits, **est)
 
     def estimator(self, objective="elbo", k=1, gradient="standard"):
         """The training objective as the core takes it, checked: a dict of ``objective``, ``k``
