@@ -345,6 +345,10 @@ class HVAE:
     def _forward(self, x, eps, target, beta, grad=None, log_weight=False, threads=1,
                  free_bits=None, objective="elbo", k=1, gradient="standard"):
         est = self.estimator(objective, k, gradient)
+        free_bits = self.free_bits_per_level(free_bits)
+        if free_bits is not None and objective == "iwae":
+            raise ValueError("free_bits: not defined for objective='iwae' (a bound on log p(x), "
+                             "not a sum of KL terms)")
         x = self._check_x(x, finite=False)
         if target is not None:
             target = self._check_x(target, "target", finite=False)
@@ -352,7 +356,7 @@ class HVAE:
             eps = self.draw_eps(len(x) * est["k"])
         return self._core.forward(self.params, x, target, None if self.deterministic else eps,
                                   beta=beta, grad=grad, log_weight=log_weight, threads=threads,
-                                  free_bits=self.free_bits_per_level(free_bits), **est)
+                                  free_bits=free_bits, **est)
 
     def estimator(self, objective="elbo", k=1, gradient="standard"):
         """The training objective as the core takes it, checked: a dict of ``objective``, ``k``
@@ -795,7 +799,7 @@ class HVAE:
         """
         return self.log_likelihood(X, k=k, n_jobs=n_jobs)
 
-    def score(self, X, y=None, *, k=100):
+    def score(self, X, y=None, *, k=100, n_jobs=None):
         """Mean of :meth:`score_samples` in nats (higher is better).
 
         Parameters
@@ -805,12 +809,14 @@ class HVAE:
             Ignored (scikit-learn's protocol).
         k : int
             Importance samples per example.
+        n_jobs : int, optional
+            Threads of the core (see :meth:`fit`).
 
         Returns
         -------
         float
         """
-        return float(np.mean(self.score_samples(X, k=k)))
+        return float(np.mean(self.score_samples(X, k=k, n_jobs=n_jobs)))
 
     # ------------------------------------------------------------------------------------------
     # persistence

@@ -17,7 +17,7 @@ LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 
 
-def tour(m, rng, B, density=0.5):
+def tour(m, rng, B, density=0.5, iwae=True):
     dt = m.dtype
     table = {name: shape for name, _, shape in m.param_table()}
     D = table["enc1.0.weight"][1]
@@ -53,6 +53,16 @@ def tour(m, rng, B, density=0.5):
     fb[0] = 1e6
     m.forward(p, x, None, eps, grad=g, free_bits=fb)
     m.train_step(p, opt[0], opt[1], g, x, eps, 5, free_bits=fb, threads=2)
+    if iwae:  # k samples per example: shared rows expanded and summed back
+        k = 3
+        eps_k = [rng.standard_normal((B * k, d)).astype(dt) for d in lat]
+        grads = ("standard", "dreg") if len(lat) == 1 else ("standard",)
+        for gradient in grads:
+            m.forward(p, x, None, eps_k, grad=g, log_weight=True, objective="iwae", k=k,
+                      gradient=gradient, beta=0.7)
+            for threads in (1, 2):
+                m.train_step(p, opt[0], opt[1], g, x, eps_k, 6, objective="iwae", k=k,
+                             gradient=gradient, threads=threads)
     g[0] = np.nan
     _core.adam_update(p, opt[0], opt[1], g, 6)  # refused: non-finite gradient
     for bad in (lambda: m.forward(p, x, None, [eps[0][:, :0]] + eps[1:], grad=g),
@@ -69,7 +79,7 @@ def tour(m, rng, B, density=0.5):
 def main():
     rng = np.random.default_rng(0)
     archs = [([3], [[4]]), ([3, 2], [[4], []]), ([2, 2, 1], [[3, 2], [3], [2]])]
-    models = []
+    models, autoencoders = [], []
     for (lat, hid), lik, act, kl, det, dt in itertools.product(
             archs, LIKELIHOODS, ACTIVATIONS, ("analytic", "mc"), (False, True),
             ("float32", "float64")):
@@ -77,9 +87,10 @@ def main():
             continue
         if dt == "float32" and LIKELIHOODS.index(lik) != ACTIVATIONS.index(act):
             continue  # keep the tour short: float32 with three (likelihood, activation) pairs
-        models.append(_core.Model(5, lat, hid, lik, act, kl, det, dt))
+        kind = autoencoders if det else models  # an autoencoder has only the ELBO
+        kind.append(_core.Model(5, lat, hid, lik, act, kl, det, dt))
         if len(lat) > 1 and dt == "float64" and act == "tanh":  # learned prior variances
-            models.append(_core.Model(5, lat, hid, lik, act, kl, det, dt, "learned"))
+            kind.append(_core.Model(5, lat, hid, lik, act, kl, det, dt, "learned"))
     # the top-down chain (a hidden layer per level), both prior variances
     top_down = []
     for (lat, hid), lik, kl, pvar, dt in itertools.product(
@@ -89,6 +100,8 @@ def main():
         top_down.append(_core.Model(5, lat, hid, lik, act, kl, False, dt, pvar, "top_down"))
     for k, m in enumerate(models):
         tour(m, rng, B=1 + k % 4)
+    for k, m in enumerate(autoencoders):
+        tour(m, rng, B=1 + k % 4, iwae=False)
     for k, m in enumerate(top_down):
         tour(m, rng, B=1 + k % 4)
     # the workspace grows and is reused
@@ -123,7 +136,7 @@ def main():
             v = np.linspace(-100, 100, 37).astype(dt)
             _core._vecmath(op, v)
             _core._vecmath(op, v[::3])
-    print("ok", len(models) + len(top_down), "models")
+    print("ok", len(models) + len(autoencoders) + len(top_down), "models")
 
 
 if __name__ == "__main__":
