@@ -800,17 +800,8 @@ class HVAE:
         return self.log_likelihood(X, k=k, n_jobs=n_jobs)
 
     def score(self, X, y=None, *, k=100, n_jobs=None):
-        """Mean of :meth:`score_samples` in nats (higher is better).
-
-        Parameters
-        ----------
-        X : array_like, shape (n, x_dim)
-        y : None
-            Ignored (scikit-learn's protocol).
-        k : int
-            Importance samples per example.
-        n_jobs : int, optional
-            Threads of the core (see :meth:`fit`).
+        """Mean of :meth:`score_samples` in nats (higher is better): X, k and n_jobs as there,
+        y ignored (scikit-learn's protocol).
 
         Returns
         -------
