@@ -6,7 +6,8 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CSRC   := $(wildcard csrc/*.c csrc/*.h)
 
-.PHONY: build test docs demo blas clean bench-speed bench-mnist notebooks lab sanitize valgrind
+.PHONY: build test docs demo blas blas-wheel clean bench-speed bench-mnist notebooks lab sanitize \
+        valgrind
 
 build: $(VENV)/.installed hvae/_core.stamp
 
@@ -20,13 +21,18 @@ blas:
 $(VENV)/.installed: pyproject.toml setup.py | blas
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,docs]"
+	$(if $(filter scipy-openblas32,$(HVAE_BLAS_PKG)),env -u HVAE_BLAS_PKG) \
+	  $(PY) -m pip install -q -e ".[test,docs]"
 	touch $@
 
-# the old library is unlinked first: a running process keeps its copy instead of seeing it change
+# the old library is unlinked first: a running process keeps its copy instead of seeing it change;
+# --force: setuptools would reuse objects and a library built with other flags (another BLAS);
+# HVAE_BLAS_PKG=scipy-openblas32 links the OpenBLAS of that wheel, installed into .venv first
+# (the editable install above builds a throwaway copy with the default BLAS)
 hvae/_core.stamp: $(CSRC) setup.py $(VENV)/.installed
 	rm -f hvae/_core*.so
-	$(PY) setup.py -q build_ext --inplace
+	[ "$$HVAE_BLAS_PKG" != scipy-openblas32 ] || $(PY) -m pip install -q scipy-openblas32
+	$(PY) setup.py -q build_ext --inplace --force
 	touch $@
 
 test: build
@@ -45,6 +51,10 @@ demo: build
 # AddressSanitizer + UndefinedBehaviorSanitizer build (in a temporary copy), the suite under it
 sanitize: build
 	.ci/sanitize.sh
+
+# the core built against the scipy-openblas32 wheel's OpenBLAS (in a temporary copy), its tests
+blas-wheel: build
+	.ci/blas_wheel.sh
 
 # valgrind memcheck on a tour of the core (installs valgrind with apt-get when missing)
 valgrind: build

@@ -2,12 +2,16 @@
 -Wall -Wextra and never with fast-math.
 
 Override the BLAS with environment variables:
-  HVAE_BLAS_PKG      pkg-config package name to ask for (default: openblas)
+  HVAE_BLAS_PKG      pkg-config package name to ask for (default: openblas), or
+                     "scipy-openblas32": the OpenBLAS of that PyPI wheel (symbols prefixed, as
+                     NumPy and SciPy ship it), which must be installed in the building Python;
+                     its own pkg-config data are read, no pkg-config program is needed
   HVAE_BLAS_CFLAGS   compiler flags, e.g. "-I/opt/openblas/include" (skips pkg-config)
   HVAE_BLAS_LIBS     linker flags, e.g. "-L/opt/openblas/lib -lopenblas"
   HVAE_EXTRA_CFLAGS  more compiler flags (the sanitizer build uses this)
 """
 import os
+import re
 import shlex
 import subprocess
 
@@ -24,12 +28,31 @@ def pkg_config(*args):
     return shlex.split(out.stdout)
 
 
+def wheel_flags():
+    """(compile flags, link flags) of the scipy-openblas32 wheel, from the pkg-config text it
+    carries (its Cflags define BLAS_SYMBOL_PREFIX; its Libs set an rpath to the wheel)."""
+    try:
+        import scipy_openblas32
+    except ImportError:
+        raise SystemExit("hvae: HVAE_BLAS_PKG=scipy-openblas32, but the building Python has no "
+                         "scipy_openblas32 module: pip install scipy-openblas32") from None
+    fields = {}
+    for line in scipy_openblas32.get_pkg_config().splitlines():
+        found = re.match(r"\s*([A-Za-z_.]+)\s*([=:])\s*(.*)", line)
+        if found:
+            name, _, value = found.groups()
+            fields[name] = re.sub(r"\$\{(\w+)\}", lambda m: fields.get(m.group(1), ""), value)
+    return shlex.split(fields.get("Cflags", "")), shlex.split(fields.get("Libs", ""))
+
+
 def blas_flags():
     """(compile flags, link flags) for CBLAS."""
     cflags, libs = os.environ.get("HVAE_BLAS_CFLAGS"), os.environ.get("HVAE_BLAS_LIBS")
     if cflags is not None or libs is not None:
         return shlex.split(cflags or ""), shlex.split(libs or "-lopenblas")
     pkg = os.environ.get("HVAE_BLAS_PKG", "openblas")
+    if pkg == "scipy-openblas32":
+        return wheel_flags()
     found_c, found_l = pkg_config("--cflags", pkg), pkg_config("--libs", pkg)
     if found_c is None or found_l is None:
         raise SystemExit(
@@ -45,7 +68,7 @@ extra = shlex.split(os.environ.get("HVAE_EXTRA_CFLAGS", ""))
 core = Extension(
     "hvae._core",
     sources=["csrc/_core.c", "csrc/f32.c", "csrc/f64.c", "csrc/table.c", "csrc/team.c"],
-    depends=["csrc/hvae.h", "csrc/real.h", "csrc/vecmath.c", "csrc/layers.c", "csrc/sparse.c",
+    depends=["csrc/hvae.h", "csrc/real.h", "csrc/blas.h", "csrc/vecmath.c", "csrc/layers.c", "csrc/sparse.c",
              "csrc/iwae.c", "csrc/model.c", "csrc/topdown.c", "csrc/step.c"],
     include_dirs=["csrc", numpy.get_include()],
     extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-fno-fast-math",

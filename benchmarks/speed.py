@@ -186,12 +186,25 @@ def run(cmd):
 
 
 def linked_openblas():
-    """Path of the OpenBLAS that hvae._core links (ldd), else pkg-config's libdir."""
+    """Path of the OpenBLAS that hvae._core links (ldd: Debian's libopenblas or the
+    scipy-openblas32 wheel's libscipy_openblas), else pkg-config's libdir."""
     for line in run(["ldd", _core.__file__]).splitlines():
-        found = re.search(r"(libopenblas\S*) => (\S+)", line)
+        found = re.search(r"(lib(?:scipy_)?openblas\S*) => (\S+)", line)
         if found:
             return found.group(2)
     return str(Path(run(["pkg-config", "--variable=libdir", "openblas"])) / "libopenblas.so.0")
+
+
+class OpenBLAS:
+    """The OpenBLAS hvae._core links, through ctypes, under the plain names (cblas_sgemm,
+    openblas_get_config, ...) whether or not its symbols carry the wheel's prefix "scipy_"."""
+
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(path)
+        self.prefix = "scipy_" if hasattr(self.lib, "scipy_openblas_get_config") else ""
+
+    def __getattr__(self, name):
+        return getattr(self.lib, self.prefix + name)
 
 
 def machine_info(blas):
@@ -855,7 +868,7 @@ def main(argv=None):
     if args.memory_child:
         memory_child(args.memory_child)
         return
-    blas = ctypes.CDLL(linked_openblas())
+    blas = OpenBLAS(linked_openblas())
     info = machine_info(blas)
     data, data_note = load_data(args.data, args.seed)
     print(f"hvae speed benchmark: {info['machine']}; data: {data_note}", flush=True)

@@ -866,7 +866,7 @@ def render(args, info, sections, warning):
 
 def main(argv=None):
     args = parse_args(argv)
-    blas = ctypes.CDLL(speed.linked_openblas())
+    blas = speed.OpenBLAS(speed.linked_openblas())
     info = speed.machine_info(blas)
     others = speed.run(["pgrep", "-af", "benchmarks/mnist.py"])
     info["other benchmarks running at start (pgrep -af benchmarks/mnist.py)"] = \

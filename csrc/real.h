@@ -5,6 +5,8 @@
 
 #include <float.h>
 #include <math.h>
+
+#include "blas.h"
 #include <cblas.h>
 
 #if defined(HVAE_DOUBLE)
