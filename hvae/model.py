@@ -3,6 +3,8 @@ import os
 
 import numpy as np
 
+import warnings
+
 from . import _core, checkpoint, evaluation, training
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
@@ -51,18 +53,19 @@ class HVAE:
         per-dimension log-variance.
     activation : {"tanh", "relu", "leaky_relu"}
         After every hidden layer (slope 0.01 for leaky_relu).
-    kl : {"analytic", "mc"}
-        The KL estimator (README, "Two estimators"): the seed's closed-form chain, or the unbiased
-        Monte Carlo cross terms.
+    kl : {"mc", "analytic"}
+        The KL estimator (README, "Two estimators"): the unbiased Monte Carlo cross terms, or the
+        seed documents' closed-form chain (biased for T >= 2). The two are the same for T = 1.
     dtype : {"float32", "float64"}
     seed : int or None
         Seeds the NumPy Generator used for initialisation, noise and shuffling.
     deterministic : bool
         A plain autoencoder: z_i = mu_i, no sampling, no KL.
-    init : {"torch", "glorot"}
-        "torch": weights and biases ~ U(+-1/sqrt(fan_in)), as ``torch.nn.Linear``; "glorot":
-        weights ~ U(+-sqrt(6 / (fan_in + fan_out))), zero biases (Glorot & Bengio 2010, the IWAE
-        paper's choice).
+    init : {"glorot", "torch"}
+        "glorot": weights ~ U(+-sqrt(6 / (fan_in + fan_out))), zero biases (Glorot & Bengio 2010,
+        the IWAE paper's choice); "torch": weights and biases ~ U(+-1/sqrt(fan_in)), as
+        ``torch.nn.Linear`` (deep tanh networks then sit for hundreds of steps at the pixel
+        marginals).
     prior_variance : {"unit", "learned"}
         The variance of p(z_{i-1} | z_i) for the levels i >= 2: the seed's identity, or a
         diagonal learned by decoder i, whose output is then [mean, logvar] (width 2 d_{i-1}),
@@ -72,11 +75,17 @@ class HVAE:
     ----------
     params : ndarray, shape (n_params,)
         Every weight and bias in one contiguous buffer (see :meth:`named_params`).
+    history_ : list of dict
+        One record per epoch trained (see :meth:`fit`).
+    train_config_ : dict
+        The run's training settings (:data:`hvae.training.TRAIN_DEFAULTS`, plus what the command
+        line adds: the data set and its subset), saved in checkpoints and restored by the next
+        :meth:`fit`.
     """
 
     def __init__(self, x_dim, latent_dims, hidden_dims=None, *, likelihood="bernoulli",
-                 activation="tanh", kl="analytic", dtype="float32", seed=None,
-                 deterministic=False, init="torch", prior_variance="unit"):
+                 activation="tanh", kl="mc", dtype="float32", seed=None,
+                 deterministic=False, init="glorot", prior_variance="unit"):
         if isinstance(x_dim, bool) or not isinstance(x_dim, (int, np.integer)):
             raise TypeError(f"x_dim: expected an integer, got {x_dim!r}")
         if isinstance(latent_dims, (int, np.integer)) and not isinstance(latent_dims, bool):
@@ -114,7 +123,10 @@ class HVAE:
         self._rng = np.random.default_rng(seed)
         self.params = np.empty(self._core.n_params, dtype=self.dtype)
         self.history_ = []
+        self.train_config_ = {}
+        self.best_ = None  # early stopping: (val_loss, epoch, params) of the best epoch so far
         self.optimizer_ = None
+        self._warned_untrained = False
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------
@@ -171,9 +183,10 @@ class HVAE:
     # ------------------------------------------------------------------------------------------
     # the loss
 
-    def _check_x(self, x, name="x", finite=True):
+    def _check_x(self, x, name="x", finite=True, scored=False):
         """x as a 2-D array of the model's dtype with x_dim columns, finite unless the caller
-        leaves that check to the core (which names the argument the same way)."""
+        leaves that check to the core (which names the argument the same way); with ``scored``
+        (the likelihood scores it), in [0, 1] for the Bernoulli likelihood."""
         try:
             arr = np.asarray(x)
         except (ValueError, TypeError) as exc:
@@ -189,6 +202,13 @@ class HVAE:
             if not rows.all():
                 raise ValueError(f"{name}: expected finite values, got NaN or infinity in row "
                                  f"{int(np.argmin(rows))}")
+        if scored and self.likelihood == "bernoulli" and arr.size:
+            lo, hi = float(arr.min()), float(arr.max())
+            if np.isfinite(lo) and np.isfinite(hi) and (lo < 0 or hi > 1):
+                raise ValueError(
+                    f"{name}: the bernoulli likelihood scores values in [0, 1], got min {lo:g}, "
+                    f"max {hi:g}; for pixels in 0..255 divide by 255, or binarize them with "
+                    f"hvae.datasets.binarize(x / 255)")
         return arr
 
     def draw_eps(self, batch):
@@ -207,9 +227,9 @@ class HVAE:
         return np.dtype(self.dtype).type
 
     def _forward(self, x, eps, target, beta, grad=None, log_weight=False, threads=1):
-        x = self._check_x(x, finite=False)
+        x = self._check_x(x, finite=False, scored=target is None)
         if target is not None:
-            target = self._check_x(target, "target", finite=False)
+            target = self._check_x(target, "target", finite=False, scored=True)
         if eps is None and not self.deterministic:
             eps = self.draw_eps(len(x))
         return self._core.forward(self.params, x, target, None if self.deterministic else eps,
@@ -266,41 +286,49 @@ class HVAE:
         if self.optimizer_ is None:
             self.optimizer_ = training.Adam(self.n_params, self.dtype)
 
-    def fit(self, X, *, epochs, batch_size=100, lr=1e-3, validation_data=None,
-            kl_warmup_epochs=0, kl_warmup_delay=0, beta=1.0, patience=None, progress=True,
-            checkpoint=None, callbacks=None, n_jobs=None):
-        """Train with Adam on shuffled minibatches, continuing from the current state.
+    def fit(self, X, *, epochs=None, batch_size=None, lr=None, lr_decay=None,
+            validation_data=None, kl_warmup_epochs=None, kl_warmup_delay=None, beta=None,
+            patience=None, progress=True, checkpoint=None, callbacks=None, n_jobs=None):
+        """Train with Adam on shuffled minibatches until the run has done ``epochs`` epochs.
 
-        Each call runs ``epochs`` more epochs: parameters, Adam moments, the random stream and
-        ``history_`` carry over (also through :meth:`save` / :func:`hvae.load`), so two calls of
-        2 epochs give bit for bit the parameters of one call of 4.
+        A run continues from the current state: parameters, Adam moments, the random stream,
+        ``history_`` and the run's settings (``train_config_``) carry over, also through
+        :meth:`save` / :func:`hvae.load`. A setting left at None takes the run's saved value,
+        else the default below, so ``hvae.load(path).fit(X)`` finishes an interrupted run bit
+        for bit as the uninterrupted one would have; a new value changes the run from the next
+        epoch on (with a warning that says what changed).
 
         Parameters
         ----------
         X : array_like, shape (n, x_dim)
             Training data (values in [0, 1] for the Bernoulli likelihood).
         epochs : int
-            Epochs to run in this call.
+            The run's length in epochs, those already done included (default 50).
         batch_size : int
+            Examples per Adam step (default 100).
         lr : float
-            Adam step size.
+            Adam's step size in the run's first epoch (default 1e-3).
+        lr_decay : float
+            The step size falls exponentially from ``lr`` to ``lr * lr_decay`` in the run's last
+            epoch (default 0.1; 1 keeps it constant).
         validation_data : array_like, shape (m, x_dim), optional
             Scored after each epoch (``val_loss``: negative ELBO, k = 1, beta = 1).
         kl_warmup_epochs : float
-            KL weight rises linearly from 0 to ``beta`` over this many epochs (Ladder VAE).
+            KL weight rises linearly from 0 to ``beta`` over this many epochs (Ladder VAE;
+            default 20).
         kl_warmup_delay : float
-            Epochs at KL weight 0 (an autoencoder's objective) before the warm-up starts. Keeps
-            the upper levels of a hierarchy alive: without it they tend to collapse to the prior
-            while the decoder still ignores z_1 (README, "MNIST").
+            Epochs at KL weight 0 (an autoencoder's objective) before the warm-up starts
+            (default 5). Keeps the upper levels of a hierarchy alive: without it they tend to
+            collapse to the prior while the decoder still ignores z_1 (README, "Results").
         beta : float
-            KL weight after warm-up (beta-VAE; 1 for the ELBO).
-        patience : int, optional
+            KL weight after warm-up (beta-VAE; default 1, the ELBO).
+        patience : int
             Stop after this many epochs without a better ``val_loss`` and keep the best
-            parameters (needs ``validation_data``).
+            parameters (needs ``validation_data``; default 0, no early stopping).
         progress : bool
             A tqdm progress bar with loss, reconstruction and KL per level.
         checkpoint : str or os.PathLike, optional
-            Saved atomically after every epoch.
+            Saved atomically after every epoch (missing folders are created).
         callbacks : list of callable, optional
             ``cb(model, record)`` after every epoch; returning True stops training.
         n_jobs : int, optional
@@ -321,16 +349,18 @@ class HVAE:
             finite parameters.
         """
         return training.fit(self, X, epochs=epochs, batch_size=batch_size, lr=lr,
-                            validation_data=validation_data, kl_warmup_epochs=kl_warmup_epochs,
-                            kl_warmup_delay=kl_warmup_delay, beta=beta, patience=patience,
-                            progress=progress, checkpoint=checkpoint, callbacks=callbacks,
-                            n_jobs=n_jobs)
+                            lr_decay=lr_decay, validation_data=validation_data,
+                            kl_warmup_epochs=kl_warmup_epochs, kl_warmup_delay=kl_warmup_delay,
+                            beta=beta, patience=patience, progress=progress,
+                            checkpoint=checkpoint, callbacks=callbacks, n_jobs=n_jobs)
 
-    def partial_fit(self, X, *, batch_size=100, lr=1e-3, beta=1.0, progress=False, n_jobs=None):
-        """One shuffled pass of minibatches over X (one epoch); see :meth:`fit`. Returns self."""
-        return training.fit(self, X, epochs=1, batch_size=batch_size, lr=lr,
-                            validation_data=None, kl_warmup_epochs=0, beta=beta, patience=None,
-                            progress=progress, checkpoint=None, callbacks=None, n_jobs=n_jobs)
+    def partial_fit(self, X, *, batch_size=None, lr=None, beta=None, progress=False,
+                    n_jobs=None):
+        """One more shuffled pass of minibatches over X (one epoch) of the run's schedule; the
+        settings as in :meth:`fit`. Returns self."""
+        return training.fit(self, X, batch_size=batch_size, lr=lr, beta=beta,
+                            progress=progress, n_jobs=n_jobs,
+                            stop_after=len(self.history_) + 1)
 
     # ------------------------------------------------------------------------------------------
     # what was learned
@@ -421,6 +451,7 @@ class HVAE:
             Probabilities for the Bernoulli likelihood, means otherwise.
         """
         n = _positive_int(n, "n")
+        self._warn_if_untrained("sample")
         if n > MAX_ROWS:
             raise ValueError(f"n: at most {MAX_ROWS} samples per call, got {n}")
         temperature = _number(temperature, "temperature")
@@ -490,7 +521,7 @@ class HVAE:
         ndarray, shape (n,), float64, nats
         """
         self._check_stochastic("elbo")
-        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"))
+        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _positive_int(k, "k"))
 
     def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False):
         """Importance-sampled estimate of log p(x) per example (the IWAE bound with k samples).
@@ -509,15 +540,26 @@ class HVAE:
         ndarray, shape (n,), float64, nats
         """
         self._check_stochastic("log_likelihood")
+        self._warn_if_untrained("log_likelihood")
         rows = _positive_int(batch_size, "batch_size")
         _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
                       * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
-        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"), rows=rows,
-                                     progress=progress)
+        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _positive_int(k, "k"),
+                                     rows=rows, progress=progress)
 
-    def score(self, X, k=100):
-        """Mean importance-sampled log-likelihood of X in nats (higher is better)."""
+    def score(self, X, k=5000):
+        """Mean importance-sampled log-likelihood of X in nats (higher is better); k as in
+        :meth:`log_likelihood`."""
         return float(np.mean(self.log_likelihood(X, k=k)))
+
+    def _warn_if_untrained(self, what):
+        """Warn once per model when it has never taken a training step."""
+        steps = 0 if self.optimizer_ is None else self.optimizer_.step
+        if self._warned_untrained or self.history_ or steps:
+            return
+        self._warned_untrained = True
+        warnings.warn(f"{what}: this model was never trained (its parameters are the random "
+                      f"initialisation); call fit first", UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------------------------------
     # persistence
@@ -528,7 +570,7 @@ class HVAE:
 
     def __repr__(self):
         flags = (", deterministic=True" if self.deterministic else "") + \
-            (f", init={self.init!r}" if self.init != "torch" else "") + \
+            (f", init={self.init!r}" if self.init != "glorot" else "") + \
             (f", prior_variance={self.prior_variance!r}" if self.prior_variance != "unit" else "")
         return (f"HVAE(x_dim={self.x_dim}, latent_dims={self.latent_dims}, "
                 f"hidden_dims={self.hidden_dims}, likelihood={self.likelihood!r}, "
