@@ -16,7 +16,7 @@ Files
 - ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
   ``t10k-labels-idx1-ubyte``, each optionally gzip-compressed with a ``.gz`` suffix: the
   original MNIST (LeCun et al.), read by :func:`load_mnist`; train is the first 54000 of the
-  60000 training images, valid the last 6000, test the 10000 of t10k.
+  60000 training images, valid the last 6000 (a tenth), test the 10000 of t10k.
 """
 import gzip
 import os
@@ -32,7 +32,6 @@ __all__ = ["data_dir", "load_binarized_mnist", "read_amat", "read_idx", "load_mn
 ENV_VAR = "HVAE_DATA"
 MNIST_DIM = 784
 SPLITS = ("train", "valid", "test")
-MNIST_VALID = 6000  # the last 6000 of MNIST's 60000 training images are the validation split
 DIGITS_SPLIT = (1350, 1500)  # digits: train = the first 1350 of 1797, valid = the next 150
 _MNIST_PREFIX = {"train": "train", "valid": "train", "test": "t10k"}
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -311,8 +310,8 @@ def load_mnist(split="train", data_dir=None, return_labels=False):
     Parameters
     ----------
     split : {"train", "valid", "test"}
-        train: the training file's images but its last 6000 (54000 in the standard file);
-        valid: those last 6000; test: the t10k file (10000).
+        train: the training file's images but its last tenth (54000 of the standard 60000);
+        valid: that last tenth (6000); test: the t10k file (10000).
     data_dir : str or os.PathLike, optional
         The directory holding the files; default: see :func:`data_dir`.
     return_labels : bool
@@ -366,11 +365,11 @@ def load_mnist(split="train", data_dir=None, return_labels=False):
 
 
 def _mnist_rows(split, n):
-    """The rows of a split in its file of n images: the training file's last MNIST_VALID are
-    the validation split (all of them when the file is smaller)."""
+    """The rows of a split in its file of n images: the training file's last tenth (6000 of
+    60000) is the validation split."""
     if split == "test":
         return slice(None)
-    cut = max(0, n - MNIST_VALID)
+    cut = n - n // 10
     return slice(cut, None) if split == "valid" else slice(0, cut)
 
 

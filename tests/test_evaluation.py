@@ -13,7 +13,7 @@ def linear_gaussian(rng, exact_posterior):
     p(z) = N(0, I), p(x|z) = N(W z + b, I)  =>  p(x) = N(b, W W^T + I).
     W has orthogonal columns, so the posterior N(S W^T (x - b), S), S = (W^T W + I)^-1, is diagonal
     and the encoder can represent it exactly."""
-    m = hvae.HVAE(D, [d], [[]], likelihood="gaussian", dtype="float64", seed=0)
+    m = hvae.HVAE(D, [d], [[]], likelihood="gaussian", dtype="float64", seed=0, init="torch")
     q, _ = np.linalg.qr(rng.normal(size=(D, d)))
     W = q * np.array([2.0, 0.7])
     b = rng.normal(size=D)
