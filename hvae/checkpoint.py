@@ -11,9 +11,9 @@ from .atomic import atomic_write
 FORMAT = "hvae-checkpoint"
 VERSION = 1
 CONFIG_KEYS = ("x_dim", "latent_dims", "hidden_dims", "likelihood", "activation", "kl", "dtype",
-               "seed", "deterministic", "init", "prior_variance")
+               "seed", "deterministic", "init", "prior_variance", "inference")
 # keys that checkpoints written before they existed lack, with the value those models had
-CONFIG_DEFAULTS = {"prior_variance": "unit"}
+CONFIG_DEFAULTS = {"prior_variance": "unit", "inference": "bottom_up"}
 MAX_META_BYTES = 1 << 26  # the JSON block of a real checkpoint is a few hundred kB at most
 
 

@@ -185,7 +185,12 @@ def build_parser():
                         "documents, biased for two or more levels (default: mc)")
     g.add_argument("--prior-variance", choices=("unit", "learned"),
                    help="variance of p(z_{i-1}|z_i) between levels: the identity, or learned by "
-                        "the decoder as in the IWAE paper (default: unit)")
+                        "the decoder as in the IWAE paper (default: unit for bottom-up inference, "
+                        "learned for top-down)")
+    g.add_argument("--inference", choices=("bottom_up", "top_down"),
+                   help="q(z_i|z_{i-1}) (bottom_up), or the Ladder VAE's top-down q(z_i|z_{i+1}, "
+                        "x), which shares the decoders with p (needs a hidden layer per level) "
+                        "(default: bottom_up)")
     g.add_argument("--init", choices=("glorot", "torch"),
                    help="weight initialisation: Glorot uniform with zero biases, or "
                         "torch.nn.Linear's (default: glorot)")
@@ -216,6 +221,18 @@ def build_parser():
     g.add_argument("--beta", type=_nonnegative_float, metavar="B",
                    help=f"KL weight after warm-up (1 for the ELBO; default: {d['beta']:g}"
                         f"{resumed})")
+    g.add_argument("--free-bits", type=_nonnegative_float, nargs="+", metavar="NATS",
+                   help="free bits: each level's KL term in the training loss is at least this "
+                        f"(one value for every level, or one per level; default: none{resumed})")
+    g.add_argument("--objective", choices=("elbo", "iwae"),
+                   help="the ELBO, or the importance-weighted bound (IWAE) with -k samples per "
+                        f"example (default: {d['objective']}{resumed})")
+    g.add_argument("-k", "--samples", type=_positive_int, metavar="K", dest="k",
+                   help=f"importance samples per example of --objective iwae (default: "
+                        f"{d['k']}{resumed})")
+    g.add_argument("--gradient", choices=("standard", "dreg"),
+                   help="IWAE's gradient: standard, or doubly reparameterized (one level only; "
+                        f"lower variance for the encoder; default: {d['gradient']}{resumed})")
     g.add_argument("--patience", type=int, metavar="N",
                    help="stop after this many epochs without a better validation loss and keep "
                         f"the best parameters (0: no early stopping; default: {d['patience']}"
@@ -383,7 +400,8 @@ def _check_resume_flags(args, model):
     """With --resume, architecture flags that were given must match the checkpoint."""
     given = {"latent_dims": args.latent_dims, "likelihood": args.likelihood,
              "activation": args.activation, "kl": args.kl, "dtype": args.dtype,
-             "seed": args.seed, "prior_variance": args.prior_variance, "init": args.init}
+             "seed": args.seed, "prior_variance": args.prior_variance, "init": args.init,
+             "inference": args.inference}
     if args.hidden_dims is not None:
         hd = args.hidden_dims
         given["hidden_dims"] = hd * len(model.latent_dims) if len(hd) == 1 else hd
@@ -410,10 +428,18 @@ def _new_model(args, data):
         hidden = hidden * len(latent)
     x_dim = 64 if data == "digits" else 784
     given = {"likelihood": args.likelihood, "activation": args.activation, "kl": args.kl,
-             "dtype": args.dtype, "prior_variance": args.prior_variance, "init": args.init}
+             "dtype": args.dtype, "prior_variance": args.prior_variance, "init": args.init,
+             "inference": args.inference}
     return HVAE(x_dim, latent, hidden, seed=0 if args.seed is None else args.seed,
                 deterministic=args.deterministic,
                 **{k: v for k, v in given.items() if v is not None})
+
+
+def _free_bits(values):
+    """--free-bits as fit takes it: None, one number for every level, or one per level."""
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def _epoch_line(record, total):
@@ -465,8 +491,18 @@ def cmd_train(args, out):
         if args.resume:
             print(f"no checkpoint at {path} yet; starting a new model", file=out)
     data, changed = _data_settings(args, model, resuming)
+    if args.free_bits is not None and len(args.free_bits) not in (1, model.n_levels):
+        raise UsageError(f"argument --free-bits: {len(args.free_bits)} values for "
+                         f"{model.n_levels} levels; give one value (every level) or one per "
+                         f"level (see 'hvae train --help')")
     given = {key: getattr(args, key) for key in TRAIN_DEFAULTS}
-    settings, overrides = training.resolve_settings(model, given)
+    given["free_bits"] = _free_bits(args.free_bits)
+    try:
+        settings, overrides = training.resolve_settings(model, given)
+    except ValueError as exc:  # "name: why" -> "argument --name: why"
+        name, why = str(exc).split(":", 1)
+        flag = "-k" if name == "k" else "--" + name.lstrip("-").replace("_", "-")
+        raise UsageError(f"argument {flag}:{why} (see 'hvae train --help')") from None
     if resuming:
         planned = model.train_config_.get("epochs")
         print(f"resuming {path}: {_plural(len(model.history_), 'epoch')} done"

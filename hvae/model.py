@@ -11,6 +11,9 @@ LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 KL_ESTIMATORS = ("analytic", "mc")
 PRIOR_VARIANCES = ("unit", "learned")
+INFERENCES = ("bottom_up", "top_down")
+OBJECTIVES = ("elbo", "iwae")
+GRADIENTS = ("standard", "dreg")
 DTYPES = ("float32", "float64")
 INITS = ("torch", "glorot")
 MAX_ROWS = 2 ** 31 - 1  # rows of one core call
@@ -66,10 +69,18 @@ class HVAE:
         the IWAE paper's choice); "torch": weights and biases ~ U(+-1/sqrt(fan_in)), as
         ``torch.nn.Linear`` (deep tanh networks then sit for hundreds of steps at the pixel
         marginals).
-    prior_variance : {"unit", "learned"}
+    prior_variance : {"unit", "learned"}, optional
         The variance of p(z_{i-1} | z_i) for the levels i >= 2: the seed's identity, or a
         diagonal learned by decoder i, whose output is then [mean, logvar] (width 2 d_{i-1}),
-        as in the IWAE and Ladder VAE papers. No effect when T = 1.
+        as in the IWAE and Ladder VAE papers. No effect when T = 1. Default: "unit" for
+        bottom-up inference, "learned" for top-down.
+    inference : {"bottom_up", "top_down"}
+        The approximate posterior. "bottom_up": q(z_i | z_{i-1}), encoder i reading z_{i-1}.
+        "top_down" (Ladder VAE, Sønderby et al. 2016): a deterministic bottom-up pass d_i
+        (encoder i's last hidden layer, reading d_{i-1}, d_0 = x) gives N(mu^_i, exp(logvar^_i));
+        q(z_T | x) is that at the top, and below it q(z_i | z_{i+1}, x) is its precision-
+        weighted merge with p(z_i | z_{i+1}), the decoder shared by p and q. Needs at least one
+        hidden layer per level; not for a deterministic autoencoder.
 
     Attributes
     ----------
@@ -85,7 +96,7 @@ class HVAE:
 
     def __init__(self, x_dim, latent_dims, hidden_dims=None, *, likelihood="bernoulli",
                  activation="tanh", kl="mc", dtype="float32", seed=None,
-                 deterministic=False, init="glorot", prior_variance="unit"):
+                 deterministic=False, init="glorot", prior_variance=None, inference="bottom_up"):
         if isinstance(x_dim, bool) or not isinstance(x_dim, (int, np.integer)):
             raise TypeError(f"x_dim: expected an integer, got {x_dim!r}")
         if isinstance(latent_dims, (int, np.integer)) and not isinstance(latent_dims, bool):
@@ -99,6 +110,18 @@ class HVAE:
         elif len(hidden_dims) and all(isinstance(h, (int, np.integer)) for h in hidden_dims):
             hidden_dims = [list(hidden_dims)] * len(latent_dims)
         hidden_dims = [_int_list(h, f"hidden_dims[{i}]") for i, h in enumerate(hidden_dims)]
+        if inference not in INFERENCES:
+            raise ValueError(f"inference: expected one of {INFERENCES}, got {inference!r}")
+        if prior_variance is None:
+            prior_variance = "learned" if inference == "top_down" else "unit"
+        if inference == "top_down":
+            if deterministic:
+                raise ValueError("deterministic: an autoencoder has no top-down inference; use "
+                                 "inference='bottom_up'")
+            for i, h in enumerate(hidden_dims):
+                if not h:
+                    raise ValueError(f"hidden_dims[{i}]: top-down inference needs at least one "
+                                     f"hidden layer at every level, got {h!r}")
         for name, value, choices in (("init", init, INITS), ("likelihood", likelihood, LIKELIHOODS),
                                      ("activation", activation, ACTIVATIONS),
                                      ("kl", kl, KL_ESTIMATORS),
@@ -118,6 +141,7 @@ class HVAE:
         self.deterministic = bool(deterministic)
         self.init = init
         self.prior_variance = prior_variance
+        self.inference = inference
         self._core = self._new_core()
         _check_memory(self._core.n_params * np.dtype(self.dtype).itemsize, "the parameters")
         self._rng = np.random.default_rng(seed)
@@ -136,7 +160,7 @@ class HVAE:
         """A core Model of this architecture (its own workspace)."""
         return _core.Model(self.x_dim, self.latent_dims, self.hidden_dims, self.likelihood,
                            self.activation, self.kl, self.deterministic, self.dtype,
-                           self.prior_variance)
+                           self.prior_variance, self.inference)
 
     @property
     def n_levels(self):
@@ -226,16 +250,72 @@ class HVAE:
         """The NumPy scalar type of the model's dtype."""
         return np.dtype(self.dtype).type
 
-    def _forward(self, x, eps, target, beta, grad=None, log_weight=False, threads=1):
+    def _forward(self, x, eps, target, beta, grad=None, log_weight=False, threads=1,
+                 free_bits=None, objective="elbo", k=1, gradient="standard"):
+        est = self.estimator(objective, k, gradient)
+        free_bits = self.free_bits_per_level(free_bits)
+        if free_bits is not None and objective == "iwae":
+            raise ValueError("free_bits: not defined for objective='iwae' (a bound on log p(x), "
+                             "not a sum of KL terms)")
         x = self._check_x(x, finite=False, scored=target is None)
         if target is not None:
             target = self._check_x(target, "target", finite=False, scored=True)
         if eps is None and not self.deterministic:
-            eps = self.draw_eps(len(x))
+            eps = self.draw_eps(len(x) * est["k"])
         return self._core.forward(self.params, x, target, None if self.deterministic else eps,
-                                  beta=beta, grad=grad, log_weight=log_weight, threads=threads)
+                                  beta=beta, grad=grad, log_weight=log_weight, threads=threads,
+                                  free_bits=free_bits, **est)
 
-    def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, out=None, n_jobs=None):
+    def estimator(self, objective="elbo", k=1, gradient="standard"):
+        """The training objective as the core takes it, checked: a dict of ``objective``, ``k``
+        and ``gradient`` (see :meth:`loss_and_grad`); a ValueError / TypeError naming the
+        argument otherwise."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient: expected one of {GRADIENTS}, got {gradient!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_ROWS:
+            raise ValueError(f"k: expected an integer in [1, {MAX_ROWS}], got {k!r}")
+        if objective == "elbo" and k != 1:
+            raise ValueError(f"k: {k} samples per example need objective='iwae' (the ELBO takes "
+                             "one)")
+        if objective == "elbo" and gradient != "standard":
+            raise ValueError(f"gradient: {gradient!r} is a gradient of objective='iwae'")
+        if objective == "iwae" and self.deterministic:
+            raise ValueError("objective: 'iwae' is not defined for a deterministic autoencoder")
+        if gradient == "dreg" and self.n_levels != 1:
+            raise ValueError(f"gradient: 'dreg' (doubly reparameterized) is defined for one "
+                             f"stochastic level, got {self.n_levels}; use gradient='standard'")
+        return {"objective": objective, "k": int(k), "gradient": gradient}
+
+    def free_bits_per_level(self, free_bits):
+        """``free_bits`` (None, a number, or one number per level, in nats) as None or a list of
+        T floats, each finite and >= 0; a ValueError / TypeError naming ``free_bits``."""
+        if free_bits is None:
+            return None
+        if isinstance(free_bits, (int, float, np.integer, np.floating)) \
+                and not isinstance(free_bits, bool):
+            values = [free_bits] * self.n_levels
+        elif isinstance(free_bits, (list, tuple, np.ndarray)):
+            values = list(np.asarray(free_bits, dtype=object).ravel()) \
+                if isinstance(free_bits, np.ndarray) else list(free_bits)
+            if len(values) != self.n_levels:
+                raise ValueError(f"free_bits: expected a number or {self.n_levels} numbers (one "
+                                 f"per level), got {len(values)}")
+        else:
+            raise TypeError(f"free_bits: expected a number or a list of {self.n_levels} numbers, "
+                            f"got {type(free_bits).__name__}")
+        out = []
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"free_bits: expected numbers, got {v!r}")
+            if not np.isfinite(v) or v < 0:
+                raise ValueError(f"free_bits: expected finite numbers >= 0 (nats), got {v!r}")
+            out.append(float(v))
+        return out
+
+    def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, free_bits=None,
+                      objective="elbo", k=1, gradient="standard", out=None, n_jobs=None):
         """Loss of a batch and its exact gradient with respect to :attr:`params`.
 
         Parameters
@@ -243,13 +323,29 @@ class HVAE:
         x : array_like, shape (batch, x_dim)
             Encoder input.
         eps : list of ndarray, optional
-            T arrays (batch, d_i) of standard normal noise; drawn from the model's Generator when
-            None. Ignored by a deterministic autoencoder.
+            T arrays (batch * k, d_i) of standard normal noise, sample j of example b in row
+            b * k + j; drawn from the model's Generator when None. Ignored by a deterministic
+            autoencoder.
         target : array_like, shape (batch, x_dim), optional
             What the likelihood scores (default x); a denoising autoencoder passes clean targets
             and corrupted inputs.
         beta : float
             Weight of the KL terms (1 for the ELBO).
+        free_bits : float or list of float, optional
+            Free bits (Kingma et al. 2016), in nats, one for every level or one per level:
+            level i's term becomes ``beta * max(free_bits[i-1], mean_b kl_i)``, whose gradient
+            is zero while the batch mean is at or under the floor. ELBO only.
+        objective : {"elbo", "iwae"}
+            "elbo": the negative ELBO (k = 1). "iwae": the importance-weighted bound of Burda
+            et al. with k samples per example, loss = -mean_b log (1/k) sum_j w_bj, log w =
+            log p(x | z) + beta (log p(z) - log q(z | x)) at the samples. What an example's
+            samples share (bottom-up: encoder 1; top-down: the bottom-up pass) is computed once.
+        k : int
+            Samples per example (IWAE).
+        gradient : {"standard", "dreg"}
+            IWAE's gradient: the standard one (softmax weights of each example's k
+            log-weights), or the doubly reparameterized one (Tucker et al. 2018; T = 1 only),
+            whose encoder gradient has lower variance and the same mean.
         out : ndarray, shape (n_params,), optional
             Buffer for the gradient (the model's dtype); a new array when None.
         n_jobs : int, optional
@@ -258,12 +354,14 @@ class HVAE:
         Returns
         -------
         loss : float
-            Mean over the batch of the per-example negative ELBO estimate, in nats.
+            Mean over the batch of the per-example negative ELBO estimate (IWAE: of the negative
+            bound), in nats.
         grad : ndarray, shape (n_params,)
         """
         grad = np.empty(self.n_params, self.dtype) if out is None else out
         loss, _, _ = self._forward(x, eps, target, beta, grad=grad,
-                                   threads=training.resolve_n_jobs(n_jobs))
+                                   threads=training.resolve_n_jobs(n_jobs), free_bits=free_bits,
+                                   objective=objective, k=k, gradient=gradient)
         return loss, grad
 
     def elbo_terms(self, x, eps=None, *, target=None):
@@ -288,7 +386,8 @@ class HVAE:
 
     def fit(self, X, *, epochs=None, batch_size=None, lr=None, lr_decay=None,
             validation_data=None, kl_warmup_epochs=None, kl_warmup_delay=None, beta=None,
-            patience=None, progress=True, checkpoint=None, callbacks=None, n_jobs=None):
+            free_bits=None, objective=None, k=None, gradient=None, patience=None, progress=True,
+            checkpoint=None, callbacks=None, n_jobs=None):
         """Train with Adam on shuffled minibatches until the run has done ``epochs`` epochs.
 
         A run continues from the current state: parameters, Adam moments, the random stream,
@@ -322,6 +421,16 @@ class HVAE:
             collapse to the prior while the decoder still ignores z_1 (README, "Results").
         beta : float
             KL weight after warm-up (beta-VAE; default 1, the ELBO).
+        free_bits : float or list of float
+            Free bits in nats (Kingma et al. 2016), one for every level or one per level: in the
+            training loss level i's KL term is ``max(free_bits[i-1], batch mean of kl_i)``, so
+            no gradient pushes a level below its floor (against posterior collapse). Evaluation
+            and ``val_loss`` are unaffected. Default: none.
+        objective, k, gradient
+            The training objective (see :meth:`loss_and_grad`): the ELBO (the default), or the
+            IWAE bound with k samples per example and its standard or doubly reparameterized
+            gradient. The KL warm-up's weight is the IWAE's beta. ``loss`` in the history is
+            then the negative bound; ``val_loss`` stays the negative ELBO.
         patience : int
             Stop after this many epochs without a better ``val_loss`` and keep the best
             parameters (needs ``validation_data``; default 0, no early stopping).
@@ -351,16 +460,17 @@ class HVAE:
         return training.fit(self, X, epochs=epochs, batch_size=batch_size, lr=lr,
                             lr_decay=lr_decay, validation_data=validation_data,
                             kl_warmup_epochs=kl_warmup_epochs, kl_warmup_delay=kl_warmup_delay,
-                            beta=beta, patience=patience, progress=progress,
+                            beta=beta, free_bits=free_bits, objective=objective, k=k,
+                            gradient=gradient, patience=patience, progress=progress,
                             checkpoint=checkpoint, callbacks=callbacks, n_jobs=n_jobs)
 
-    def partial_fit(self, X, *, batch_size=None, lr=None, beta=None, progress=False,
-                    n_jobs=None):
+    def partial_fit(self, X, *, batch_size=None, lr=None, beta=None, free_bits=None,
+                    objective=None, k=None, gradient=None, progress=False, n_jobs=None):
         """One more shuffled pass of minibatches over X (one epoch) of the run's schedule; the
         settings as in :meth:`fit`. Returns self."""
         return training.fit(self, X, batch_size=batch_size, lr=lr, beta=beta,
-                            progress=progress, n_jobs=n_jobs,
-                            stop_after=len(self.history_) + 1)
+                            free_bits=free_bits, objective=objective, k=k, gradient=gradient,
+                            progress=progress, n_jobs=n_jobs, stop_after=len(self.history_) + 1)
 
     # ------------------------------------------------------------------------------------------
     # what was learned
@@ -372,8 +482,10 @@ class HVAE:
         ----------
         x : array_like, shape (n, x_dim)
         sample : bool
-            False: level i+1 sees the mean of level i (a deterministic summary). True: it sees a
-            sample z_i drawn from the model's Generator, as in training.
+            False: each level is conditioned on the mean of the level it reads (bottom-up:
+            q(z_{i+1} | z_i) at z_i = its mean; top-down: q(z_i | z_{i+1}, x) at z_{i+1} = its
+            mean), a deterministic summary. True: on a sample drawn from the model's Generator,
+            as in training.
 
         Returns
         -------
@@ -511,20 +623,25 @@ class HVAE:
         if self.deterministic:
             raise ValueError(f"{what}: not defined for a deterministic autoencoder")
 
-    def elbo(self, x, k=1):
+    def elbo(self, x, k=1, *, n_jobs=None):
         """Per-example importance-weighted ELBO with k samples (k = 1: the plain ELBO estimate).
 
         Computed from exact densities, log p(x, z) - log q(z | x), never the analytic shortcut.
+        n_jobs: threads of the core (see :meth:`fit`).
 
         Returns
         -------
         ndarray, shape (n,), float64, nats
         """
         self._check_stochastic("elbo")
-        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _positive_int(k, "k"))
+        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _positive_int(k, "k"),
+                                     threads=training.resolve_n_jobs(n_jobs))
 
-    def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False):
+    def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False, n_jobs=None):
         """Importance-sampled estimate of log p(x) per example (the IWAE bound with k samples).
+
+        What an example's k samples share (bottom-up: encoder 1; top-down: the bottom-up pass)
+        is computed once per example (per chunk of ``batch_size`` samples when k is larger).
 
         Parameters
         ----------
@@ -534,6 +651,9 @@ class HVAE:
         batch_size : int
             Rows (example x sample) per core call; bounds memory whatever k.
         progress : bool
+            A progress bar over examples.
+        n_jobs : int, optional
+            Threads of the core (None: 1; -1: every CPU), as in :meth:`fit`.
 
         Returns
         -------
@@ -545,12 +665,13 @@ class HVAE:
         _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
                       * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
         return evaluation.iwae_bound(self, self._check_x(x, scored=True), _positive_int(k, "k"),
-                                     rows=rows, progress=progress)
+                                     rows=rows, progress=progress,
+                                     threads=training.resolve_n_jobs(n_jobs))
 
-    def score(self, X, k=5000):
+    def score(self, X, k=5000, *, n_jobs=None):
         """Mean importance-sampled log-likelihood of X in nats (higher is better); k as in
         :meth:`log_likelihood`."""
-        return float(np.mean(self.log_likelihood(X, k=k)))
+        return float(np.mean(self.log_likelihood(X, k=k, n_jobs=n_jobs)))
 
     def _warn_if_untrained(self, what):
         """Warn once per model when it has never taken a training step."""
@@ -571,7 +692,10 @@ class HVAE:
     def __repr__(self):
         flags = (", deterministic=True" if self.deterministic else "") + \
             (f", init={self.init!r}" if self.init != "glorot" else "") + \
-            (f", prior_variance={self.prior_variance!r}" if self.prior_variance != "unit" else "")
+            (f", inference={self.inference!r}" if self.inference != "bottom_up" else "") + \
+            (f", prior_variance={self.prior_variance!r}"
+             if self.prior_variance != ("learned" if self.inference == "top_down" else "unit")
+             else "")
         return (f"HVAE(x_dim={self.x_dim}, latent_dims={self.latent_dims}, "
                 f"hidden_dims={self.hidden_dims}, likelihood={self.likelihood!r}, "
                 f"activation={self.activation!r}, kl={self.kl!r}, dtype={self.dtype!r}, "

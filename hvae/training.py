@@ -48,14 +48,17 @@ class Adam:
             self.step += 1
         return ok
 
-    def train_step(self, core, params, grad, x, eps, beta, threads=1):
+    def train_step(self, core, params, grad, x, eps, beta, threads=1, free_bits=None,
+                   estimator=None):
         """Loss, gradient (into grad) and this update in one core call
         (``_core.Model.train_step``): the numbers of ``core.forward`` then :meth:`update`.
-        Returns (loss, terms, updated); nothing changes when the loss or gradient is not
-        finite."""
+        free_bits: None or T floats; estimator: None (the ELBO) or HVAE.estimator's dict (see
+        HVAE.fit). Returns (loss, terms, updated); nothing changes when the loss or gradient is
+        not finite."""
         loss, terms, ok = core.train_step(params, self.m, self.v, grad, x, eps, self.step + 1,
                                           beta=beta, lr=self.lr, beta1=self.beta1,
-                                          beta2=self.beta2, adam_eps=self.eps, threads=threads)
+                                          beta2=self.beta2, adam_eps=self.eps, threads=threads,
+                                          free_bits=free_bits, **(estimator or {}))
         if ok:
             self.step += 1
         return loss, terms, ok
@@ -96,9 +99,11 @@ class _Bar:
             self.bar.close()
 
 
-def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs):
-    """One shuffled pass of minibatches, each step one core call on n_jobs threads. Returns the
-    epoch's mean loss and terms.
+def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs,
+              free_bits=None, estimator=None):
+    """One shuffled pass of minibatches, each step one core call on n_jobs threads (free_bits:
+    None or T floats; estimator: None or HVAE.estimator's dict). Returns the epoch's mean loss
+    and terms.
 
     Raises FloatingPointError on a non-finite loss or gradient (parameters untouched by that step).
     """
@@ -112,10 +117,11 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoc
     for s in range(steps):
         idx = order[s * batch_size:(s + 1) * batch_size]
         xb = X[idx]
-        eps = model.draw_eps(len(idx))
+        eps = model.draw_eps(len(idx) * (estimator["k"] if estimator else 1))
         b = warmup_beta(beta, warmup_epochs, opt.step, steps, warmup_delay)
         loss, terms, ok = opt.train_step(model._core, model.params, grad, xb,
-                                         None if model.deterministic else eps, b, n_jobs)
+                                         None if model.deterministic else eps, b, n_jobs,
+                                         free_bits, estimator)
         if not ok:
             what = "loss" if not np.isfinite(loss) else "gradient"
             raise FloatingPointError(
@@ -154,6 +160,10 @@ TRAIN_DEFAULTS = {
     "kl_warmup_epochs": 20.0,
     "kl_warmup_delay": 5.0,
     "beta": 1.0,
+    "free_bits": None,        # nats per level (None: none)
+    "objective": "elbo",      # or "iwae", with k samples and its gradient estimator
+    "k": 1,
+    "gradient": "standard",
     "patience": 0,            # 0: no early stopping
 }
 
@@ -192,6 +202,8 @@ def resolve_settings(model, given):
     settings, overrides = {}, {}
     for key, default in TRAIN_DEFAULTS.items():
         value = given.get(key)
+        if key == "free_bits" and value is not None:  # as stored: one float per level
+            value = model.free_bits_per_level(value)
         if value is None:
             value = saved.get(key, default)
         elif key in saved and saved[key] != value:
@@ -204,8 +216,13 @@ def resolve_settings(model, given):
         _check_number(name, settings[name])
     if settings["lr_decay"] <= 0:
         raise ValueError(f"lr_decay: expected a number > 0, got {settings['lr_decay']!r}")
+    model.estimator(settings["objective"], settings["k"], settings["gradient"])
+    if settings["free_bits"] is not None and settings["objective"] == "iwae":
+        raise ValueError("free_bits: not defined for objective='iwae' (a bound on log p(x), not "
+                         "a sum of KL terms)")
     for key, value in settings.items():  # plain Python numbers: the checkpoint stores JSON
-        settings[key] = int(value) if isinstance(TRAIN_DEFAULTS[key], int) else float(value)
+        if isinstance(TRAIN_DEFAULTS[key], (int, float)):
+            settings[key] = int(value) if isinstance(TRAIN_DEFAULTS[key], int) else float(value)
     return settings, overrides
 
 
@@ -271,6 +288,7 @@ def fit(model, X, *, validation_data=None, progress=True, checkpoint=None, callb
     for message in notes(model, settings, overrides, stop_after is None):
         warnings.warn(f"fit: {message}", UserWarning, stacklevel=3)
     model.train_config_.update(settings)
+    estimator = model.estimator(settings["objective"], settings["k"], settings["gradient"])
     if checkpoint is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     model._ensure_optimizer()
@@ -289,7 +307,7 @@ def fit(model, X, *, validation_data=None, progress=True, checkpoint=None, callb
             t0 = time.perf_counter()
             record = run_epoch(model, X, batch_size, settings["beta"],
                                settings["kl_warmup_epochs"], settings["kl_warmup_delay"], bar,
-                               epoch, n_jobs)
+                               epoch, n_jobs, settings["free_bits"], estimator)
             record["epoch"] = epoch + 1
             record["lr"] = model.optimizer_.lr
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)

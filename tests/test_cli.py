@@ -107,7 +107,7 @@ def test_interrupted_run_resumed_with_no_flags_is_the_uninterrupted_run(tmp_path
     flags = ["train", "--data", "digits", "--max-examples", "300", "--latent-dims", "8", "4",
              "--epochs", "7", "--batch-size", "40", "--lr", "0.004", "--lr-decay", "0.5",
              "--kl-warmup-epochs", "2", "--kl-warmup-delay", "1", "--beta", "0.9",
-             "--patience", "5", "--seed", "3", "--no-progress"]
+             "--patience", "5", "--free-bits", "0.1", "0.05", "--seed", "3", "--no-progress"]
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
     assert run(capsys, *flags, "--checkpoint", a)[0] == 0
     interrupt_after(monkeypatch, 3)

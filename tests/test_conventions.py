@@ -108,11 +108,14 @@ def test_api_and_cli_share_defaults():
     parser = cli.build_parser()
     train = next(a for a in parser._actions if a.dest == "command").choices["train"]
     helps = {a.dest: a.help or "" for a in train._actions}
-    for name in ("likelihood", "activation", "kl", "prior_variance", "init", "dtype"):
+    for name in ("likelihood", "activation", "kl", "init", "dtype", "inference"):
         assert f"default: {sig.parameters[name].default}" in helps[name], name
+    assert sig.parameters["prior_variance"].default is None  # by inference, as the help says
+    assert "default: unit for bottom-up inference, learned for top-down" in \
+        helps["prior_variance"]
     for name, default in training.TRAIN_DEFAULTS.items():
-        shown = f"{default:g}" if isinstance(default, float) else str(default)
-        assert f"default: {shown}" in helps[name], (name, helps[name])
+        shown = {float: lambda v: f"{v:g}", type(None): lambda v: "none"}.get(type(default), str)
+        assert f"default: {shown(default)}" in helps[name], (name, helps[name])
     fit = inspect.signature(hvae.HVAE.fit).parameters
     assert all(fit[name].default is None for name in training.TRAIN_DEFAULTS)
     assert inspect.signature(hvae.HVAE.score).parameters["k"].default == \

@@ -81,7 +81,8 @@ def test_lr_schedule_and_defaults():
     defaults are the MNIST recipe (warm-up 5 + 20 epochs, lr 1e-3 falling tenfold)."""
     assert hvae.training.TRAIN_DEFAULTS == {
         "epochs": 50, "batch_size": 100, "lr": 1e-3, "lr_decay": 0.1, "kl_warmup_epochs": 20,
-        "kl_warmup_delay": 5, "beta": 1.0, "patience": 0}
+        "kl_warmup_delay": 5, "beta": 1.0, "free_bits": None, "objective": "elbo", "k": 1,
+        "gradient": "standard", "patience": 0}
     m = small().fit(binary_data(), epochs=30, batch_size=300, progress=False)
     lrs = [r["lr"] for r in m.history_]
     assert lrs[0] == 1e-3 and lrs[-1] == pytest.approx(1e-4, rel=1e-12)
