@@ -39,3 +39,17 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
     assert hvae.load(tmp_path / "hvae2-topdown.npz").inference == "top_down"
     assert rows["hvae2-mc"]["warmup"] == "0.5 + 1" and rows["vae1"]["warmup"] == "0.5 + 1"
     assert "test log-likelihood" in capsys.readouterr().out
+
+
+def test_speed_iwae_quick(tmp_path):
+    """benchmarks/speed_iwae.py --quick: the guard (both torch twins against hvae's IWAE loss
+    and gradient), a timed step, the k = 1000 evaluation and the extrapolated test split."""
+    pytest.importorskip("torch")
+    bench = load_script("speed_iwae")
+    out = tmp_path / "speed_iwae.md"
+    assert bench.main(["--quick", "--models", "vae", "--skip", "breakdown", "phases",
+                       "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "| vae | 5 | 100 | 1 |" in text
+    assert "| hvae: HVAE.log_likelihood | 1 |" in text
+    assert "EXTRAPOLATION from 4 of" in text and "(extrapolated)" in text
