@@ -5,11 +5,11 @@
 Trains ``HVAE(784, [100, 50])`` with every default of ``HVAE`` and ``HVAE.fit`` (the IWAE
 paper's two-level architecture x -> [200, 200] -> z_1 (100) -> [100, 100] -> z_2 (50), tanh,
 Glorot initialisation, the unbiased KL estimator, 50 epochs with 5 at KL weight 0 and a 20-epoch
-warm-up, lr 1e-3 falling to 1e-4) on statically binarized MNIST with its validation split:
-two minutes on one idle core, evaluation included, four on a busy one. Without the MNIST file it trains on
-scikit-learn's 8x8 digits instead (dynamically binarized, with a note), with a smaller
-architecture for the 64 pixels and 100 epochs for the 14 steps of each. Writes to the output
-directory:
+warm-up, lr 1e-3 falling to 1e-4) on statically binarized MNIST with its validation split: two
+minutes on one idle core, evaluation included, four on a busy one. Without the MNIST file it
+trains on scikit-learn's 8x8 digits instead (dynamically binarized, with a note), with a
+smaller architecture for the 64 pixels and 100 epochs for the 14 steps of each. Writes to the
+output directory:
 
 - ``samples.png``          64 ancestral samples (pixel probabilities),
 - ``reconstructions.png``  32 test inputs (odd rows) above their reconstructions (even rows),
