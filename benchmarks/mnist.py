@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -150,8 +151,11 @@ def train(name, X, X_val, args, log):
         if elapsed > budget:
             break
         lr = args.lr * (args.lr_final / args.lr) ** min(1.0, elapsed / budget)
-        m.fit(X, epochs=1, batch_size=100, lr=lr, kl_warmup_epochs=args.warmup_epochs,
-              kl_warmup_delay=delay, free_bits=args.free_bits, progress=False, **objective)
+        with warnings.catch_warnings():  # one epoch per call, lr set anew by the clock: fit's
+            warnings.filterwarnings("ignore", "fit: ", UserWarning)  # notes on that are noise
+            m.fit(X, epochs=epoch + 1, batch_size=100, lr=lr, lr_decay=1.0,
+                  kl_warmup_epochs=args.warmup_epochs, kl_warmup_delay=delay,
+                  free_bits=args.free_bits, progress=False, **objective)
         epoch += 1
         rec = m.history_[-1]
         if epoch <= delay:  # an autoencoder so far: its ELBO says nothing yet

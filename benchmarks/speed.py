@@ -505,8 +505,9 @@ def hvae_epoch(m, X, batch, rng):
 
 
 def hvae_fit_epoch(m, X, batch, n_jobs=None):
-    """One epoch of the public training loop."""
-    m.fit(X, epochs=1, batch_size=batch, lr=LR, progress=False, n_jobs=n_jobs)
+    """One more epoch of the public training loop (fit's epochs count the run's, so each call
+    is partial_fit's one epoch)."""
+    m.partial_fit(X, batch_size=batch, lr=LR, n_jobs=n_jobs)
 
 
 def torch_epoch(net, opt, X, batch):
@@ -541,11 +542,11 @@ def measure_epochs(args, data):
             out.append(("hvae: train_step loop", th,
                         time_epochs(lambda X: hvae_epoch(m, X, B, rng), X, args.epoch_repeats)))
             m = make_model(EPOCH["model"], EPOCH["dtype"], args.seed)
-            out.append(("hvae: HVAE.fit(epochs=1)", th,
+            out.append(("hvae: HVAE.partial_fit", th,
                         time_epochs(lambda X: hvae_fit_epoch(m, X, B), X, args.epoch_repeats)))
         if th > 1:  # the core's team of th threads
             m = make_model(EPOCH["model"], EPOCH["dtype"], args.seed)
-            out.append((f"hvae: HVAE.fit(epochs=1, n_jobs={th})", th,
+            out.append((f"hvae: HVAE.partial_fit(n_jobs={th})", th,
                         time_epochs(lambda X: hvae_fit_epoch(m, X, B, n_jobs=th), X,
                                     args.epoch_repeats)))
         if "torch" in args.peers:
@@ -776,8 +777,8 @@ def summary(args, rows, epochs, peaks):
         fit = min((s, th) for s, th, name in hv if "fit" in name)
         loop = min((s, th) for s, th, name in hv if "loop" in name)
         out.append((f"MNIST epoch, {EPOCH['model']} B={EPOCH['batch']}: < {TARGET_EPOCH} s",
-                    f"HVAE.fit {fit[0]:.2f} s ({fit[1]} thr), bare loop {loop[0]:.2f} s "
-                    f"({loop[1]} thr)", verdict(fit[0] < TARGET_EPOCH)))
+                    f"HVAE.partial_fit {fit[0]:.2f} s ({fit[1]} thr), bare loop "
+                    f"{loop[0]:.2f} s ({loop[1]} thr)", verdict(fit[0] < TARGET_EPOCH)))
     return out
 
 

@@ -1,8 +1,9 @@
 /* model.c - the T-level model over one flat parameter buffer: forward (per-example loss terms,
  * log-weights), backward (exact gradient of the batch-mean loss), the inference and generative
  * chains alone; the bottom-up inference chain here, the top-down one in topdown.c (sharing the
- * buffers, MLPs and loss terms of this file). Generic in `real`; compiled through f32.c and
- * f64.c after layers.c and sparse.c, before topdown.c.
+ * buffers, MLPs and loss terms of this file); the k samples of an importance-weighted call
+ * share what they can through iwae.c. Generic in `real`; compiled through f32.c and f64.c
+ * after layers.c, sparse.c and iwae.c, before topdown.c.
  *
  * Levels are 1-based in the math and 0-based in arrays: level i lives at index i-1.
  */
@@ -220,7 +221,7 @@ static void F(likelihood_part)(void *p, int part, int n_parts) {
     const F(likelihood_job) *j = p;
     size_t lo, hi, w = (size_t)hvae_x_params_dim(j->c), D = (size_t)j->c->x_dim;
     part_range((size_t)j->B, ALIGN_ROWS, part, n_parts, &lo, &hi);
-    /* runs of rows with one target row: all of [lo, hi) when k = 1 */
+    /* all of [lo, hi) at once when k = 1, else row by row (row r's target is row r / k) */
     for (size_t r0 = lo, r1; r0 < hi; r0 = r1) {
         r1 = j->k == 1 ? hi : r0 + 1;
         const real *xp = j->xp + r0 * w, *t = j->target + (r0 / (size_t)j->k) * D;

@@ -26,17 +26,25 @@ def save(model, path):
     ----------
     model : HVAE
     path : str or os.PathLike
-        Destination; ``.npz`` is the conventional suffix (not added).
+        Destination; ``.npz`` is the conventional suffix (not added). Missing folders are
+        created.
     """
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    history = getattr(model, "history_", [])
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "config": {k: getattr(model, k) for k in CONFIG_KEYS},
         "rng_state": model._rng.bit_generator.state,
-        "history": getattr(model, "history_", []),
+        "history": history,
+        "training": {"epochs_done": len(history), **getattr(model, "train_config_", {})},
         "optimizer": None,
     }
     arrays = {"params": model.params}
+    best = getattr(model, "best_", None)
+    if best is not None:  # an early-stopping run in progress: its best epoch so far
+        meta["training"]["best_epoch"] = best[1]
+        arrays["best_params"] = best[2]
     opt = getattr(model, "optimizer_", None)
     if opt is not None:
         meta["optimizer"] = {"step": opt.step, "lr": opt.lr, "beta1": opt.beta1,
@@ -79,6 +87,28 @@ def _check_optimizer(opt, path):
             np.isfinite(lr) and lr >= 0 and 0 <= b1 < 1 and 0 <= b2 < 1
             and np.isfinite(eps) and eps > 0):
         raise _bad(path, f"optimizer settings lr={lr!r} beta1={b1!r} beta2={b2!r} eps={eps!r}")
+
+
+def _check_training(training, history, path):
+    """The run's settings: a dict of JSON scalars (or lists of them) whose epochs_done agrees
+    with the history, and whose best epoch, if any, is one of them."""
+    if not isinstance(training, dict):
+        raise _bad(path, "training is not a dict")
+    training = dict(training)
+    for key, v in training.items():
+        ok = v is None or isinstance(v, (bool, str)) or _is_number(v) or (
+            isinstance(v, list) and all(map(_is_number, v)))
+        if not ok:
+            raise _bad(path, f"training[{key!r}] = {v!r}")
+    done = training.pop("epochs_done", None)
+    if done != len(history):
+        raise _bad(path, f"training says {done!r} epochs done, the history holds "
+                         f"{len(history)}")
+    best = training.pop("best_epoch", None)
+    if best is not None and not (isinstance(best, int) and 1 <= best <= len(history)
+                                 and _is_number(history[best - 1].get("val_loss"))):
+        raise _bad(path, f"training best_epoch {best!r}")
+    return training, best
 
 
 def _read_array(zf, name, path, shape, dtype):
@@ -155,6 +185,12 @@ def load(path, model_class):
             except (TypeError, ValueError, KeyError) as exc:
                 raise _bad(path, f"rng_state: {exc}") from None
             model.history_ = _check_history(meta["history"], path)
+            if "training" in meta:  # files written before runs remembered their settings lack it
+                model.train_config_, best = _check_training(meta["training"], model.history_,
+                                                            path)
+                if best is not None:
+                    model.best_ = (model.history_[best - 1]["val_loss"], best,
+                                   _read_array(zf, "best_params", path, (n,), dtype))
             opt = meta["optimizer"]
             if opt is not None:
                 _check_optimizer(opt, path)

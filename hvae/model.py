@@ -3,6 +3,8 @@ import os
 
 import numpy as np
 
+import warnings
+
 from . import _core, checkpoint, evaluation, training
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
@@ -54,18 +56,19 @@ class HVAE:
         per-dimension log-variance.
     activation : {"tanh", "relu", "leaky_relu"}
         After every hidden layer (slope 0.01 for leaky_relu).
-    kl : {"analytic", "mc"}
-        The KL estimator (README, "Two estimators"): the seed's closed-form chain, or the unbiased
-        Monte Carlo cross terms.
+    kl : {"mc", "analytic"}
+        The KL estimator (README, "Two estimators"): the unbiased Monte Carlo cross terms, or the
+        seed documents' closed-form chain (biased for T >= 2). The two are the same for T = 1.
     dtype : {"float32", "float64"}
     seed : int or None
         Seeds the NumPy Generator used for initialisation, noise and shuffling.
     deterministic : bool
         A plain autoencoder: z_i = mu_i, no sampling, no KL.
-    init : {"torch", "glorot"}
-        "torch": weights and biases ~ U(+-1/sqrt(fan_in)), as ``torch.nn.Linear``; "glorot":
-        weights ~ U(+-sqrt(6 / (fan_in + fan_out))), zero biases (Glorot & Bengio 2010, the IWAE
-        paper's choice).
+    init : {"glorot", "torch"}
+        "glorot": weights ~ U(+-sqrt(6 / (fan_in + fan_out))), zero biases (Glorot & Bengio 2010,
+        the IWAE paper's choice); "torch": weights and biases ~ U(+-1/sqrt(fan_in)), as
+        ``torch.nn.Linear`` (deep tanh networks then sit for hundreds of steps at the pixel
+        marginals).
     prior_variance : {"unit", "learned"}, optional
         The variance of p(z_{i-1} | z_i) for the levels i >= 2: the seed's identity, or a
         diagonal learned by decoder i, whose output is then [mean, logvar] (width 2 d_{i-1}),
@@ -95,8 +98,11 @@ class HVAE:
         or "learned"; the other arguments are stored under their names too.
         :meth:`get_params` returns them all exactly as passed.
     history_ : list of dict
-        One record per epoch trained (loss, reconstruction, kl per level, beta, val_loss,
-        seconds).
+        One record per epoch trained (see :meth:`fit`).
+    train_config_ : dict
+        The run's training settings (:data:`hvae.training.TRAIN_DEFAULTS`, plus what the command
+        line adds: the data set and its subset), saved in checkpoints and restored by the next
+        :meth:`fit`.
     optimizer_ : Adam or None
         The optimiser's state once training has begun.
 
@@ -109,15 +115,15 @@ class HVAE:
     :meth:`fit_transform`, :meth:`score_samples` and :meth:`score`. Two deliberate departures:
     the model exists from construction (``params`` is drawn by ``__init__``, so it can be
     evaluated, saved or used in ``loss_and_grad`` before any fit), and ``warm_start`` defaults
-    to True, because continuing is how a saved run resumes exactly and how the command line's
-    ``--resume`` works. scikit-learn's model-selection tools fit fresh clones, which are the
-    same whichever ``warm_start``; pass ``warm_start=False`` for scikit-learn's
-    fit-from-scratch semantics on repeated fits of one object.
+    to True, because continuing the run is how a saved run resumes exactly and how the
+    command line's ``--resume`` works. scikit-learn's model-selection tools fit fresh clones,
+    which are the same whichever ``warm_start``; pass ``warm_start=False`` for scikit-learn's
+    fit-from-scratch semantics on repeated fits of one object (on new data, say).
     """
 
     def __init__(self, x_dim, latent_dims, hidden_dims=None, *, likelihood="bernoulli",
-                 activation="tanh", kl="analytic", dtype="float32", seed=None,
-                 deterministic=False, init="torch", prior_variance=None, inference="bottom_up",
+                 activation="tanh", kl="mc", dtype="float32", seed=None,
+                 deterministic=False, init="glorot", prior_variance=None, inference="bottom_up",
                  warm_start=True):
         # what get_params returns: the arguments themselves (sklearn's clone checks identity)
         given = dict(x_dim=x_dim, latent_dims=latent_dims, hidden_dims=hidden_dims,
@@ -178,7 +184,10 @@ class HVAE:
         self._rng = np.random.default_rng(seed)
         self.params = np.empty(self._core.n_params, dtype=self.dtype)
         self.history_ = []
+        self.train_config_ = {}
+        self.best_ = None  # early stopping: (val_loss, epoch, params) of the best epoch so far
         self.optimizer_ = None
+        self._warned_untrained = False
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------
@@ -258,11 +267,14 @@ class HVAE:
 
     def _restart(self):
         """The state of a freshly constructed model: random stream from ``seed``, parameters
-        drawn from it, no optimiser, no history (``fit`` with ``warm_start=False``)."""
+        drawn from it, no optimiser, history or run settings (``fit`` with
+        ``warm_start=False``)."""
         self._rng = np.random.default_rng(self.seed)
         self.reset_parameters()
         self.optimizer_ = None
         self.history_ = []
+        self.train_config_ = {}
+        self.best_ = None
 
     def reset_parameters(self):
         """Draw fresh parameters by the ``init`` scheme (see the class docstring). Returns self."""
@@ -304,9 +316,10 @@ class HVAE:
     # ------------------------------------------------------------------------------------------
     # the loss
 
-    def _check_x(self, x, name="x", finite=True):
+    def _check_x(self, x, name="x", finite=True, scored=False):
         """x as a 2-D array of the model's dtype with x_dim columns, finite unless the caller
-        leaves that check to the core (which names the argument the same way)."""
+        leaves that check to the core (which names the argument the same way); with ``scored``
+        (the likelihood scores it), in [0, 1] for the Bernoulli likelihood."""
         if type(x).__module__.startswith("scipy.sparse"):
             raise TypeError(f"{name}: sparse matrices are not supported; pass a dense array "
                             f"({name}.toarray()); the core skips the zeros of a sparse x itself")
@@ -325,6 +338,13 @@ class HVAE:
             if not rows.all():
                 raise ValueError(f"{name}: expected finite values, got NaN or infinity in row "
                                  f"{int(np.argmin(rows))}")
+        if scored and self.likelihood == "bernoulli" and arr.size:
+            lo, hi = float(arr.min()), float(arr.max())
+            if np.isfinite(lo) and np.isfinite(hi) and (lo < 0 or hi > 1):
+                raise ValueError(
+                    f"{name}: the bernoulli likelihood scores values in [0, 1], got min {lo:g}, "
+                    f"max {hi:g}; for pixels in 0..255 divide by 255, or binarize them with "
+                    f"hvae.datasets.binarize(x / 255)")
         return arr
 
     def draw_eps(self, batch):
@@ -349,9 +369,9 @@ class HVAE:
         if free_bits is not None and objective == "iwae":
             raise ValueError("free_bits: not defined for objective='iwae' (a bound on log p(x), "
                              "not a sum of KL terms)")
-        x = self._check_x(x, finite=False)
+        x = self._check_x(x, finite=False, scored=target is None)
         if target is not None:
-            target = self._check_x(target, "target", finite=False)
+            target = self._check_x(target, "target", finite=False, scored=True)
         if eps is None and not self.deterministic:
             eps = self.draw_eps(len(x) * est["k"])
         return self._core.forward(self.params, x, target, None if self.deterministic else eps,
@@ -476,16 +496,20 @@ class HVAE:
         if self.optimizer_ is None:
             self.optimizer_ = training.Adam(self.n_params, self.dtype)
 
-    def fit(self, X, y=None, *, epochs=10, batch_size=100, lr=1e-3, validation_data=None,
-            kl_warmup_epochs=0, kl_warmup_delay=0, beta=1.0, free_bits=None, objective="elbo",
-            k=1, gradient="standard", patience=None, progress=True, checkpoint=None,
-            callbacks=None, n_jobs=None):
-        """Train with Adam on shuffled minibatches, continuing from the current state.
+    def fit(self, X, y=None, *, epochs=None, batch_size=None, lr=None, lr_decay=None,
+            validation_data=None, kl_warmup_epochs=None, kl_warmup_delay=None, beta=None,
+            free_bits=None, objective=None, k=None, gradient=None, patience=None, progress=True,
+            checkpoint=None, callbacks=None, n_jobs=None):
+        """Train with Adam on shuffled minibatches until the run has done ``epochs`` epochs.
 
-        Each call runs ``epochs`` more epochs: parameters, Adam moments, the random stream and
-        ``history_`` carry over (also through :meth:`save` / :func:`hvae.load`), so two calls of
-        2 epochs give bit for bit the parameters of one call of 4. With ``warm_start=False``
-        each call starts over from ``seed`` instead (scikit-learn's convention).
+        A run continues from the current state: parameters, Adam moments, the random stream,
+        ``history_`` and the run's settings (``train_config_``) carry over, also through
+        :meth:`save` / :func:`hvae.load`. A setting left at None takes the run's saved value,
+        else the default below, so ``hvae.load(path).fit(X)`` finishes an interrupted run bit
+        for bit as the uninterrupted one would have; a new value changes the run from the next
+        epoch on (with a warning that says what changed). With ``warm_start=False`` every call
+        starts a new run from ``seed`` instead (scikit-learn's convention): fresh parameters,
+        optimiser, random stream, history and settings.
 
         Parameters
         ----------
@@ -494,37 +518,42 @@ class HVAE:
         y : None
             Ignored (scikit-learn's protocol: an unsupervised fit takes y and drops it).
         epochs : int
-            Epochs to run in this call.
+            The run's length in epochs, those already done included (default 50).
         batch_size : int
+            Examples per Adam step (default 100).
         lr : float
-            Adam step size.
+            Adam's step size in the run's first epoch (default 1e-3).
+        lr_decay : float
+            The step size falls exponentially from ``lr`` to ``lr * lr_decay`` in the run's last
+            epoch (default 0.1; 1 keeps it constant).
         validation_data : array_like, shape (m, x_dim), optional
             Scored after each epoch (``val_loss``: negative ELBO, k = 1, beta = 1).
         kl_warmup_epochs : float
-            KL weight rises linearly from 0 to ``beta`` over this many epochs (Ladder VAE).
+            KL weight rises linearly from 0 to ``beta`` over this many epochs (Ladder VAE;
+            default 20).
         kl_warmup_delay : float
-            Epochs at KL weight 0 (an autoencoder's objective) before the warm-up starts. Keeps
-            the upper levels of a hierarchy alive: without it they tend to collapse to the prior
-            while the decoder still ignores z_1 (README, "MNIST").
+            Epochs at KL weight 0 (an autoencoder's objective) before the warm-up starts
+            (default 5). Keeps the upper levels of a hierarchy alive: without it they tend to
+            collapse to the prior while the decoder still ignores z_1 (README, "Results").
         beta : float
-            KL weight after warm-up (beta-VAE; 1 for the ELBO).
-        free_bits : float or list of float, optional
+            KL weight after warm-up (beta-VAE; default 1, the ELBO).
+        free_bits : float or list of float
             Free bits in nats (Kingma et al. 2016), one for every level or one per level: in the
             training loss level i's KL term is ``max(free_bits[i-1], batch mean of kl_i)``, so
             no gradient pushes a level below its floor (against posterior collapse). Evaluation
-            and ``val_loss`` are unaffected.
+            and ``val_loss`` are unaffected. Default: none.
         objective, k, gradient
-            The training objective (see :meth:`loss_and_grad`): the ELBO, or the IWAE bound with
-            k samples per example and its standard or doubly reparameterized gradient. The KL
-            warm-up's weight is the IWAE's beta. ``loss`` in the history is then the negative
-            bound; ``val_loss`` stays the negative ELBO.
-        patience : int, optional
+            The training objective (see :meth:`loss_and_grad`): the ELBO (the default), or the
+            IWAE bound with k samples per example and its standard or doubly reparameterized
+            gradient. The KL warm-up's weight is the IWAE's beta. ``loss`` in the history is
+            then the negative bound; ``val_loss`` stays the negative ELBO.
+        patience : int
             Stop after this many epochs without a better ``val_loss`` and keep the best
-            parameters (needs ``validation_data``).
+            parameters (needs ``validation_data``; default 0, no early stopping).
         progress : bool
             A tqdm progress bar with loss, reconstruction and KL per level.
         checkpoint : str or os.PathLike, optional
-            Saved atomically after every epoch.
+            Saved atomically after every epoch (missing folders are created).
         callbacks : list of callable, optional
             ``cb(model, record)`` after every epoch; returning True stops training.
         n_jobs : int, optional
@@ -545,11 +574,12 @@ class HVAE:
             finite parameters.
         """
         return training.fit(self, X, epochs=epochs, batch_size=batch_size, lr=lr,
-                            validation_data=validation_data, kl_warmup_epochs=kl_warmup_epochs,
-                            kl_warmup_delay=kl_warmup_delay, beta=beta, free_bits=free_bits,
-                            estimator=self.estimator(objective, k, gradient), patience=patience,
-                            progress=progress, checkpoint=checkpoint, callbacks=callbacks,
-                            n_jobs=n_jobs, restart=not self.warm_start)
+                            lr_decay=lr_decay, validation_data=validation_data,
+                            kl_warmup_epochs=kl_warmup_epochs, kl_warmup_delay=kl_warmup_delay,
+                            beta=beta, free_bits=free_bits, objective=objective, k=k,
+                            gradient=gradient, patience=patience, progress=progress,
+                            checkpoint=checkpoint, callbacks=callbacks, n_jobs=n_jobs,
+                            restart=not self.warm_start)
 
     def fit_transform(self, X, y=None, **fit_params):
         """:meth:`fit` then :meth:`transform` (scikit-learn's protocol).
@@ -568,15 +598,14 @@ class HVAE:
         """
         return self.fit(X, **fit_params).transform(X)
 
-    def partial_fit(self, X, y=None, *, batch_size=100, lr=1e-3, beta=1.0, free_bits=None,
-                    objective="elbo", k=1, gradient="standard", progress=False, n_jobs=None):
-        """One shuffled pass of minibatches over X (one epoch), always continuing from the
-        current state whatever ``warm_start``; y is ignored; see :meth:`fit`. Returns self."""
-        return training.fit(self, X, epochs=1, batch_size=batch_size, lr=lr,
-                            validation_data=None, kl_warmup_epochs=0, beta=beta,
-                            free_bits=free_bits, estimator=self.estimator(objective, k, gradient),
-                            patience=None, progress=progress, checkpoint=None, callbacks=None,
-                            n_jobs=n_jobs)
+    def partial_fit(self, X, y=None, *, batch_size=None, lr=None, beta=None, free_bits=None,
+                    objective=None, k=None, gradient=None, progress=False, n_jobs=None):
+        """One more shuffled pass of minibatches over X (one epoch) of the run's schedule; the
+        settings as in :meth:`fit`; always continuing, whatever ``warm_start``; y is ignored.
+        Returns self."""
+        return training.fit(self, X, batch_size=batch_size, lr=lr, beta=beta,
+                            free_bits=free_bits, objective=objective, k=k, gradient=gradient,
+                            progress=progress, n_jobs=n_jobs, stop_after=len(self.history_) + 1)
 
     # ------------------------------------------------------------------------------------------
     # what was learned
@@ -679,6 +708,7 @@ class HVAE:
             Probabilities for the Bernoulli likelihood, means otherwise.
         """
         n = _positive_int(n, "n")
+        self._warn_if_untrained("sample")
         if n > MAX_ROWS:
             raise ValueError(f"n: at most {MAX_ROWS} samples per call, got {n}")
         temperature = _number(temperature, "temperature")
@@ -749,7 +779,7 @@ class HVAE:
         ndarray, shape (n,), float64, nats
         """
         self._check_stochastic("elbo")
-        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"),
+        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _positive_int(k, "k"),
                                      threads=training.resolve_n_jobs(n_jobs))
 
     def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False, n_jobs=None):
@@ -775,15 +805,17 @@ class HVAE:
         ndarray, shape (n,), float64, nats
         """
         self._check_stochastic("log_likelihood")
+        self._warn_if_untrained("log_likelihood")
         rows = _positive_int(batch_size, "batch_size")
         _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
                       * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
-        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"), rows=rows,
-                                     progress=progress, threads=training.resolve_n_jobs(n_jobs))
+        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _positive_int(k, "k"),
+                                     rows=rows, progress=progress,
+                                     threads=training.resolve_n_jobs(n_jobs))
 
-    def score_samples(self, X, k=100, *, n_jobs=None):
+    def score_samples(self, X, k=5000, *, n_jobs=None):
         """Per-example log-likelihood, importance-sampled with k samples (scikit-learn's
-        protocol; :meth:`log_likelihood` with a smaller default k).
+        protocol; :meth:`log_likelihood`).
 
         Parameters
         ----------
@@ -799,7 +831,7 @@ class HVAE:
         """
         return self.log_likelihood(X, k=k, n_jobs=n_jobs)
 
-    def score(self, X, y=None, *, k=100, n_jobs=None):
+    def score(self, X, y=None, *, k=5000, n_jobs=None):
         """Mean of :meth:`score_samples` in nats (higher is better): X, k and n_jobs as there,
         y ignored (scikit-learn's protocol).
 
@@ -808,6 +840,15 @@ class HVAE:
         float
         """
         return float(np.mean(self.score_samples(X, k=k, n_jobs=n_jobs)))
+
+    def _warn_if_untrained(self, what):
+        """Warn once per model when it has never taken a training step."""
+        steps = 0 if self.optimizer_ is None else self.optimizer_.step
+        if self._warned_untrained or self.history_ or steps:
+            return
+        self._warned_untrained = True
+        warnings.warn(f"{what}: this model was never trained (its parameters are the random "
+                      f"initialisation); call fit first", UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------------------------------
     # persistence
@@ -819,7 +860,7 @@ class HVAE:
     def __repr__(self):
         flags = (", deterministic=True" if self.deterministic else "") + \
             (", warm_start=False" if not self.warm_start else "") + \
-            (f", init={self.init!r}" if self.init != "torch" else "") + \
+            (f", init={self.init!r}" if self.init != "glorot" else "") + \
             (f", inference={self.inference!r}" if self.inference != "bottom_up" else "") + \
             (f", prior_variance={self.prior_variance!r}"
              if self.prior_variance != ("learned" if self.inference == "top_down" else "unit")

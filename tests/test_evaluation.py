@@ -18,10 +18,10 @@ def linear_gaussian(rng, exact_posterior, inference="bottom_up"):
     of width 2 D in the encoder and the decoder, used as an exact identity, u = relu(v) - relu(-v):
     the first layer maps v to [v, -v] (zero-padded), the output layer reads [I, -I]."""
     if inference == "bottom_up":
-        m = hvae.HVAE(D, [d], [[]], likelihood="gaussian", dtype="float64", seed=0)
+        m = hvae.HVAE(D, [d], [[]], likelihood="gaussian", dtype="float64", seed=0, init="torch")
     else:
         m = hvae.HVAE(D, [d], [[2 * D]], likelihood="gaussian", activation="relu",
-                      dtype="float64", seed=0, inference="top_down")
+                      dtype="float64", seed=0, inference="top_down", init="torch")
     q, _ = np.linalg.qr(rng.normal(size=(D, d)))
     W = q * np.array([2.0, 0.7])
     b = rng.normal(size=D)

@@ -18,7 +18,8 @@ def trained():
     proto = rng.random((4, 12)) < 0.5
     X = (proto[rng.integers(0, 4, 300)] ^ (rng.random((300, 12)) < 0.05)).astype(np.float32)
     m = hvae.HVAE(12, [6, 3], [[16], [8]], inference="top_down", seed=0)
-    m.fit(X, epochs=15, batch_size=50, lr=3e-3, progress=False)
+    m.fit(X, epochs=15, batch_size=50, lr=3e-3, lr_decay=1.0, kl_warmup_epochs=0,
+          kl_warmup_delay=0, progress=False)
     return m, X
 
 
@@ -102,10 +103,12 @@ def test_partial_fit_and_free_bits_in_fit(trained):
     _, X = trained
     m = hvae.HVAE(12, [6, 3], [[16], [8]], inference="top_down", seed=1)
     m.partial_fit(X, free_bits=0.5)
-    m.fit(X, epochs=1, free_bits=[0.1, 0.2], progress=False)
+    assert m.train_config_["free_bits"] == [0.5, 0.5]
+    with pytest.warns(UserWarning, match=r"free_bits \[0.5, 0.5\] -> \[0.1, 0.2\]"):
+        m.fit(X, epochs=2, free_bits=[0.1, 0.2], progress=False)
     assert len(m.history_) == 2
     with pytest.raises(ValueError, match="free_bits"):
-        m.fit(X, epochs=1, free_bits=[0.1], progress=False)
+        m.fit(X, epochs=3, free_bits=[0.1], progress=False)
     assert len(m.history_) == 2
 
 
@@ -117,7 +120,8 @@ def test_free_bits_keep_a_level_alive():
     kl = {}
     for fb in (None, 2.0):
         m = hvae.HVAE(12, [4], [[8]], inference="top_down", seed=3)
-        m.fit(X, epochs=20, batch_size=50, lr=3e-3, free_bits=fb, progress=False)
+        m.fit(X, epochs=20, batch_size=50, lr=3e-3, lr_decay=1.0, kl_warmup_epochs=0,
+              kl_warmup_delay=0, free_bits=fb, progress=False)
         kl[fb] = m.history_[-1]["kl"][0]
     assert kl[None] < 0.2 and kl[2.0] > 1.0
 
