@@ -881,8 +881,9 @@ def load(path):
     Returns
     -------
     HVAE
-        With parameters, optimiser state, random state and ``history_`` restored, so that
-        ``fit`` continues exactly as an uninterrupted run would.
+        With parameters, optimiser state, random state, ``history_`` and the run's settings
+        (``train_config_``) restored, so that ``fit`` continues exactly as an uninterrupted
+        run would.
 
     Raises
     ------
