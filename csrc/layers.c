@@ -398,6 +398,14 @@ HVAE_CLONES static void F(gauss_kl_learned_backward)(real *restrict dmulv, real 
 /*   lq = -log(e^-a + e^-s) = min(a, s) - log1p(e^-|a-s|),  mu_q = m + w (mu^ - m),              */
 /*   w = e^-a / (e^-a + e^-s) = sigmoid(s - a), both from one e^-|a-s| (no overflow)              */
 
+/* w = sigmoid(s - a) and wc = 1 - w; returns e^-|a-s| */
+static inline real F(merge_weights)(real a, real s, real *w, real *wc) {
+    const real diff = s - a, e = F(vexp)(-(diff >= 0 ? diff : -diff)), r = (real)1 / ((real)1 + e);
+    *w = diff >= 0 ? r : e * r;
+    *wc = diff >= 0 ? e * r : r;
+    return e;
+}
+
 /* out (B,2d) = [mu_q, lq]; mulv (B,2d) = [mu^, a]; ms: [m, s] (B,2d) when learned, else m (B,d)
  * with s = 0 */
 HVAE_CLONES static void F(gauss_merge_forward)(real *restrict out, const real *restrict mulv,
@@ -409,11 +417,11 @@ HVAE_CLONES static void F(gauss_merge_forward)(real *restrict out, const real *r
         const real *m = ms + (size_t)b * w_ms, *s = learned ? m + d : NULL;
         real *mq = out + (size_t)b * 2 * d, *lq = mq + d;
         for (int j = 0; j < d; j++) {
-            const real sj = s ? s[j] : (real)0, diff = sj - a[j];
-            const real e = F(vexp)(-(diff >= 0 ? diff : -diff)), r = (real)1 / ((real)1 + e);
-            const real w = diff >= 0 ? r : e * r; /* sigmoid(s - a) */
+            const real sj = s ? s[j] : (real)0;
+            real w, wc;
+            const real e = F(merge_weights)(a[j], sj, &w, &wc);
             mq[j] = m[j] + w * (mu[j] - m[j]);
-            lq[j] = (diff >= 0 ? a[j] : sj) - F(vlog1p_01)(e);
+            lq[j] = (sj >= a[j] ? a[j] : sj) - F(vlog1p_01)(e);
         }
     }
 }
@@ -432,9 +440,8 @@ HVAE_CLONES static void F(gauss_merge_backward)(real *restrict dmulv, real *rest
         real *dmu = dmulv + (size_t)b * 2 * d, *da = dmu + d;
         real *dm = dms + (size_t)b * w_ms, *ds = learned ? dm + d : NULL;
         for (int j = 0; j < d; j++) {
-            const real sj = s ? s[j] : (real)0, diff = sj - a[j];
-            const real e = F(vexp)(-(diff >= 0 ? diff : -diff)), r = (real)1 / ((real)1 + e);
-            const real w = diff >= 0 ? r : e * r, wc = diff >= 0 ? e * r : r; /* w, 1 - w */
+            real w, wc;
+            F(merge_weights)(a[j], s ? s[j] : (real)0, &w, &wc);
             const real g = dmq[j] * (mu[j] - m[j]) * (w * wc); /* d loss / d (s - a) via w */
             dmu[j] += dmq[j] * w;
             dm[j] += dmq[j] * wc;
