@@ -25,15 +25,14 @@ import sys
 import numpy as np
 import pytest
 
-import hvae
+from sklearn.base import clone
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import Pipeline
+from sklearn.utils import estimator_checks
 
-sklearn = pytest.importorskip("sklearn")
-from sklearn.base import clone  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.model_selection import GridSearchCV  # noqa: E402
-from sklearn.pipeline import Pipeline  # noqa: E402
-from sklearn.utils import estimator_checks  # noqa: E402
+import hvae
 
 # a constant step size and no KL warm-up: a run's numbers do not depend on its planned length
 FIT = dict(batch_size=20, lr_decay=1.0, kl_warmup_delay=0, kl_warmup_epochs=0, progress=False)
