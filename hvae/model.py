@@ -1,5 +1,7 @@
 """The HVAE estimator: architecture, the flat parameter buffer, and the core's loss and gradient."""
 import os
+import threading
+import weakref
 
 import numpy as np
 
@@ -21,6 +23,61 @@ def default_hidden_dims(x_dim, latent_dims):
     """
     dims = [x_dim, *latent_dims]
     return [[max(2 * dims[i + 1], min(200, dims[i]))] * 2 for i in range(len(latent_dims))]
+
+
+def _check_seed(seed):
+    """The seed as the constructor stores it (and checkpoints write): None, an int >= 0, or a
+    list of them. NumPy integers and 1-D integer arrays are converted; a Generator, BitGenerator
+    or SeedSequence is refused (its state would not be what the checkpoint restores)."""
+    want = "None, an integer >= 0 or a list of them"
+    if seed is None:
+        return None
+    if isinstance(seed, (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)):
+        raise TypeError(f"seed: expected {want}, got a {type(seed).__name__}; pass an integer "
+                        f"(the model keeps its own Generator, seeded from it, and checkpoints "
+                        f"save that Generator's state)")
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+        if seed < 0:
+            raise ValueError(f"seed: expected {want}, got {seed!r}")
+        return int(seed)
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        items = list(seed.ravel()) if isinstance(seed, np.ndarray) and seed.ndim == 1 else (
+            None if isinstance(seed, np.ndarray) else list(seed))
+        if items and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+                         and v >= 0 for v in items):
+            return [int(v) for v in items]
+        raise ValueError(f"seed: expected {want}, got {seed!r}")
+    raise TypeError(f"seed: expected {want}, got {type(seed).__name__}")
+
+
+# live models, whose locks are taken around a fork (so no step is half done in the child) and
+# made anew in the child (the threads that held them are not there)
+_MODELS = weakref.WeakSet()
+_FORKING = []
+
+
+def _before_fork():
+    _FORKING[:] = list(_MODELS)
+    for m in _FORKING:
+        m._lock.acquire()
+
+
+def _after_fork_in_parent():
+    for m in _FORKING:
+        m._lock.release()
+    _FORKING.clear()
+
+
+def _after_fork_in_child():
+    for m in _FORKING:
+        m._lock = threading.RLock()
+        m._fit_thread = None
+    _FORKING.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 def _int_list(value, name):
@@ -55,8 +112,10 @@ class HVAE:
         The KL estimator (README, "Two estimators"): the seed's closed-form chain, or the unbiased
         Monte Carlo cross terms.
     dtype : {"float32", "float64"}
-    seed : int or None
-        Seeds the NumPy Generator used for initialisation, noise and shuffling.
+    seed : int, list of int, or None
+        Seeds the NumPy Generator used for initialisation, noise and shuffling (integers >= 0;
+        NumPy integers and integer arrays are stored as int and list). A Generator or
+        SeedSequence is refused: the model keeps its own Generator, whose state checkpoints save.
     deterministic : bool
         A plain autoencoder: z_i = mu_i, no sampling, no KL.
     init : {"torch", "glorot"}
@@ -72,6 +131,16 @@ class HVAE:
     ----------
     params : ndarray, shape (n_params,)
         Every weight and bias in one contiguous buffer (see :meth:`named_params`).
+
+    Notes
+    -----
+    A model may be shared between threads: each step of :meth:`fit` (noise, parameters, Adam
+    moments, step counter) happens under the model's lock, so :meth:`save`, ``pickle`` or
+    ``copy.deepcopy`` from another thread waits for the step to end; a second :meth:`fit` or
+    :meth:`partial_fit` while one runs raises RuntimeError. ``pickle`` and ``copy.deepcopy``
+    go through the bytes of a checkpoint (:func:`hvae.checkpoint.dumps`), never pickling
+    arbitrary objects. A process forked while another thread trains the model gets it as of
+    the last completed step.
     """
 
     def __init__(self, x_dim, latent_dims, hidden_dims=None, *, likelihood="bernoulli",
@@ -105,10 +174,13 @@ class HVAE:
         self.activation = activation
         self.kl = kl
         self.dtype = str(np.dtype(dtype))
+        seed = _check_seed(seed)
         self.seed = seed
         self.deterministic = bool(deterministic)
         self.init = init
         self.prior_variance = prior_variance
+        self._lock = threading.RLock()  # one state change at a time (see Notes)
+        self._fit_thread = None         # the thread running fit, if any
         self._core = self._new_core()
         _check_memory(self._core.n_params * np.dtype(self.dtype).itemsize, "the parameters")
         self._rng = np.random.default_rng(seed)
@@ -116,6 +188,7 @@ class HVAE:
         self.history_ = []
         self.optimizer_ = None
         self.reset_parameters()
+        _MODELS.add(self)
 
     # ------------------------------------------------------------------------------------------
     # parameters
@@ -133,6 +206,11 @@ class HVAE:
 
     def reset_parameters(self):
         """Draw fresh parameters by the ``init`` scheme (see the class docstring). Returns self."""
+        with self._lock:
+            self._reset_parameters()
+        return self
+
+    def _reset_parameters(self):
         fan_in = fan_out = 1
         for _, offset, shape in self._core.param_table():
             if len(shape) == 2:  # a weight (out, in); its bias follows with the same fans
@@ -146,7 +224,6 @@ class HVAE:
                 stop = min(n, start + (1 << 20))
                 self.params[offset + start:offset + stop] = (
                     self._rng.uniform(-bound, bound, stop - start) if bound else 0)
-        return self
 
     def named_params(self):
         """Views into :attr:`params` by name, in buffer order.
@@ -199,7 +276,9 @@ class HVAE:
         list of ndarray
             T arrays of shape (batch, d_i).
         """
-        return [self._rng.standard_normal((batch, d), dtype=self.dtype) for d in self.latent_dims]
+        with self._lock:
+            return [self._rng.standard_normal((batch, d), dtype=self.dtype)
+                    for d in self.latent_dims]
 
     @property
     def dtype_type(self):
@@ -384,19 +463,30 @@ class HVAE:
             Probabilities (Bernoulli) or means.
         """
         level = self.n_levels if level is None else level
-        temperature = _number(temperature, "temperature")
+        temperature = self._temperature(temperature)
         z = np.asarray(z)
         n = len(z) if z.ndim == 2 else 0
         eps = None
         if temperature > 0 and n and isinstance(level, (int, np.integer)) and level >= 2:
             _check_memory(n * sum(self.latent_dims[:level - 1]) * np.dtype(self.dtype).itemsize,
                           f"the noise of {n} rows")
-            eps = [self._rng.standard_normal((n, d), dtype=self.dtype)
-                   for d in self.latent_dims[:level - 1]]
+            with self._lock:
+                eps = [self._rng.standard_normal((n, d), dtype=self.dtype)
+                       for d in self.latent_dims[:level - 1]]
         xp, zs = self._core.decode(self.params, z, level=level, eps=eps,
                                    temperature=float(temperature))
         x = self._mean_of_x(xp)
         return (x, zs) if return_latents else x
+
+    def _temperature(self, value):
+        """A temperature: a finite number >= 0, also in the model's dtype."""
+        t = _number(value, "temperature")
+        with np.errstate(over="ignore"):
+            fits = np.isfinite(self.dtype_type(t))
+        if not np.isfinite(t) or t < 0 or not fits:
+            raise ValueError(f"temperature: expected a finite number >= 0 (in {self.dtype}), "
+                             f"got {value!r}")
+        return t
 
     def reconstruct(self, x):
         """Expected x given the posterior means, shape (n, x_dim)."""
@@ -423,12 +513,11 @@ class HVAE:
         n = _positive_int(n, "n")
         if n > MAX_ROWS:
             raise ValueError(f"n: at most {MAX_ROWS} samples per call, got {n}")
-        temperature = _number(temperature, "temperature")
-        if not np.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+        temperature = self._temperature(temperature)
         width = 2 * sum(self.latent_dims) + self._core.x_params_dim + self.x_dim
         _check_memory(n * width * np.dtype(self.dtype).itemsize, f"n={n} samples")
-        z_top = self._rng.standard_normal((n, self.latent_dims[-1]), dtype=self.dtype)
+        with self._lock:
+            z_top = self._rng.standard_normal((n, self.latent_dims[-1]), dtype=self.dtype)
         z_top *= self.dtype_type(temperature)
         x, zs = self.decode(z_top, temperature=temperature, return_latents=True)
         return (x, [*zs, z_top]) if return_latents else x
@@ -440,10 +529,15 @@ class HVAE:
         -------
         ndarray, shape (steps, x_dim)
         """
+        steps = _positive_int(steps, "steps")
+        if steps > MAX_ROWS:
+            raise ValueError(f"steps: expected at most {MAX_ROWS}, got {steps}")
+        for name, v in (("x_a", x_a), ("x_b", x_b)):
+            if np.ndim(v) > 2 or len(np.atleast_2d(v)) != 1:
+                raise ValueError(f"{name}: expected one example, shape ({self.x_dim},) or "
+                                 f"(1, {self.x_dim}), got shape {np.shape(v)}")
         za, zb = self.transform(np.atleast_2d(x_a)), self.transform(np.atleast_2d(x_b))
-        if len(za) != 1 or len(zb) != 1:
-            raise ValueError("x_a, x_b: expected one example each")
-        t = np.linspace(0, 1, int(steps), dtype=self.dtype)[:, None]
+        t = np.linspace(0, 1, steps, dtype=self.dtype)[:, None]
         return self.decode((1 - t) * za + t * zb)
 
     def traverse(self, x, level, dim, values):
@@ -463,12 +557,30 @@ class HVAE:
         -------
         ndarray, shape (m, x_dim)
         """
-        if not 1 <= level <= self.n_levels:
-            raise ValueError(f"level: expected 1..{self.n_levels}, got {level}")
-        if not 0 <= dim < self.latent_dims[level - 1]:
-            raise ValueError(f"dim: expected 0..{self.latent_dims[level - 1] - 1}, got {dim}")
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) \
+                or not 1 <= level <= self.n_levels:
+            raise ValueError(f"level: expected an integer in 1..{self.n_levels}, got {level!r}")
+        level = int(level)
+        width = self.latent_dims[level - 1]
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) \
+                or not 0 <= dim < width:
+            raise ValueError(f"dim: expected an integer in 0..{width - 1}, got {dim!r}")
+        if np.ndim(x) > 2 or len(np.atleast_2d(x)) != 1:
+            raise ValueError(f"x: expected one example, shape ({self.x_dim},) or "
+                             f"(1, {self.x_dim}), got shape {np.shape(x)}")
+        try:
+            values = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"values: expected a 1-D array of numbers, got "
+                             f"{type(values).__name__}") from None
+        if values.ndim > 1 or not np.isfinite(values).all():
+            raise ValueError(f"values: expected a 1-D array of finite numbers, got shape "
+                             f"{values.shape}" + ("" if values.ndim > 1 else " with NaN or inf"))
+        with np.errstate(over="ignore"):
+            values = values.astype(self.dtype).ravel()
+        if not np.isfinite(values).all():
+            raise ValueError(f"values: expected numbers within the range of {self.dtype}")
         mu = self.encode(np.atleast_2d(x))[level - 1][0]
-        values = np.asarray(values, dtype=self.dtype).ravel()
         z = np.repeat(mu[:1], len(values), axis=0)
         z[:, dim] = values
         return self.decode(z, level=level)
@@ -490,7 +602,7 @@ class HVAE:
         ndarray, shape (n,), float64, nats
         """
         self._check_stochastic("elbo")
-        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"))
+        return evaluation.iwae_bound(self, self._check_x(x), _k(k))
 
     def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False):
         """Importance-sampled estimate of log p(x) per example (the IWAE bound with k samples).
@@ -512,19 +624,35 @@ class HVAE:
         rows = _positive_int(batch_size, "batch_size")
         _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
                       * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
-        return evaluation.iwae_bound(self, self._check_x(x), _positive_int(k, "k"), rows=rows,
+        return evaluation.iwae_bound(self, self._check_x(x), _k(k), rows=rows,
                                      progress=progress)
 
     def score(self, X, k=100):
         """Mean importance-sampled log-likelihood of X in nats (higher is better)."""
+        X = self._check_x(X, "X")
+        if len(X) == 0:
+            raise ValueError("X: expected at least one row, got an empty array")
         return float(np.mean(self.log_likelihood(X, k=k)))
 
     # ------------------------------------------------------------------------------------------
     # persistence
 
     def save(self, path):
-        """Write the model, its optimiser state and history to ``path`` (.npz, atomic)."""
+        """Write the model, its optimiser state and history to ``path`` (.npz, atomic).
+
+        The state goes through :func:`hvae.load`'s checks first: one that would not load back
+        (say ``params`` of another dtype) is a ValueError and the file is left as it was. A
+        symbolic link is written through; a FIFO, device or directory is refused."""
         checkpoint.save(self, path)
+
+    def __reduce__(self):
+        """pickle and copy.deepcopy: the bytes of a checkpoint, rebuilt by the loader."""
+        try:
+            data = checkpoint.dumps(self)
+        except ValueError as exc:
+            raise ValueError(f"cannot copy or pickle this HVAE: its state would not load back "
+                             f"({getattr(exc, 'why', exc)})") from None
+        return (checkpoint._from_bytes, (data, type(self)))
 
     def __repr__(self):
         flags = (", deterministic=True" if self.deterministic else "") + \
@@ -551,6 +679,13 @@ def _number(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     return float(value)
+
+
+def _k(k):
+    k = _positive_int(k, "k")
+    if k > MAX_ROWS:
+        raise ValueError(f"k: expected an integer in [1, {MAX_ROWS}], got {k}")
+    return k
 
 
 def _positive_int(value, name):

@@ -1,12 +1,15 @@
 """The training loop behind HVAE.fit / partial_fit: Adam on the flat buffer, KL warm-up, early
 stopping, progress bar, per-epoch history, checkpoints, safe stops (NaN, Ctrl-C), threads."""
 import os
+import signal
+import threading
 import time
 import warnings
 
 import numpy as np
 
 from . import _core
+from .atomic import destination
 
 
 def resolve_n_jobs(n_jobs):
@@ -21,6 +24,64 @@ def resolve_n_jobs(n_jobs):
     return min(os.cpu_count() or 1, _core.MAX_THREADS) if n_jobs == -1 else int(n_jobs)
 
 
+
+
+class _Deferred:
+    """Signals held back: inside ``with _Deferred(signums):`` the Python handlers of those signals
+    only record what arrives; on exit the handlers are put back and each recorded signal is
+    passed to its handler (so a KeyboardInterrupt from Ctrl-C is raised after the block, never
+    inside it). Outside the main thread, where Python runs no signal handler, it does nothing.
+    """
+
+    def __init__(self, signums):
+        self.signums = signums
+        self.saved = []
+        self.pending = {}
+
+    def _record(self, signum, frame):
+        self.pending.setdefault(signum, frame)
+
+    def __enter__(self):
+        if not self.signums or threading.current_thread() is not threading.main_thread():
+            return self
+        try:
+            for s in self.signums:
+                old = signal.signal(s, self._record)
+                self.saved.append((s, old))
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def _restore(self):
+        while self.saved:
+            s, old = self.saved.pop()
+            signal.signal(s, old)
+
+    def __exit__(self, *exc):
+        handlers = dict(self.saved)
+        self._restore()
+        pending, self.pending = self.pending, {}
+        for signum, frame in pending.items():
+            handler = handlers.get(signum)
+            if callable(handler):
+                handler(signum, frame)
+        return False
+
+
+def handled_signals():
+    """The signals that have a Python handler now (which can raise in the middle of Python
+    code): those a step of training defers."""
+    if threading.current_thread() is not threading.main_thread():
+        return ()
+    out = []
+    for s in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(s)):
+                out.append(s)
+        except (ValueError, OSError):
+            pass
+    return tuple(out)
 
 
 class Adam:
@@ -96,14 +157,20 @@ class _Bar:
             self.bar.close()
 
 
-def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs):
+def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs,
+              signums=()):
     """One shuffled pass of minibatches, each step one core call on n_jobs threads. Returns the
     epoch's mean loss and terms.
+
+    A step (its noise from the model's Generator, the update of parameters and Adam moments, the
+    step counter) happens under the model's lock with the signals ``signums`` deferred, so it
+    is done wholly or not at all: a step that raises leaves the Generator as it was.
 
     Raises FloatingPointError on a non-finite loss or gradient (parameters untouched by that step).
     """
     n = len(X)
-    order = model._rng.permutation(n)
+    with model._lock, _Deferred(signums):
+        order = model._rng.permutation(n)
     steps = (n + batch_size - 1) // batch_size
     grad = np.empty(model.n_params, model.dtype)
     opt = model.optimizer_
@@ -112,10 +179,18 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoc
     for s in range(steps):
         idx = order[s * batch_size:(s + 1) * batch_size]
         xb = X[idx]
-        eps = model.draw_eps(len(idx))
-        b = warmup_beta(beta, warmup_epochs, opt.step, steps, warmup_delay)
-        loss, terms, ok = opt.train_step(model._core, model.params, grad, xb,
-                                         None if model.deterministic else eps, b, n_jobs)
+        with model._lock, _Deferred(signums):
+            state = model._rng.bit_generator.state
+            try:
+                eps = model.draw_eps(len(idx))
+                b = warmup_beta(beta, warmup_epochs, opt.step, steps, warmup_delay)
+                loss, terms, ok = opt.train_step(model._core, model.params, grad, xb,
+                                                 None if model.deterministic else eps, b, n_jobs)
+                if not ok:
+                    model._rng.bit_generator.state = state
+            except BaseException:
+                model._rng.bit_generator.state = state
+                raise
         if not ok:
             what = "loss" if not np.isfinite(loss) else "gradient"
             raise FloatingPointError(
@@ -164,15 +239,21 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
                                                              np.floating)):
             raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        with np.errstate(over="ignore"):
+            fits = np.isfinite(model.dtype_type(value))
+        if not np.isfinite(value) or value < 0 or not fits:
+            raise ValueError(f"{name}: expected a finite number >= 0 (in {model.dtype}), got "
+                             f"{value!r}")
     if checkpoint is not None:
-        path = os.fspath(checkpoint)
-        if os.path.isdir(path):
+        path = os.fsdecode(os.fspath(checkpoint)) if isinstance(
+            checkpoint, (str, bytes, os.PathLike)) else checkpoint
+        if isinstance(path, str) and path and os.path.isdir(path):
             raise ValueError(f"checkpoint: {path} is a directory; expected a file path")
-        folder = os.path.dirname(os.path.abspath(path))
+        folder = os.path.dirname(destination(path, "checkpoint"))  # not "", not a FIFO...
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"checkpoint: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(f"checkpoint: the folder {folder} is not writable")
     if callbacks is not None:
         given = callbacks
         callbacks = list(given) if isinstance(given, (list, tuple)) else None
@@ -183,6 +264,22 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
     if patience is not None and (not isinstance(patience, (int, np.integer)) or patience < 1):
         raise ValueError(f"patience: expected None or an integer >= 1, got {patience!r}")
     n_jobs = resolve_n_jobs(n_jobs)
+    with model._lock:
+        if model._fit_thread is not None:
+            raise RuntimeError(
+                "fit: this model is being trained by another call of fit or partial_fit (thread "
+                f"{model._fit_thread}); one model trains in one call at a time (copy.deepcopy "
+                "it to train a copy)")
+        model._fit_thread = threading.get_ident()
+    try:
+        return _fit(model, X, X_val, epochs, batch_size, lr, kl_warmup_epochs, kl_warmup_delay,
+                    beta, patience, progress, checkpoint, callbacks, n_jobs)
+    finally:
+        model._fit_thread = None
+
+
+def _fit(model, X, X_val, epochs, batch_size, lr, kl_warmup_epochs, kl_warmup_delay, beta,
+         patience, progress, checkpoint, callbacks, n_jobs):
     model._ensure_optimizer()
     model.optimizer_.lr = float(lr)
     batch_size = min(int(batch_size), len(X))
@@ -196,12 +293,16 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
             epoch = len(model.history_)
             bar.set_description(f"epoch {epoch + 1}")
             t0 = time.perf_counter()
+            signums = handled_signals()  # once an epoch: a callback may install a handler
             record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs, kl_warmup_delay,
-                               bar, epoch, n_jobs)
+                               bar, epoch, n_jobs, signums)
             record["epoch"] = epoch + 1
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
             record["seconds"] = time.perf_counter() - t0
-            model.history_.append(record)
+            with _Deferred(signums):  # Ctrl-C waits for the record and its checkpoint
+                model.history_.append(record)
+                if checkpoint is not None:
+                    model.save(checkpoint)
             stop = False
             if patience is not None:
                 if record["val_loss"] < best[0]:
@@ -209,8 +310,6 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
                 else:
                     wait += 1
                     stop = wait >= patience
-            if checkpoint is not None:
-                model.save(checkpoint)
             for cb in callbacks or ():
                 stop = cb(model, record) is True or stop
             if stop:
@@ -221,7 +320,7 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
                       "parameters of its last completed step", RuntimeWarning, stacklevel=3)
     finally:
         bar.close()
-    if best[1] is not None:
+    if best[1] is not None and not model.interrupted_:
         model.params[:] = best[1]  # early stopping keeps the best validation loss
         if checkpoint is not None:
             model.save(checkpoint)
