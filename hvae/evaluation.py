@@ -66,6 +66,7 @@ def iwae_bound(model, x, k, rows=4096, progress=False):
 
 def _log_weights(model, xb):
     """log p(x, z) - log q(z | x) at one fresh sample per row, float64 (rows,)."""
-    _, _, lw = model._core.forward(model.params, xb, None, model.draw_eps(len(xb)),
-                                   log_weight=True)
+    with model._lock:  # no fork or step in the middle of a core call (HVAE's Notes)
+        _, _, lw = model._core.forward(model.params, xb, None, model.draw_eps(len(xb)),
+                                       log_weight=True)
     return lw.astype(np.float64)

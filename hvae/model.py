@@ -135,12 +135,13 @@ class HVAE:
     Notes
     -----
     A model may be shared between threads: each step of :meth:`fit` (noise, parameters, Adam
-    moments, step counter) happens under the model's lock, so :meth:`save`, ``pickle`` or
-    ``copy.deepcopy`` from another thread waits for the step to end; a second :meth:`fit` or
-    :meth:`partial_fit` while one runs raises RuntimeError. ``pickle`` and ``copy.deepcopy``
+    moments, step counter) and each call of the core happens under the model's lock, so
+    :meth:`save`, ``pickle`` or ``copy.deepcopy`` from another thread waits for the step to
+    end; a second :meth:`fit` or :meth:`partial_fit` while one runs raises RuntimeError. ``pickle`` and ``copy.deepcopy``
     go through the bytes of a checkpoint (:func:`hvae.checkpoint.dumps`), never pickling
-    arbitrary objects. A process forked while another thread trains the model gets it as of
-    the last completed step.
+    arbitrary objects. ``os.fork`` waits for the models' core calls in other threads to end
+    (a BLAS call in flight at a fork can hang OpenBLAS), so a forked child gets every model as
+    of its last completed step, usable.
     """
 
     def __init__(self, x_dim, latent_dims, hidden_dims=None, *, likelihood="bernoulli",
@@ -291,8 +292,10 @@ class HVAE:
             target = self._check_x(target, "target", finite=False)
         if eps is None and not self.deterministic:
             eps = self.draw_eps(len(x))
-        return self._core.forward(self.params, x, target, None if self.deterministic else eps,
-                                  beta=beta, grad=grad, log_weight=log_weight, threads=threads)
+        with self._lock:
+            return self._core.forward(self.params, x, target,
+                                      None if self.deterministic else eps, beta=beta, grad=grad,
+                                      log_weight=log_weight, threads=threads)
 
     def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, out=None, n_jobs=None):
         """Loss of a batch and its exact gradient with respect to :attr:`params`.
@@ -431,7 +434,8 @@ class HVAE:
         """
         x = self._check_x(x)
         eps = self.draw_eps(len(x)) if sample else None
-        mulv, _ = self._core.encode(self.params, x, eps)
+        with self._lock:
+            mulv, _ = self._core.encode(self.params, x, eps)
         return [(a[:, :d], a[:, d:]) for a, d in zip(mulv, self.latent_dims)]
 
     def transform(self, x):
@@ -473,8 +477,9 @@ class HVAE:
             with self._lock:
                 eps = [self._rng.standard_normal((n, d), dtype=self.dtype)
                        for d in self.latent_dims[:level - 1]]
-        xp, zs = self._core.decode(self.params, z, level=level, eps=eps,
-                                   temperature=float(temperature))
+        with self._lock:
+            xp, zs = self._core.decode(self.params, z, level=level, eps=eps,
+                                       temperature=float(temperature))
         x = self._mean_of_x(xp)
         return (x, zs) if return_latents else x
 

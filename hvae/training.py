@@ -214,7 +214,8 @@ def validation_loss(model, X, rows=4096):
         return float(-np.mean(model.elbo(X)))
     total = 0.0
     for start in range(0, len(X), rows):
-        _, terms, _ = model._core.forward(model.params, X[start:start + rows])
+        with model._lock:
+            _, terms, _ = model._core.forward(model.params, X[start:start + rows])
         total += float(terms.sum())
     return total / len(X)
 
