@@ -11,6 +11,11 @@ import numpy as np
 from . import _core
 from .atomic import destination
 
+try:  # the C function behind signal.signal, without its enum conversions (a step pays twice)
+    from _signal import signal as _set_handler
+except ImportError:  # pragma: no cover
+    _set_handler = signal.signal
+
 
 def resolve_n_jobs(n_jobs):
     """scikit-learn's convention: None -> 1, -1 -> every CPU (at most _core.MAX_THREADS),
@@ -46,7 +51,7 @@ class _Deferred:
             return self
         try:
             for s in self.signums:
-                old = signal.signal(s, self._record)
+                old = _set_handler(s, self._record)
                 self.saved.append((s, old))
         except BaseException:
             self._restore()
@@ -56,7 +61,7 @@ class _Deferred:
     def _restore(self):
         while self.saved:
             s, old = self.saved.pop()
-            signal.signal(s, old)
+            _set_handler(s, old)
 
     def __exit__(self, *exc):
         handlers = dict(self.saved)
@@ -78,7 +83,7 @@ def handled_signals():
     for s in signal.valid_signals():
         try:
             if callable(signal.getsignal(s)):
-                out.append(s)
+                out.append(int(s))
         except (ValueError, OSError):
             pass
     return tuple(out)
