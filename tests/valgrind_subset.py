@@ -106,7 +106,7 @@ def main():
             v = np.linspace(-100, 100, 37).astype(dt)
             _core._vecmath(op, v)
             _core._vecmath(op, v[::3])
-    hostile(models[3])
+    hostile(_core.Model(4, [2, 2], [[3], []]))
     print("ok", len(models), "models")
 
 
@@ -137,8 +137,7 @@ def hostile(m):
 
     dims.extend([Shrink(), 2])
     _core.Model(4, dims, [[], []])
-    P, dt = m.n_params, m.dtype
-    D = m.param_table()[0][2][1]
+    P, dt, D = m.n_params, m.dtype, 4
     for k in range(4):
         bufs = [np.zeros(P, dt) for _ in range(4)]
         x = np.ones((3, D), dt)
