@@ -46,7 +46,7 @@ core = Extension(
     "hvae._core",
     sources=["csrc/_core.c", "csrc/f32.c", "csrc/f64.c", "csrc/table.c", "csrc/team.c"],
     depends=["csrc/hvae.h", "csrc/real.h", "csrc/vecmath.c", "csrc/layers.c", "csrc/sparse.c",
-             "csrc/model.c", "csrc/step.c"],
+             "csrc/iwae.c", "csrc/model.c", "csrc/topdown.c", "csrc/step.c"],
     include_dirs=["csrc", numpy.get_include()],
     extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-fno-fast-math",
                         # let GCC vectorise the branch-free clamps of vecmath.c and sqrt in

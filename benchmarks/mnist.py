@@ -18,6 +18,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -38,8 +39,26 @@ MODELS = {
     "hvae2-analytic": (dict(HVAE2, kl="analytic", prior_variance="learned"), -86.05,
                        HVAE2_SOURCE),
     "hvae2-unit": (dict(HVAE2, kl="mc"), -86.05, HVAE2_SOURCE),
+    # top-down (Ladder VAE) inference; its closed-form KL is unbiased, so kl="analytic"
+    "hvae2-topdown": (dict(HVAE2, kl="analytic", inference="top_down"), -86.05, HVAE2_SOURCE),
+    "vae1-iwae5": (dict(latent_dims=[50], hidden_dims=[[200, 200]], kl="analytic"), -87.63,
+                   "IWAE paper appendix (IWAE, k=5)"),
+    "vae1-iwae50": (dict(latent_dims=[50], hidden_dims=[[200, 200]], kl="analytic"), -87.10,
+                    "IWAE paper appendix (IWAE, k=50)"),
+    "hvae2-topdown-iwae": (dict(HVAE2, kl="analytic", inference="top_down"), -86.05,
+                           HVAE2_SOURCE),
+    "hvae5-topdown": (dict(latent_dims=[64, 32, 16, 8, 4],
+                           hidden_dims=[[512, 512], [256, 256], [128, 128], [64, 64], [32, 32]],
+                           kl="analytic", inference="top_down"), -83.19,
+                      "VampPrior paper, two-level HVAE with a VampPrior, gated MLPs: the best "
+                      "published MLP result"),
 }
-TARGETS = {"vae1": -89.5, "hvae2-mc": -87.5, "hvae2-analytic": -87.5, "hvae2-unit": -87.5}
+# how the models other than the ELBO's train: fit's objective arguments
+TRAINING = {"vae1-iwae5": dict(objective="iwae", k=5), "vae1-iwae50": dict(objective="iwae", k=50),
+            "hvae2-topdown-iwae": dict(objective="iwae", k=5)}
+TARGETS = {"vae1": -89.5, "hvae2-mc": -87.5, "hvae2-analytic": -87.5, "hvae2-unit": -87.5,
+           "hvae2-topdown": -84.8, "hvae5-topdown": -84.0, "vae1-iwae5": -87.4,
+           "vae1-iwae50": -87.1, "hvae2-topdown-iwae": -84.8}
 
 
 def parse_args(argv=None):
@@ -54,6 +73,18 @@ def parse_args(argv=None):
                    help="the same two-level model trained with the seed's kl='analytic'")
     p.add_argument("--hvae2-unit", action="store_true",
                    help="hvae2-mc with the seed's unit variance of p(z1|z2)")
+    p.add_argument("--hvae2-topdown", action="store_true",
+                   help="the two-level architecture with top-down (Ladder VAE) inference, "
+                        "learned variance of p(z1|z2), closed-form KL")
+    p.add_argument("--vae1-iwae5", action="store_true",
+                   help="vae1's architecture trained with the IWAE objective, k = 5")
+    p.add_argument("--vae1-iwae50", action="store_true",
+                   help="vae1's architecture trained with the IWAE objective, k = 50")
+    p.add_argument("--hvae2-topdown-iwae", action="store_true",
+                   help="hvae2-topdown trained with the IWAE objective, k = 5")
+    p.add_argument("--hvae5-topdown", action="store_true",
+                   help="five top-down levels as in the Ladder VAE paper: latents 64-32-16-8-4, "
+                        "hidden [512,512] .. [32,32]")
     p.add_argument("--budget-minutes", type=float, default=55.0,
                    help="wall-clock training budget per model (evaluation not included)")
     p.add_argument("--max-epochs", type=int, default=10000, help="epochs at most")
@@ -64,9 +95,15 @@ def parse_args(argv=None):
     p.add_argument("--warmup-delay", type=float, default=None,
                    help="epochs at KL weight 0 before the warm-up (default: 5 for the two-level "
                         "models, which keeps their top level from collapsing; 0 for vae1)")
+    p.add_argument("--free-bits", type=float, default=None,
+                   help="free bits in nats per level (Kingma et al. 2016): each level's KL term "
+                        "of the training loss is at least this (default: none)")
     p.add_argument("--patience", type=int, default=50,
                    help="stop after this many epochs without a better validation ELBO")
     p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
+    p.add_argument("--val-k", type=int, default=None,
+                   help="importance samples of the validation bound that early stopping watches "
+                        "(default: the training objective's k; 1, the ELBO, for ELBO models)")
     p.add_argument("-k", type=int, default=5000, help="importance samples for the test estimate")
     p.add_argument("--eval-examples", type=int, default=None,
                    help="test examples to evaluate (default: the whole test split)")
@@ -85,7 +122,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.models = [name for name in MODELS if getattr(args, name.replace("-", "_"))]
     if not args.models:
-        p.error("choose at least one of --vae1, --hvae2-mc, --hvae2-analytic, --hvae2-unit")
+        p.error("choose at least one of " + ", ".join(f"--{name}" for name in MODELS))
     if args.quick:
         args.max_examples, args.max_epochs, args.k = 1000, 2, 20
         args.eval_examples, args.warmup_epochs, args.warmup_delay = 100, 1, 0.5
@@ -102,6 +139,8 @@ def warmup_delay(name, args):
 def train(name, X, X_val, args, log):
     """Train one model within the budget; returns (model, epochs run, best epoch, seconds)."""
     kwargs, _, _ = MODELS[name]
+    objective = TRAINING.get(name, {})
+    val_k = args.val_k or objective.get("k", 1)
     delay = warmup_delay(name, args)
     m = hvae.HVAE(784, seed=args.seed, init="glorot", **kwargs)  # the IWAE paper's init
     budget = 60 * args.budget_minutes
@@ -112,22 +151,26 @@ def train(name, X, X_val, args, log):
         if elapsed > budget:
             break
         lr = args.lr * (args.lr_final / args.lr) ** min(1.0, elapsed / budget)
-        m.fit(X, epochs=1, batch_size=100, lr=lr, kl_warmup_epochs=args.warmup_epochs,
-              kl_warmup_delay=delay, progress=False)
+        with warnings.catch_warnings():  # one epoch per call, lr set anew by the clock: fit's
+            warnings.filterwarnings("ignore", "fit: ", UserWarning)  # notes on that are noise
+            m.fit(X, epochs=epoch + 1, batch_size=100, lr=lr, lr_decay=1.0,
+                  kl_warmup_epochs=args.warmup_epochs, kl_warmup_delay=delay,
+                  free_bits=args.free_bits, progress=False, **objective)
         epoch += 1
         rec = m.history_[-1]
         if epoch <= delay:  # an autoencoder so far: its ELBO says nothing yet
             continue
         if epoch % args.eval_every == 0 or epoch == args.max_epochs:
-            val = float(-np.mean(m.elbo(X_val)))
+            val = float(-np.mean(m.elbo(X_val, k=val_k)))
             rec["val_loss"] = val
             if val < best_val:
                 best_val, best_params, best_epoch = val, m.params.copy(), epoch
             log(f"{name} epoch {epoch:4d}  {time.perf_counter() - t0:7.0f}s  lr {lr:.2e}  "
                 f"train {rec['loss']:.2f}  kl {'/'.join(f'{k:.1f}' for k in rec['kl'])}  "
-                f"valid {val:.2f}  best {best_val:.2f} @ {best_epoch}")
+                f"valid{'' if val_k == 1 else f' (k={val_k})'} {val:.2f}  best {best_val:.2f} @ "
+                f"{best_epoch}")
             if epoch - best_epoch >= args.patience:
-                log(f"{name}: no better validation ELBO for {args.patience} epochs, stopping")
+                log(f"{name}: no better validation bound for {args.patience} epochs, stopping")
                 break
     seconds = time.perf_counter() - t0
     m.params[:] = best_params
@@ -224,9 +267,15 @@ def main(argv=None):
         arch = " -> ".join(["784"] + [f"{h} -> {d}" for h, d in zip(kwargs["hidden_dims"],
                                                                    kwargs["latent_dims"])])
         if len(kwargs["latent_dims"]) > 1:
-            arch += f", {kwargs.get('prior_variance', 'unit')} variance of p(z1|z2)"
+            arch += f", {m.prior_variance} variance of p(z_i|z_i+1)"
+        if m.inference == "top_down":
+            arch += ", top-down inference"
         rows.append(dict(
-            model=name, architecture=arch, kl=kwargs["kl"], test_ll=float(ll.mean()),
+            model=name, architecture=arch,
+            kl=kwargs["kl"] + "".join(f", {k}={v}" for k, v in TRAINING.get(name, {}).items())
+            + ("" if args.free_bits is None
+                               else f", free bits {args.free_bits:g} nats per level"),
+            test_ll=float(ll.mean()),
             test_ll_se=float(ll.std() / np.sqrt(len(ll))), k=args.k,
             test_elbo=float(elbo.mean()), published=published, source=source,
             target=TARGETS[name], epochs=epochs, best_epoch=best_epoch,

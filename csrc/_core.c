@@ -340,6 +340,9 @@ static const char *const ACTIVATIONS[] = {"tanh", "relu", "leaky_relu", NULL};
 static const char *const KLS[] = {"analytic", "mc", NULL};
 static const char *const PRIOR_VARIANCES[] = {"unit", "learned", NULL};
 static const char *const DTYPES[] = {"float32", "float64", NULL};
+static const char *const INFERENCES[] = {"bottom_up", "top_down", NULL};
+static const char *const OBJECTIVES[] = {"elbo", "iwae", NULL};
+static const char *const GRADIENTS[] = {"standard", "dreg", NULL};
 
 /* The length of a sized sequence, -1 when it has none (e.g. an iterator): checked before
  * PySequence_Tuple, which would copy a huge one (range(10**10)) into a tuple first. */
@@ -386,16 +389,16 @@ static int parse_dims(PyObject *seq, const char *name, int *out, int max, int *n
 
 static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"x_dim", "latent_dims", "hidden_dims", "likelihood", "activation",
-                             "kl", "deterministic", "dtype", "prior_variance", NULL};
+                             "kl", "deterministic", "dtype", "prior_variance", "inference", NULL};
     PyObject *x_dim_obj, *latent_obj, *hidden_obj, *lik = NULL, *act = NULL, *kl = NULL,
-             *dtype = NULL, *det_obj = NULL, *pvar = NULL;
+             *dtype = NULL, *det_obj = NULL, *pvar = NULL, *inf = NULL;
     int deterministic = 0;
     if (self->ready) {
         PyErr_SetString(PyExc_RuntimeError, "Model: already initialised; create a new Model");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OOOOOO", kwlist, &x_dim_obj, &latent_obj,
-                                     &hidden_obj, &lik, &act, &kl, &det_obj, &dtype, &pvar))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|OOOOOOO", kwlist, &x_dim_obj, &latent_obj,
+                                     &hidden_obj, &lik, &act, &kl, &det_obj, &dtype, &pvar, &inf))
         return -1;
     if (det_obj && as_flag(det_obj, "deterministic", &deterministic) < 0) return -1;
     hvae_config cfg;
@@ -452,7 +455,23 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
     v = 0;
     if (dtype && pick(dtype, "dtype", DTYPES, &v) < 0) return -1;
     self->typenum = v == 0 ? NPY_FLOAT32 : NPY_FLOAT64;
+    v = 0;
+    if (inf && pick(inf, "inference", INFERENCES, &v) < 0) return -1;
+    cfg.inference = (hvae_inference)v;
     cfg.deterministic = deterministic;
+    if (cfg.inference == HVAE_TOP_DOWN) {
+        if (deterministic) {
+            PyErr_SetString(PyExc_ValueError, "deterministic: an autoencoder has no top-down "
+                            "inference; use inference='bottom_up'");
+            return -1;
+        }
+        for (int i = 0; i < cfg.n_levels; i++)
+            if (cfg.n_hidden[i] < 1) {
+                PyErr_Format(PyExc_ValueError, "hidden_dims[%d]: top-down inference needs at "
+                             "least one hidden layer at every level, got none", i);
+                return -1;
+            }
+    }
     hvae_status st = hvae_model_init(&self->model, &cfg);
     if (st != HVAE_OK) return set_status_error(st);
     if (!self->lock) {
@@ -580,12 +599,46 @@ static void release_all(PyArrayObject **arrs, int n) {
     for (int i = 0; i < n; i++) Py_XDECREF(arrs[i]);
 }
 
-/* A batch's inputs: x (B, D), target (B, D) (x itself when None), eps (T arrays (B, d_i); none
- * for a deterministic model). */
+/* A batch's inputs: x (B, D), target (B, D) (x itself when None), eps (T arrays (B k, d_i),
+ * k samples per example; none for a deterministic model). */
 typedef struct {
     PyArrayObject *x, *target, *eps[HVAE_MAX_LEVELS];
     npy_intp B;
 } batch_args;
+
+/* The estimator from optional objective, k and gradient objects, checked against the model
+ * and free bits: 0, or -1 with a ValueError / TypeError naming the argument. */
+static int estimator_args(PyObject *obj_obj, PyObject *k_obj, PyObject *grad_obj,
+                          const hvae_config *c, int has_free_bits, hvae_estimator *est) {
+    int v = 0;
+    *est = (hvae_estimator){HVAE_ELBO, 1, HVAE_GRAD_STANDARD};
+    if (obj_obj && pick(obj_obj, "objective", OBJECTIVES, &v) < 0) return -1;
+    est->objective = (hvae_objective)v;
+    if (k_obj && as_int(k_obj, "k", 1, INT_MAX, &est->k) < 0) return -1;
+    v = 0;
+    if (grad_obj && pick(grad_obj, "gradient", GRADIENTS, &v) < 0) return -1;
+    est->gradient = (hvae_gradient)v;
+    const char *err = NULL;
+    if (est->objective == HVAE_ELBO && est->k != 1)
+        err = "k: the ELBO takes one sample per example (k = 1); use objective='iwae'";
+    else if (est->objective == HVAE_ELBO && est->gradient == HVAE_GRAD_DREG)
+        err = "gradient: 'dreg' is a gradient of objective='iwae'";
+    else if (est->objective == HVAE_IWAE && c->deterministic)
+        err = "objective: 'iwae' is not defined for a deterministic autoencoder";
+    else if (est->objective == HVAE_IWAE && has_free_bits)
+        err = "free_bits: not defined for objective='iwae' (a bound on log p(x), not a sum of "
+              "KL terms)";
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return -1;
+    }
+    if (est->gradient == HVAE_GRAD_DREG && c->n_levels != 1) {
+        PyErr_Format(PyExc_ValueError, "gradient: 'dreg' is defined for one stochastic level "
+                     "(T = 1), got T = %d; use gradient='standard'", c->n_levels);
+        return -1;
+    }
+    return 0;
+}
 
 static void batch_release(batch_args *a, int T) {
     Py_XDECREF(a->x);
@@ -593,22 +646,24 @@ static void batch_release(batch_args *a, int T) {
     release_all(a->eps, T);
 }
 
-/* The converted inputs of a batch still have their checked shapes (see unchanged). */
-static int batch_unchanged(ModelObject *self, const batch_args *a) {
+/* The converted inputs of a batch still have their checked shapes (see unchanged); eps has
+ * B * k rows. */
+static int batch_unchanged(ModelObject *self, const batch_args *a, int k) {
     const hvae_model *m = &self->model;
     const int tn = self->typenum;
     if (unchanged(a->x, "x", tn, a->B, m->cfg.x_dim) < 0 ||
         unchanged(a->target, "target", tn, a->B, m->cfg.x_dim) < 0)
         return -1;
     for (int i = 0; i < m->cfg.n_levels; i++)
-        if (a->eps[i] && unchanged(a->eps[i], "eps", tn, a->B, m->cfg.z_dim[i]) < 0) return -1;
+        if (a->eps[i] && unchanged(a->eps[i], "eps", tn, a->B * k, m->cfg.z_dim[i]) < 0)
+            return -1;
     return 0;
 }
 
 /* Convert and check x, target, eps into *a (zeroed first); 0, or -1 with an exception (the
  * caller still calls batch_release). */
 static int batch_parse(ModelObject *self, PyObject *x_obj, PyObject *target_obj,
-                       PyObject *eps_obj, batch_args *a) {
+                       PyObject *eps_obj, int k, batch_args *a) {
     const hvae_model *m = &self->model;
     memset(a, 0, sizeof *a);
     if (!(a->x = input_2d(x_obj, "x", self->typenum, -1, m->cfg.x_dim))) return -1;
@@ -619,14 +674,19 @@ static int batch_parse(ModelObject *self, PyObject *x_obj, PyObject *target_obj,
     } else if (!(a->target = input_2d(target_obj, "target", self->typenum, a->B, m->cfg.x_dim))) {
         return -1;
     }
-    if (m->cfg.deterministic) return batch_unchanged(self, a);
+    if (m->cfg.deterministic) return batch_unchanged(self, a, k);
     if (eps_obj == Py_None) {
         PyErr_Format(PyExc_ValueError, "eps: expected a list of %d noise arrays, got None",
                      m->cfg.n_levels);
         return -1;
     }
-    if (eps_arg(self, eps_obj, "eps", m->cfg.n_levels, a->B, a->eps) < 0) return -1;
-    return batch_unchanged(self, a);
+    if (a->B > INT_MAX / k) {
+        PyErr_Format(PyExc_ValueError, "x: %zd examples of k = %d samples are more rows than a "
+                     "call takes (%d)", (Py_ssize_t)a->B, k, INT_MAX);
+        return -1;
+    }
+    if (eps_arg(self, eps_obj, "eps", m->cfg.n_levels, a->B * k, a->eps) < 0) return -1;
+    return batch_unchanged(self, a, k);
 }
 
 /* An array the core writes must share no memory with the batch's inputs. */
@@ -722,30 +782,77 @@ static int beta_arg(PyObject *obj, int tn, double *beta) {
     return 0;
 }
 
+/* free_bits: None (-> *present 0), or a sequence of T numbers >= 0, finite in the precision tn,
+ * into out (T,) and out32 (T,). A tuple copy is read, so an item's conversion cannot change what
+ * is being read. 0, or -1. */
+static int free_bits_arg(PyObject *obj, int T, int tn, double *out, float *out32, int *present) {
+    *present = 0;
+    if (!obj || obj == Py_None) return 0;
+    PyObject *tup = PySequence_Check(obj) ? PySequence_Tuple(obj) : NULL;
+    if (!tup) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "free_bits: expected a sequence of %d numbers (one per "
+                     "level), got %R", T, (PyObject *)Py_TYPE(obj));
+        return -1;
+    }
+    if (PyTuple_GET_SIZE(tup) != T) {
+        PyErr_Format(PyExc_ValueError, "free_bits: expected %d numbers (one per level), got %zd",
+                     T, PyTuple_GET_SIZE(tup));
+        Py_DECREF(tup);
+        return -1;
+    }
+    for (int i = 0; i < T; i++) {
+        char item[32];
+        snprintf(item, sizeof item, "free_bits[%d]", i);
+        if (as_bounded_double(PyTuple_GET_ITEM(tup, i), item, 0, 0, INFINITY, 0, &out[i]) < 0) {
+            Py_DECREF(tup);
+            return -1;
+        }
+        out32[i] = (float)out[i];
+        if (tn == NPY_FLOAT32 && !isfinite(out32[i])) {
+            PyErr_Format(PyExc_ValueError, "%s: expected a number finite in float32, got %R",
+                         item, PyTuple_GET_ITEM(tup, i));
+            Py_DECREF(tup);
+            return -1;
+        }
+    }
+    Py_DECREF(tup);
+    *present = 1;
+    return 0;
+}
+
 PyDoc_STRVAR(forward_doc,
-"forward(params, x, target=None, eps=None, beta=1.0, grad=None, log_weight=False, threads=1)\n"
+"forward(params, x, target=None, eps=None, beta=1.0, grad=None, log_weight=False, threads=1,\n"
+"        free_bits=None, objective='elbo', k=1, gradient='standard')\n"
 "--\n\n"
 "Loss terms of a batch, and optionally the gradient and the log importance weights.\n\n"
 "params: (P,); x: (B, D) encoder input; target: (B, D) what the likelihood scores (default x);\n"
 "eps: list of T arrays (B, d_i) of standard normal noise (required unless deterministic);\n"
-"beta: weight of the KL terms; grad: None or a (P,) array of the model's dtype, overwritten\n"
+"beta: weight of the KL terms; free_bits: None or T numbers >= 0, the floor of each level's\n"
+"batch-mean KL in the loss (its gradient is zero below it); grad: None or a (P,) array of the\n"
+"model's dtype, overwritten\n"
 "with the gradient of the loss; log_weight: when true, also return log p(x,z) - log q(z|x);\n"
 "threads: the model's team of threads splits the work (the same numbers up to rounding; the\n"
 "linked OpenBLAS runs at one thread meanwhile).\n\n"
-"Returns (loss, terms, log_weight): loss the batch mean of rec + beta * sum(kl), terms (T+1, B)\n"
-"with row 0 the reconstruction term -log p(x|z_1) and row i the KL term of level i, log_weight\n"
-"(B,) or None.");
+"objective, k, gradient: 'elbo' (k = 1), or 'iwae' with k samples per example, eps then of\n"
+"B k rows (sample j of example b in row b k + j), the gradient 'standard' or (T = 1) 'dreg'.\n\n"
+"Returns (loss, terms, log_weight): loss the batch mean of rec + beta * sum(kl) (IWAE: minus\n"
+"the batch mean of the bound), terms (T+1, B k) with row 0 the reconstruction term\n"
+"-log p(x|z_1) and row i the KL term of level i, log_weight (B k,) or None.");
 
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"params", "x", "target", "eps", "beta", "grad", "log_weight",
-                             "threads", NULL};
+                             "threads", "free_bits", "objective", "k", "gradient", NULL};
     PyObject *params_obj, *x_obj, *target_obj = Py_None, *eps_obj = Py_None, *grad_obj = Py_None;
-    PyObject *beta_obj = NULL, *lw_obj = NULL, *threads_obj = NULL;
-    double beta = 1.0;
-    int want_lw = 0, threads = 1, team_failed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOOOOO", kwlist, &params_obj, &x_obj,
+    PyObject *beta_obj = NULL, *lw_obj = NULL, *threads_obj = NULL, *fb_obj = NULL;
+    PyObject *objective_obj = NULL, *k_obj = NULL, *gradient_obj = NULL;
+    double beta = 1.0, fb[HVAE_MAX_LEVELS];
+    int want_lw = 0, threads = 1, team_failed = 0, has_fb = 0;
+    hvae_estimator est;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOOOOOOOOO", kwlist, &params_obj, &x_obj,
                                      &target_obj, &eps_obj, &beta_obj, &grad_obj, &lw_obj,
-                                     &threads_obj))
+                                     &threads_obj, &fb_obj, &objective_obj, &k_obj,
+                                     &gradient_obj))
         return NULL;
     if (lw_obj && as_flag(lw_obj, "log_weight", &want_lw) < 0) return NULL;
     if (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0)
@@ -760,10 +867,14 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
 
     memset(&in, 0, sizeof in);
     if (beta_obj && beta_arg(beta_obj, tn, &beta) < 0) return NULL;
+    float fb32[HVAE_MAX_LEVELS];
+    if (free_bits_arg(fb_obj, T, tn, fb, fb32, &has_fb) < 0 ||
+        estimator_args(objective_obj, k_obj, gradient_obj, &m->cfg, has_fb, &est) < 0)
+        return NULL;
     if (!(params = params_arg(self, params_obj))) goto done;
-    if (batch_parse(self, x_obj, target_obj, eps_obj, &in) < 0) goto done;
+    if (batch_parse(self, x_obj, target_obj, eps_obj, est.k, &in) < 0) goto done;
     if (unchanged(params, "params", tn, (npy_intp)m->n_params, -1) < 0) goto done;
-    npy_intp B = in.B;
+    npy_intp B = in.B, R = in.B * est.k;
     if (m->cfg.deterministic && want_lw) {
         PyErr_SetString(PyExc_ValueError,
                         "log_weight: not defined for a deterministic autoencoder");
@@ -778,10 +889,10 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
         }
         if (check_not_batch(g, "grad", &in, T) < 0) goto done;
     }
-    if (check_workspace(m, tn, B, "x") < 0) goto done;
-    npy_intp tdims[2] = {T + 1, B};
+    if (check_workspace(m, tn, R, "x") < 0) goto done;
+    npy_intp tdims[2] = {T + 1, R};
     if (!(terms = (PyArrayObject *)PyArray_SimpleNew(2, tdims, tn))) goto done;
-    if (want_lw && !(lw = (PyArrayObject *)PyArray_SimpleNew(1, &B, tn))) goto done;
+    if (want_lw && !(lw = (PyArrayObject *)PyArray_SimpleNew(1, &R, tn))) goto done;
 
     const void *eps_ptr[HVAE_MAX_LEVELS];
     const void *const *ep = batch_eps(&in, m, eps_ptr);
@@ -799,28 +910,30 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
                 float lossf = 0;
                 st = hvae_forward_f32(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &lossf,
                                       &self->ws, m, pp, xp, tp, (const float *const *)ep, (int)B,
-                                      (float)beta);
+                                      (float)beta, has_fb ? fb32 : NULL, &est);
                 if (st == HVAE_OK && gp) {
                     memset(gp, 0, P * sizeof(float));
                     st = hvae_backward_f32(gp, &self->ws, m, pp, xp, tp,
-                                           (const float *const *)ep, (int)B, (float)beta);
+                                           (const float *const *)ep, (int)B, (float)beta,
+                                           has_fb ? fb32 : NULL, &est);
                 }
                 loss = lossf;
             } else {
                 st = hvae_forward_f64(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &loss,
                                       &self->ws, m, pp, xp, tp, (const double *const *)ep, (int)B,
-                                      beta);
+                                      beta, has_fb ? fb : NULL, &est);
                 if (st == HVAE_OK && gp) {
                     memset(gp, 0, P * sizeof(double));
                     st = hvae_backward_f64(gp, &self->ws, m, pp, xp, tp,
-                                           (const double *const *)ep, (int)B, beta);
+                                           (const double *const *)ep, (int)B, beta,
+                                           has_fb ? fb : NULL, &est);
                 }
             }
             hvae_team_set_current(NULL);
             team_end(team);
         }
     });
-    if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;
+    if (batch_call_error(team_failed, threads, st, m, tn, R) < 0) goto done;
     result = Py_BuildValue("dOO", loss, (PyObject *)terms, lw ? (PyObject *)lw : Py_None);
 done:
     Py_XDECREF(params);
@@ -875,9 +988,11 @@ static int check_disjoint(PyArrayObject **arr, const char *const *names, int n) 
 
 PyDoc_STRVAR(train_step_doc,
 "train_step(params, m, v, grad, x, eps, step, target=None, beta=1.0, lr=1e-3, beta1=0.9,\n"
-"           beta2=0.999, adam_eps=1e-8, threads=1)\n"
+"           beta2=0.999, adam_eps=1e-8, threads=1, free_bits=None, objective='elbo', k=1,\n"
+"           gradient='standard')\n"
 "--\n\n"
-"One training step in one call: forward(params, x, target, eps, beta, grad) then, when the loss\n"
+"One training step in one call: forward(params, x, target, eps, beta, grad, free_bits=) then,\n"
+"when the loss\n"
 "and every gradient are finite, adam_update(params, m, v, grad, step, lr, beta1, beta2,\n"
 "adam_eps), with the same numbers as those two calls. params, m, v, grad: (P,) arrays of the\n"
 "model's dtype, C-contiguous and writeable, sharing no memory; grad is overwritten with the\n"
@@ -889,17 +1004,22 @@ PyDoc_STRVAR(train_step_doc,
 
 static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"params", "m", "v", "grad", "x", "eps", "step", "target", "beta",
-                             "lr", "beta1", "beta2", "adam_eps", "threads", NULL};
+                             "lr", "beta1", "beta2", "adam_eps", "threads", "free_bits",
+                             "objective", "k", "gradient", NULL};
     PyObject *p_obj, *m_obj, *v_obj, *g_obj, *x_obj, *eps_obj, *step_obj, *target_obj = Py_None;
     PyObject *beta_obj = NULL, *lr_obj = NULL, *b1_obj = NULL, *b2_obj = NULL,
-             *aeps_obj = NULL, *threads_obj = NULL;
-    double beta = 1.0;
-    int threads = 1, team_failed = 0, updated = 0;
+             *aeps_obj = NULL, *threads_obj = NULL, *fb_obj = NULL, *objective_obj = NULL,
+             *k_obj = NULL, *gradient_obj = NULL;
+    hvae_estimator est;
+    double beta = 1.0, fb[HVAE_MAX_LEVELS];
+    float fb32[HVAE_MAX_LEVELS];
+    int threads = 1, team_failed = 0, updated = 0, has_fb = 0;
     hvae_adam opt;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|OOOOOOO", kwlist, &p_obj, &m_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|OOOOOOOOOOO", kwlist, &p_obj, &m_obj,
                                      &v_obj, &g_obj, &x_obj, &eps_obj, &step_obj, &target_obj,
                                      &beta_obj, &lr_obj, &b1_obj, &b2_obj, &aeps_obj,
-                                     &threads_obj))
+                                     &threads_obj, &fb_obj, &objective_obj, &k_obj,
+                                     &gradient_obj))
         return NULL;
     if (not_ready(self)) return NULL;
     const hvae_model *m = &self->model;
@@ -908,7 +1028,9 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
     /* every conversion (which may run Python code) before the buffers are checked */
     if (adam_args(step_obj, lr_obj, b1_obj, b2_obj, aeps_obj, "adam_eps", tn, &opt) < 0 ||
         (beta_obj && beta_arg(beta_obj, tn, &beta) < 0) ||
-        (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0))
+        (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0) ||
+        free_bits_arg(fb_obj, T, tn, fb, fb32, &has_fb) < 0 ||
+        estimator_args(objective_obj, k_obj, gradient_obj, &m->cfg, has_fb, &est) < 0)
         return NULL;
     PyArrayObject *terms = NULL;
     PyObject *result = NULL;
@@ -917,16 +1039,16 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
     PyArrayObject *outs[4] = {(PyArrayObject *)p_obj, (PyArrayObject *)m_obj,
                               (PyArrayObject *)v_obj, (PyArrayObject *)g_obj};
     static const char *const names[4] = {"params", "m", "v", "grad"};
-    if (batch_parse(self, x_obj, target_obj, eps_obj, &in) < 0) goto done;
+    if (batch_parse(self, x_obj, target_obj, eps_obj, est.k, &in) < 0) goto done;
     if (check_output(p_obj, "params", tn, P) < 0 || check_output(m_obj, "m", tn, P) < 0 ||
         check_output(v_obj, "v", tn, P) < 0 || check_output(g_obj, "grad", tn, P) < 0)
         goto done;
     if (check_disjoint(outs, names, 4) < 0) goto done;
     for (int k = 0; k < 4; k++)
         if (check_not_batch(outs[k], names[k], &in, T) < 0) goto done;
-    npy_intp B = in.B;
-    if (check_workspace(m, tn, B, "x") < 0) goto done;
-    npy_intp tdims[2] = {T + 1, B};
+    npy_intp B = in.B, R = in.B * est.k;
+    if (check_workspace(m, tn, R, "x") < 0) goto done;
+    npy_intp tdims[2] = {T + 1, R};
     if (!(terms = (PyArrayObject *)PyArray_SimpleNew(2, tdims, tn))) goto done;
 
     const void *eps_ptr[HVAE_MAX_LEVELS];
@@ -944,17 +1066,17 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
                 float lossf = 0;
                 st = hvae_train_step_f32(PyArray_DATA(terms), &lossf, &updated, gp, pp, mp, vp,
                                          &self->ws, m, xp, tp, (const float *const *)ep, (int)B,
-                                         (float)beta, &opt, team);
+                                         (float)beta, has_fb ? fb32 : NULL, &est, &opt, team);
                 loss = lossf;
             } else {
                 st = hvae_train_step_f64(PyArray_DATA(terms), &loss, &updated, gp, pp, mp, vp,
                                          &self->ws, m, xp, tp, (const double *const *)ep,
-                                         (int)B, beta, &opt, team);
+                                         (int)B, beta, has_fb ? fb : NULL, &est, &opt, team);
             }
             team_end(team);
         }
     });
-    if (batch_call_error(team_failed, threads, st, m, tn, B) < 0) goto done;
+    if (batch_call_error(team_failed, threads, st, m, tn, R) < 0) goto done;
     result = Py_BuildValue("dON", loss, (PyObject *)terms, PyBool_FromLong(updated));
 done:
     batch_release(&in, T);
@@ -976,7 +1098,7 @@ static PyObject *list_of(PyArrayObject **arrs, int n) {
 PyDoc_STRVAR(encode_doc,
 "encode(params, x, eps=None)\n"
 "--\n\n"
-"The encoder chain alone. x: (B, D); eps: list of T arrays (B, d_i), or None for z_i = mu_i.\n"
+"The inference chain alone (top-down: mulv is q after the merge). x: (B, D); eps: list of T arrays (B, d_i), or None for z_i = mu_i.\n"
 "Returns (mulv, z): lists of T arrays, mulv[i-1] (B, 2 d_i) = [mu_i, logvar_i], z[i-1] (B, d_i).");
 
 static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds) {

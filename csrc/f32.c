@@ -1,7 +1,9 @@
 /* f32.c - the float32 build of the generic core (vecmath.c, layers.c, sparse.c,
- * model.c, step.c). */
+ * iwae.c, model.c, topdown.c, step.c). */
 #include "vecmath.c"
 #include "layers.c"
 #include "sparse.c"
+#include "iwae.c"
 #include "model.c"
+#include "topdown.c"
 #include "step.c"

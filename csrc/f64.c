@@ -1,8 +1,10 @@
 /* f64.c - the float64 build of the generic core (vecmath.c, layers.c, sparse.c,
- * model.c, step.c). */
+ * iwae.c, model.c, topdown.c, step.c). */
 #define HVAE_DOUBLE 1
 #include "vecmath.c"
 #include "layers.c"
 #include "sparse.c"
+#include "iwae.c"
 #include "model.c"
+#include "topdown.c"
 #include "step.c"

@@ -2,7 +2,10 @@
  * status codes, and the float32 / float64 entry points. Pure C11, no Python.
  *
  * Notation (DESIGN.md §1): T levels, x in R^D, z_i in R^{d_i}, batch B.
- * Encoder i maps z_{i-1} -> hidden -> [mu_i, logvar_i] (width 2*d_i), z_0 = x.
+ * Bottom-up inference: encoder i maps z_{i-1} -> hidden -> [mu_i, logvar_i] (width 2*d_i),
+ * z_0 = x. Top-down inference (DESIGN.md §6): encoder i maps d_{i-1} -> hidden -> [mu^_i,
+ * logvar^_i], d_0 = x and d_i its last hidden layer's output; q(z_i | z_{i+1}, x) merges
+ * [mu^_i, logvar^_i] with p(z_i | z_{i+1}) by precision.
  * Decoder i maps z_i -> reversed hidden -> parameters of p(z_{i-1} | z_i):
  *   i >= 2: zhat_{i-1} (width d_{i-1}) with unit variance, or [mean, logvar] (width 2 d_{i-1})
  *           with prior_var = HVAE_PRIOR_LEARNED;
@@ -29,6 +32,21 @@ typedef enum { HVAE_TANH = 0, HVAE_RELU = 1, HVAE_LEAKY_RELU = 2 } hvae_activati
 typedef enum { HVAE_KL_ANALYTIC = 0, HVAE_KL_MC = 1 } hvae_kl;
 /* The variance of p(z_{i-1} | z_i), i >= 2: the seed's identity, or learned by decoder i. */
 typedef enum { HVAE_PRIOR_UNIT = 0, HVAE_PRIOR_LEARNED = 1 } hvae_prior_var;
+/* q(z_i | z_{i-1}) (the seeds' chain), or the Ladder VAE's q(z_i | z_{i+1}, x). */
+typedef enum { HVAE_BOTTOM_UP = 0, HVAE_TOP_DOWN = 1 } hvae_inference;
+
+/* The training objective (DESIGN.md §7): the ELBO, or the importance-weighted bound
+ * L_k = log (1/k) sum_j w_j (Burda et al.) with k samples per example, log w_j =
+ * log p(x | z_j) + beta (log p(z_j) - log q(z_j | x)) at the samples; its gradient the standard
+ * one (softmax weights over the k log-weights) or, for T = 1, the doubly reparameterized one
+ * (Tucker et al. 2018). */
+typedef enum { HVAE_ELBO = 0, HVAE_IWAE = 1 } hvae_objective;
+typedef enum { HVAE_GRAD_STANDARD = 0, HVAE_GRAD_DREG = 1 } hvae_gradient;
+typedef struct {
+    hvae_objective objective;
+    int k; /* samples per example, >= 1 (1 with HVAE_ELBO) */
+    hvae_gradient gradient;
+} hvae_estimator;
 
 /* What the user chooses. */
 typedef struct {
@@ -41,7 +59,8 @@ typedef struct {
     hvae_activation activation;
     hvae_kl kl;
     hvae_prior_var prior_var;
-    int deterministic; /* 1: autoencoder, z_i = mu_i, no sampling and no KL */
+    int deterministic; /* 1: autoencoder, z_i = mu_i, no sampling and no KL (bottom-up only) */
+    hvae_inference inference; /* top-down: every level needs at least one hidden layer */
 } hvae_config;
 
 /* One dense layer inside the flat parameter buffer: weight (out, in) then bias (out,). */
@@ -69,12 +88,14 @@ typedef struct {
 typedef struct {
     void *buf;
     size_t bytes;
+    double kl_mean[HVAE_MAX_LEVELS]; /* batch means of the KL terms of the last forward */
 } hvae_workspace;
 
 /* Validate cfg and build the parameter table. HVAE_EINVAL on any size or option out of range. */
 hvae_status hvae_model_init(hvae_model *m, const hvae_config *cfg);
 
-/* Bytes of workspace a call with this batch needs, for reals of real_size bytes; 0 on overflow. */
+/* Bytes of workspace a call with this batch needs, for reals of real_size bytes; 0 on overflow.
+ * batch counts rows of every level: examples times samples per example. */
 size_t hvae_workspace_bytes(const hvae_model *m, int batch, size_t real_size);
 
 /* A batch of at least HVAE_SPARSE_MIN_BATCH rows whose x has at most hvae_sparse_capacity
@@ -123,22 +144,30 @@ typedef struct {
 } hvae_adam;
 
 #define HVAE_DECLARE(real, sfx)                                                                   \
-    /* Forward pass. terms (T+1, B): row 0 the reconstruction term -log p(x|z_1), row i the   \
-     * KL term of level i; log_weight (B,) or NULL: log p(x,z) - log q(z|x) at the samples (stochastic     \
-     * only); loss: mean over the batch of rec + beta * sum_i kl_i. x (B, D) is the encoder      \
-     * input, target (B, D) what the likelihood scores; eps: T pointers to (B, d_i), ignored when \
-     * deterministic. Keeps the activations (and a sparse x's index) in ws for hvae_backward. */ \
+    /* Forward pass over B examples with K samples each (est: NULL for the ELBO, K = 1; R = BK  \
+     * rows, sample j of example b in row bK + j). terms (T+1, R): row 0 the reconstruction term \
+     * -log p(x|z_1), row i the KL term of level i (the model's estimator); log_weight (R,) or   \
+     * NULL: log p(x,z) - log q(z|x) at the samples (stochastic only). loss, ELBO: mean over the \
+     * batch of rec + beta * sum_i K_i, K_i the batch mean of kl_i, or with free_bits (T,)       \
+     * (Kingma et al. 2016; NULL: none) max(free_bits[i-1], K_i), whose gradient is zero while   \
+     * K_i <= free_bits[i-1]; IWAE: -mean_b L_k(x_b) (no free bits). x (B, D) is the encoder     \
+     * input, target (B, D) what the likelihood scores; eps: T pointers to (R, d_i), ignored     \
+     * when deterministic (an autoencoder has only the ELBO). What the K samples of an example   \
+     * share (bottom-up: encoder 1; top-down: the bottom-up pass) is computed once. Keeps the    \
+     * activations (and a sparse x's index, the importance weights) in ws for hvae_backward. */  \
     hvae_status hvae_forward_##sfx(real *terms, real *log_weight, real *loss, hvae_workspace *ws, \
                                    const hvae_model *m, const real *params, const real *x,        \
                                    const real *target, const real *const *eps, int batch,         \
-                                   real beta);                                                    \
+                                   real beta, const real *free_bits, const hvae_estimator *est);  \
     /* Backward pass after hvae_forward with the same arguments: ADDS the gradient of the loss   \
      * to grad (P,). */                                                                           \
     hvae_status hvae_backward_##sfx(real *grad, hvae_workspace *ws, const hvae_model *m,          \
                                     const real *params, const real *x, const real *target,        \
-                                    const real *const *eps, int batch, real beta);                \
-    /* Encoder chain only. mulv: T pointers to (B, 2 d_i) outputs [mu_i, logvar_i]; z: T         \
-     * pointers to (B, d_i) outputs; eps as in forward, or NULL for z_i = mu_i. */                \
+                                    const real *const *eps, int batch, real beta,                 \
+                                    const real *free_bits, const hvae_estimator *est);            \
+    /* Inference chain only. mulv: T pointers to (B, 2 d_i) outputs [mu_i, logvar_i] of q (top-  \
+     * down: after the merge with p(z_i | z_{i+1})); z: T pointers to (B, d_i) outputs; eps as in  \
+     * forward, or NULL for z_i = mu_i. */                                                       \
     hvae_status hvae_encode_##sfx(real *const *mulv, real *const *z, hvae_workspace *ws,          \
                                   const hvae_model *m, const real *params, const real *x,         \
                                   const real *const *eps, int batch);                             \
@@ -167,6 +196,7 @@ typedef struct {
                                       real *params, real *m1, real *m2, hvae_workspace *ws,       \
                                       const hvae_model *m, const real *x, const real *target,     \
                                       const real *const *eps, int batch, real beta,               \
+                                      const real *free_bits, const hvae_estimator *est,           \
                                       const hvae_adam *opt, hvae_team *team);
 
 HVAE_DECLARE(float, f32)

@@ -103,7 +103,7 @@ HVAE_CLONES static void F(act_backward_range)(real *dy, const real *y, size_t n,
 
 /* n_bufs buffers v[k] (n[k],) = 0 in one pass over the current team, each part a range of
  * each (one fork-join for all) */
-#define ZERO_MAX_BUFS (3 * HVAE_MAX_LEVELS)
+#define ZERO_MAX_BUFS (5 * HVAE_MAX_LEVELS)
 typedef struct {
     real *v[ZERO_MAX_BUFS];
     size_t n[ZERO_MAX_BUFS];
@@ -394,6 +394,64 @@ HVAE_CLONES static void F(gauss_kl_learned_backward)(real *restrict dmulv, real 
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* precision-weighted merge (Ladder VAE): N(mu_q, e^lq) proportional to N(mu^, e^a) N(m, e^s)     */
+/*   lq = -log(e^-a + e^-s) = min(a, s) - log1p(e^-|a-s|),  mu_q = m + w (mu^ - m),              */
+/*   w = e^-a / (e^-a + e^-s) = sigmoid(s - a), both from one e^-|a-s| (no overflow)              */
+
+/* w = sigmoid(s - a) and wc = 1 - w; returns e^-|a-s| */
+static inline real F(merge_weights)(real a, real s, real *w, real *wc) {
+    const real diff = s - a, e = F(vexp)(-(diff >= 0 ? diff : -diff)), r = (real)1 / ((real)1 + e);
+    *w = diff >= 0 ? r : e * r;
+    *wc = diff >= 0 ? e * r : r;
+    return e;
+}
+
+/* out (B,2d) = [mu_q, lq]; mulv (B,2d) = [mu^, a]; ms: [m, s] (B,2d) when learned, else m (B,d)
+ * with s = 0 */
+HVAE_CLONES static void F(gauss_merge_forward)(real *restrict out, const real *restrict mulv,
+                                               const real *restrict ms, int learned, int B,
+                                               int d) {
+    const size_t w_ms = learned ? 2 * (size_t)d : (size_t)d;
+    for (int b = 0; b < B; b++) {
+        const real *mu = mulv + (size_t)b * 2 * d, *a = mu + d;
+        const real *m = ms + (size_t)b * w_ms, *s = learned ? m + d : NULL;
+        real *mq = out + (size_t)b * 2 * d, *lq = mq + d;
+        for (int j = 0; j < d; j++) {
+            const real sj = s ? s[j] : (real)0;
+            real w, wc;
+            const real e = F(merge_weights)(a[j], sj, &w, &wc);
+            mq[j] = m[j] + w * (mu[j] - m[j]);
+            lq[j] = (sj >= a[j] ? a[j] : sj) - F(vlog1p_01)(e);
+        }
+    }
+}
+
+/* dmulv (B,2d) +=, dms (same shape as ms) +=; dout (B,2d) = d [mu_q, lq] */
+HVAE_CLONES static void F(gauss_merge_backward)(real *restrict dmulv, real *restrict dms,
+                                                const real *restrict dout,
+                                                const real *restrict mulv,
+                                                const real *restrict ms, int learned, int B,
+                                                int d) {
+    const size_t w_ms = learned ? 2 * (size_t)d : (size_t)d;
+    for (int b = 0; b < B; b++) {
+        const real *mu = mulv + (size_t)b * 2 * d, *a = mu + d;
+        const real *m = ms + (size_t)b * w_ms, *s = learned ? m + d : NULL;
+        const real *dmq = dout + (size_t)b * 2 * d, *dlq = dmq + d;
+        real *dmu = dmulv + (size_t)b * 2 * d, *da = dmu + d;
+        real *dm = dms + (size_t)b * w_ms, *ds = learned ? dm + d : NULL;
+        for (int j = 0; j < d; j++) {
+            real w, wc;
+            F(merge_weights)(a[j], s ? s[j] : (real)0, &w, &wc);
+            const real g = dmq[j] * (mu[j] - m[j]) * (w * wc); /* d loss / d (s - a) via w */
+            dmu[j] += dmq[j] * w;
+            dm[j] += dmq[j] * wc;
+            da[j] += dlq[j] * w - g;
+            if (ds) ds[j] += dlq[j] * wc + g;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* negative entropy of N(mu, diag exp(logvar)): -H = -0.5 * sum_j (1 + log 2pi + lv)            */
 
 /* acc (B,) += -H; mulv (B,2d) */
@@ -445,15 +503,17 @@ HVAE_CLONES static void F(gaussian_nll_forward)(real *restrict acc, real *restri
     }
 }
 
-/* dmean (B,n) += or NULL, dt (B,n) += or NULL */
+/* dmean (B,n) += or NULL, dt (B,n) += or NULL; mean NULL = 0 (then dmean NULL) */
 HVAE_CLONES static void F(gaussian_nll_backward)(real *restrict dmean, real *restrict dt,
                                      const real *restrict mean, const real *restrict t,
                                      real scale, int B, int n) {
     size_t len = (size_t)B * n;
     if (dmean)
         for (size_t k = 0; k < len; k++) dmean[k] -= scale * (t[k] - mean[k]);
-    if (dt)
+    if (dt && mean)
         for (size_t k = 0; k < len; k++) dt[k] += scale * (t[k] - mean[k]);
+    else if (dt)
+        for (size_t k = 0; k < len; k++) dt[k] += scale * t[k];
 }
 
 /* Bernoulli with logits l: acc (B,) += sum softplus(l) - t*l, softplus stable:

@@ -1,10 +1,13 @@
-/* model.c - the T-level chain over one flat parameter buffer: forward (per-example loss terms,
- * log-weights), backward (exact gradient of the batch-mean loss), the encoder and decoder
- * chains alone. Generic in `real`; compiled through f32.c and f64.c after layers.c
- * and sparse.c.
+/* model.c - the T-level model over one flat parameter buffer: forward (per-example loss terms,
+ * log-weights), backward (exact gradient of the batch-mean loss), the inference and generative
+ * chains alone; the bottom-up inference chain here, the top-down one in topdown.c (sharing the
+ * buffers, MLPs and loss terms of this file); the k samples of an importance-weighted call
+ * share what they can through iwae.c. Generic in `real`; compiled through f32.c and f64.c
+ * after layers.c, sparse.c and iwae.c, before topdown.c.
  *
  * Levels are 1-based in the math and 0-based in arrays: level i lives at index i-1.
  */
+#include <limits.h>
 #include <string.h>
 
 #include "hvae.h"
@@ -18,11 +21,19 @@ typedef struct {
     real *denc[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN + 1]; /* their gradients, same shapes */
     real *ddec[HVAE_MAX_LEVELS][HVAE_MAX_HIDDEN + 1];
     real *dz[HVAE_MAX_LEVELS];
+    real *q[HVAE_MAX_LEVELS];  /* [mu, logvar] of q(z_i | .), (B, 2 d_i): encoder i's output, or
+                                * top-down below the top the merge's own buffer */
+    real *dq[HVAE_MAX_LEVELS]; /* their gradients */
     real *grads;       /* start of the gradient half */
+    real *iw;          /* (B,): the importance weights of the rows (IWAE), or scratch */
     F(sparse_x) sx;    /* x's nonzeros for encoder 1's first layer (sparse.c) */
 } F(buffers);
 
-static hvae_status F(carve)(F(buffers) *bf, hvae_workspace *ws, const hvae_model *m, int B) {
+/* The buffers of a call over B rows (every level), of which n_x rows of x (B / samples per
+ * example): encoder 1 (bottom-up) or every encoder (top-down) runs on the first n_x rows of its
+ * buffers, and the sparse first layer is sized by n_x. */
+static hvae_status F(carve)(F(buffers) *bf, hvae_workspace *ws, const hvae_model *m, int B,
+                            int n_x) {
     hvae_status st = hvae_workspace_reserve(ws, hvae_workspace_bytes(m, B, sizeof(real)));
     if (st != HVAE_OK) return st;
     real *p = (real *)ws->buf;
@@ -41,14 +52,23 @@ static hvae_status F(carve)(F(buffers) *bf, hvae_workspace *ws, const hvae_model
         bf->z[i] = p;
         bf->dz[i] = p + half;
         p += (size_t)B * m->cfg.z_dim[i];
+        const hvae_mlp *enc = &m->enc[i];
+        bf->q[i] = bf->enc[i][enc->n_layers - 1];
+        bf->dq[i] = bf->denc[i][enc->n_layers - 1];
+        if (m->cfg.inference == HVAE_TOP_DOWN && i < m->cfg.n_levels - 1) {
+            bf->q[i] = p;
+            bf->dq[i] = p + half;
+            p += (size_t)B * 2 * m->cfg.z_dim[i];
+        }
     }
     bf->grads = (real *)ws->buf + half;
-    /* then the sparse first layer's buffers, as hvae_workspace_bytes counts them */
+    bf->iw = (real *)ws->buf + 2 * half;
+    /* then the sparse first layer's buffers, as hvae_workspace_bytes counts them for B rows */
     F(sparse_x) *sx = &bf->sx;
-    sx->cap = hvae_sparse_capacity(m, B);
+    sx->cap = hvae_sparse_capacity(m, B) ? hvae_sparse_capacity(m, n_x) : 0;
     if (sx->cap) {
         const size_t D = (size_t)m->cfg.x_dim, O = (size_t)m->enc[0].layer[0].out;
-        real *r = (real *)ws->buf + 2 * half;
+        real *r = bf->iw + B;
         sx->wt = r;
         sx->dout = r + D * O;
         sx->val = sx->dout + (size_t)B * O;
@@ -85,12 +105,14 @@ static void F(mlp_forward)(real *const *outs, const hvae_mlp *mlp, const real *p
 }
 
 /* grad (P,) += (accumulate) or = (not), din (B, in_0) += or NULL; douts[last] holds d output,
- * the rest are overwritten; outs, in, sx as in the forward (din NULL when the forward took the
- * sparse kernels); grad_ok as in linear_backward */
+ * the rest are overwritten, but for douts[last - 1] when hidden_acc: it holds a gradient of the
+ * last hidden layer's output from elsewhere (top-down: the encoder above), added to; outs, in,
+ * sx as in the forward (din NULL when the forward took the sparse kernels); grad_ok as in
+ * linear_backward */
 static void F(mlp_backward)(real *grad, real *din, int *grad_ok, real *const *douts,
                             real *const *outs, const hvae_mlp *mlp, const real *params,
                             const real *in, const F(sparse_x) *sx, int B, int act,
-                            int accumulate) {
+                            int accumulate, int hidden_acc) {
     for (int j = mlp->n_layers - 1; j >= 0; j--) {
         const hvae_linear *l = &mlp->layer[j];
         if (j == 0 && sx && sx->cap && *sx->state && !din) {
@@ -99,9 +121,10 @@ static void F(mlp_backward)(real *grad, real *din, int *grad_ok, real *const *do
             continue;
         }
         /* d outs[j-1] through layer j, times the derivative of the activation that made it */
+        const int din_acc = j == 0 || (hidden_acc && j == mlp->n_layers - 1);
         F(linear_backward)(j > 0 ? douts[j - 1] : din, grad_ok, grad + l->weight, grad + l->bias,
                            douts[j], j > 0 ? outs[j - 1] : in, params + l->weight, B, l->in,
-                           l->out, accumulate, j == 0, j > 0 ? outs[j - 1] : NULL, act);
+                           l->out, accumulate, din_acc, j > 0 ? outs[j - 1] : NULL, act);
     }
 }
 
@@ -133,14 +156,16 @@ static void F(reparam_over_team)(F(reparam_job) *j) {
     hvae_team_run(team_for((double)j->B * j->d, (double)PAR_MIN_ELEMS), F(reparam_part), j);
 }
 
-/* Encoders 1..T with reparameterization; eps NULL (or a NULL entry) means z_i = mu_i. */
+/* Encoders 1..T with reparameterization over B rows; eps NULL (or a NULL entry) means
+ * z_i = mu_i. Encoder 1 runs on the n_x rows of x, its output expanded to B / n_x rows each. */
 static void F(encode_pass)(F(buffers) *bf, const hvae_model *m, const real *params, const real *x,
-                           const real *const *eps, int B) {
+                           const real *const *eps, int B, int n_x) {
     const hvae_config *c = &m->cfg;
     const real *in = x;
     for (int i = 0; i < c->n_levels; i++) {
-        F(mlp_forward)(bf->enc[i], &m->enc[i], params, in, i == 0 ? &bf->sx : NULL, B,
-                       c->activation);
+        F(mlp_forward)(bf->enc[i], &m->enc[i], params, in, i == 0 ? &bf->sx : NULL,
+                       i == 0 ? n_x : B, c->activation);
+        if (i == 0) F(rows_expand)(bf->q[0], n_x, B / n_x, 2 * c->z_dim[0]);
         F(reparam_job) rj = {bf->z[i], NULL, NULL, F(last)(bf->enc[i], &m->enc[i]),
                              eps ? eps[i] : NULL, B, c->z_dim[i]};
         F(reparam_over_team)(&rj);
@@ -183,26 +208,30 @@ static int F(fuses_likelihood)(const hvae_config *c) { return c->likelihood == H
 /* Either over the current team, each part a range of rows (an example's term is the same
  * whichever thread computes it): the forward when acc is given (scratch (B, D): rows [lo, hi)
  * use row lo), also writing the gradient into dxp when that is given (fuses_likelihood), else
- * the backward into dxp. */
+ * the backward into dxp. Row r scores target row r / k (k samples per example). */
 typedef struct {
     real *acc, *scratch, *dxp;
     const hvae_config *c;
     const real *xp, *target;
     real scale;
-    int B;
+    int B, k;
 } F(likelihood_job);
 
 static void F(likelihood_part)(void *p, int part, int n_parts) {
     const F(likelihood_job) *j = p;
     size_t lo, hi, w = (size_t)hvae_x_params_dim(j->c), D = (size_t)j->c->x_dim;
     part_range((size_t)j->B, ALIGN_ROWS, part, n_parts, &lo, &hi);
-    if (hi <= lo) return;
-    const real *xp = j->xp + lo * w, *t = j->target + lo * D;
-    if (j->acc)
-        F(likelihood_forward)(j->acc + lo, j->scratch + lo * D, j->dxp ? j->dxp + lo * w : NULL,
-                              j->c, xp, t, j->scale, (int)(hi - lo));
-    else
-        F(likelihood_backward)(j->dxp + lo * w, j->c, xp, t, j->scale, (int)(hi - lo));
+    /* all of [lo, hi) at once when k = 1, else row by row (row r's target is row r / k) */
+    for (size_t r0 = lo, r1; r0 < hi; r0 = r1) {
+        r1 = j->k == 1 ? hi : r0 + 1;
+        const real *xp = j->xp + r0 * w, *t = j->target + (r0 / (size_t)j->k) * D;
+        if (j->acc)
+            F(likelihood_forward)(j->acc + r0, j->scratch + lo * D,
+                                  j->dxp ? j->dxp + r0 * w : NULL, j->c, xp, t, j->scale,
+                                  (int)(r1 - r0));
+        else
+            F(likelihood_backward)(j->dxp + r0 * w, j->c, xp, t, j->scale, (int)(r1 - r0));
+    }
 }
 
 static void F(likelihood_over_team)(F(likelihood_job) *j) {
@@ -244,8 +273,11 @@ typedef struct {
     real *terms, *scratch;
     real *dmulv[HVAE_MAX_LEVELS], *dprior[HVAE_MAX_LEVELS + 1], *dz[HVAE_MAX_LEVELS];
     const real *mulv[HVAE_MAX_LEVELS], *prior[HVAE_MAX_LEVELS + 1], *z[HVAE_MAX_LEVELS];
-    real ks; /* d loss / d kl_b */
+    real ks[HVAE_MAX_LEVELS]; /* d loss / d kl_b of each level */
     int B;
+    int at_samples; /* backward: every level's term at the samples, -log p(z_i | .) + log q(z_i |
+                     * .) (whose gradient in q's parameters is the negative entropy's), the top
+                     * level's too (IWAE) */
 } F(kl_job);
 
 static void F(kl_part)(void *p, int part, int n_parts) {
@@ -277,15 +309,20 @@ static void F(kl_part)(void *p, int part, int n_parts) {
         }
         real *dmulv = j->dmulv[i - 1] + lo * 2 * d, *dz = j->dz[i - 1] + lo * d;
         real *dprior = j->dprior[i] ? j->dprior[i] + lo * w : NULL;
+        const real ks = j->ks[i - 1];
+        if (ks == 0) continue; /* free bits: the level is under its floor */
         if (c->deterministic) {
-            if (i < T) F(prior_nll_backward)(dprior, dz, c, i, prior, z, j->ks, n, di);
+            if (i < T) F(prior_nll_backward)(dprior, dz, c, i, prior, z, ks, n, di);
+        } else if (j->at_samples) {
+            F(prior_nll_backward)(dprior, dz, c, i, prior, z, ks, n, di);
+            F(gauss_negentropy_backward)(dmulv, ks, n, di);
         } else if (c->kl == HVAE_KL_ANALYTIC && F(learned_prior)(c, i)) {
-            F(gauss_kl_learned_backward)(dmulv, dprior, mulv, prior, j->ks, n, di);
+            F(gauss_kl_learned_backward)(dmulv, dprior, mulv, prior, ks, n, di);
         } else if (c->kl == HVAE_KL_ANALYTIC || i == T) {
-            F(gauss_kl_backward)(dmulv, dprior, mulv, prior, j->ks, n, di);
+            F(gauss_kl_backward)(dmulv, dprior, mulv, prior, ks, n, di);
         } else {
-            F(prior_nll_backward)(dprior, dz, c, i, prior, z, j->ks, n, di);
-            F(gauss_negentropy_backward)(dmulv, j->ks, n, di);
+            F(prior_nll_backward)(dprior, dz, c, i, prior, z, ks, n, di);
+            F(gauss_negentropy_backward)(dmulv, ks, n, di);
         }
     }
 }
@@ -296,46 +333,88 @@ static void F(kl_over_team)(F(kl_job) *j) {
     hvae_team_run(team_for((double)j->B * per, (double)PAR_MIN_ELEMS), F(kl_part), j);
 }
 
+/* The top-down chain (topdown.c): the inference pass over B rows (n_x of x), which leaves z_i,
+ * q(z_i | z_{i+1}, x) in bf->q and p(z_i | z_{i+1}) (decoders 2..T) in bf->dec; and its
+ * backward once the loss terms have put their gradients into bf->dz, bf->dq and the decoders'
+ * outputs. */
+static void F(topdown_pass)(F(buffers) *bf, const hvae_model *m, const real *params,
+                            const real *x, const real *const *eps, int B, int n_x);
+static void F(topdown_backward)(real *grad, int *grad_ok, int accumulate, F(buffers) *bf,
+                                const hvae_model *m, const real *params, const real *x,
+                                const real *const *eps, int B, int n_x);
+
+/* q: z_1 .. z_T by the model's inference chain over B rows, n_x of them of x; eps NULL means
+ * the means */
+static void F(inference_pass)(F(buffers) *bf, const hvae_model *m, const real *params,
+                              const real *x, const real *const *eps, int B, int n_x) {
+    if (m->cfg.inference == HVAE_TOP_DOWN)
+        F(topdown_pass)(bf, m, params, x, eps, B, n_x);
+    else
+        F(encode_pass)(bf, m, params, x, eps, B, n_x);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* public entry points                                                                          */
 
-/* hvae_forward; lik_done non-NULL (and fuses_likelihood, no log_weight): also the
- * likelihood's gradient into the workspace, *lik_done = 1 then (0 otherwise), for backward_pass */
+/* The samples per example of an estimator (1 for the ELBO), or 0 when it is not valid for this
+ * model and these arguments; n_x examples must give at most INT_MAX rows. */
+static int F(samples_per_example)(const hvae_estimator *est, const hvae_config *c, int n_x,
+                                  const void *free_bits) {
+    if (!est) return 1;
+    if ((unsigned)est->objective > HVAE_IWAE || (unsigned)est->gradient > HVAE_GRAD_DREG ||
+        est->k < 1)
+        return 0;
+    if (est->objective == HVAE_ELBO) return est->k == 1 && est->gradient == HVAE_GRAD_STANDARD;
+    if (c->deterministic || free_bits || (est->gradient == HVAE_GRAD_DREG && c->n_levels != 1))
+        return 0;
+    return (long long)n_x * est->k <= INT_MAX ? est->k : 0;
+}
+
+static int F(is_iwae)(const hvae_estimator *est) { return est && est->objective == HVAE_IWAE; }
+
+/* hvae_forward over n_x examples; lik_done non-NULL (and fuses_likelihood, ELBO, no
+ * log_weight): also the likelihood's gradient into the workspace, *lik_done = 1 then (0
+ * otherwise), for backward_pass */
 static hvae_status F(forward_pass)(real *terms, real *log_weight, real *loss, hvae_workspace *ws,
                                    const hvae_model *m, const real *params, const real *x,
-                                   const real *target, const real *const *eps, int B, real beta,
+                                   const real *target, const real *const *eps, int n_x, real beta,
+                                   const real *free_bits, const hvae_estimator *est,
                                    int *lik_done) {
     const hvae_config *c = &m->cfg;
-    const int T = c->n_levels;
+    const int T = c->n_levels, k = F(samples_per_example)(est, c, n_x, free_bits);
+    const int iwae = F(is_iwae)(est), B = n_x * k;
     F(buffers) bf;
-    if (B < 1 || (log_weight && c->deterministic) || (!eps && !c->deterministic))
+    if (n_x < 1 || k < 1 || (log_weight && c->deterministic) || (!eps && !c->deterministic))
         return HVAE_EINVAL;
-    hvae_status st = F(carve)(&bf, ws, m, B);
+    hvae_status st = F(carve)(&bf, ws, m, B, n_x);
     if (st != HVAE_OK) return st;
     if (c->deterministic) eps = NULL;
 
-    /* q: z_1 .. z_T */
-    F(encode_pass)(&bf, m, params, x, eps, B);
-    /* p: zhat_{i-1} = dec_i(z_i), x's parameters from dec_1(z_1) */
-    /* zhat[i]: the mean of p(z_i | z_{i+1}) (1-based), [mean, logvar] when learned */
+    F(inference_pass)(&bf, m, params, x, eps, B, n_x);
+    /* p: zhat_{i-1} = dec_i(z_i) (top-down: computed by the inference pass for i >= 2), x's
+     * parameters from dec_1(z_1); zhat[i]: the mean of p(z_i | z_{i+1}) (1-based), [mean, logvar]
+     * when learned */
     const real *zhat[HVAE_MAX_LEVELS + 1];
-    for (int i = 0; i < T; i++) zhat[i] = F(decoder)(&bf, m, params, i, bf.z[i], B);
+    for (int i = 0; i < T; i++)
+        zhat[i] = i == 0 || c->inference != HVAE_TOP_DOWN
+                      ? F(decoder)(&bf, m, params, i, bf.z[i], B)
+                      : F(last)(bf.dec[i], &m->dec[i]);
     zhat[T] = NULL; /* p(z_T) = N(0, I) */
 
     memset(terms, 0, sizeof(real) * (size_t)B * (T + 1));
     real *scratch = bf.grads; /* (B, max(D, d_i)): the gradient half is free during the forward */
     F(kl_job) kj = {.c = c, .terms = terms, .scratch = scratch, .B = B};
     for (int i = 1; i <= T; i++) {
-        kj.mulv[i - 1] = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
+        kj.mulv[i - 1] = bf.q[i - 1];
         kj.z[i - 1] = bf.z[i - 1];
         kj.prior[i] = zhat[i];
     }
     F(kl_over_team)(&kj);
     /* after the KL terms, whose scratch may overlap the gradient the likelihood then writes */
-    real *dxp = lik_done && !log_weight && F(fuses_likelihood)(c)
+    real *dxp = lik_done && !log_weight && !iwae && F(fuses_likelihood)(c)
                     ? bf.ddec[0][m->dec[0].n_layers - 1] : NULL;
     if (lik_done) *lik_done = dxp != NULL;
-    F(likelihood_job) lj = {terms, scratch, dxp, c, zhat[0], target, (real)1 / (real)B, B};
+    F(likelihood_job) lj = {terms, scratch, dxp, c, zhat[0], target, (real)1 / (real)B, B, k};
     F(likelihood_over_team)(&lj);
     double sum = 0;
     for (int b = 0; b < B; b++) {
@@ -343,44 +422,102 @@ static hvae_status F(forward_pass)(real *terms, real *log_weight, real *loss, hv
         for (int i = 1; i <= T; i++) klsum += terms[(size_t)i * B + b];
         sum += terms[b] + (double)beta * klsum;
     }
+    for (int i = 1; i <= T; i++) { /* the batch means, for free bits here and in the backward */
+        double kl = 0;
+        for (int b = 0; b < B; b++) kl += terms[(size_t)i * B + b];
+        ws->kl_mean[i - 1] = kl / B;
+    }
+    if (free_bits) { /* rec + beta * sum_i max(free_bits_i, mean kl_i) */
+        sum = 0;
+        for (int b = 0; b < B; b++) sum += terms[b];
+        sum /= B;
+        for (int i = 0; i < T; i++)
+            sum += (double)beta * fmax((double)free_bits[i], ws->kl_mean[i]);
+        sum *= B;
+    }
     *loss = (real)(sum / B);
 
-    if (log_weight) { /* -(log p(x,z) - log q(z|x)) accumulated, then negated */
-        memcpy(log_weight, terms, sizeof(real) * (size_t)B);
+    real *lw = log_weight ? log_weight : iwae ? bf.iw : NULL;
+    if (lw) { /* -(log p(x,z) - log q(z|x)) accumulated, then negated */
+        memcpy(lw, terms, sizeof(real) * (size_t)B);
         for (int i = 1; i <= T; i++) {
-            const real *mulv = F(last)(bf.enc[i - 1], &m->enc[i - 1]);
-            F(prior_nll_forward)(log_weight, scratch, c, i, zhat[i], bf.z[i - 1], B,
-                                 c->z_dim[i - 1]);
-            F(gauss_logq_forward)(log_weight, scratch, mulv, eps[i - 1], B, c->z_dim[i - 1]);
+            F(prior_nll_forward)(lw, scratch, c, i, zhat[i], bf.z[i - 1], B, c->z_dim[i - 1]);
+            F(gauss_logq_forward)(lw, scratch, bf.q[i - 1], eps[i - 1], B, c->z_dim[i - 1]);
         }
-        for (int b = 0; b < B; b++) log_weight[b] = -log_weight[b];
+        for (int b = 0; b < B; b++) lw[b] = -lw[b];
     }
+    if (iwae) /* the bound, and the weights for the backward */
+        *loss = (real)F(iw_weights)(bf.iw, lw, terms, beta, n_x, k);
     return HVAE_OK;
 }
 
 hvae_status F(hvae_forward)(real *terms, real *log_weight, real *loss, hvae_workspace *ws,
                             const hvae_model *m, const real *params, const real *x,
-                            const real *target, const real *const *eps, int B, real beta) {
-    return F(forward_pass)(terms, log_weight, loss, ws, m, params, x, target, eps, B, beta, NULL);
+                            const real *target, const real *const *eps, int batch, real beta,
+                            const real *free_bits, const hvae_estimator *est) {
+    return F(forward_pass)(terms, log_weight, loss, ws, m, params, x, target, eps, batch, beta,
+                           free_bits, est, NULL);
 }
 
 /* The gradient buffers the backward adds into, set to zero: d z_i, d [mu_i, logvar_i] and d of
  * each decoder's output (the inner layers' gradients are overwritten), but for decoder 1's
- * output when the forward wrote its gradient (lik_done). */
+ * output when the forward wrote its gradient (lik_done); top-down below the top also d q_i
+ * after the merge and d d_i, which encoder i+1 passes down. */
 static void F(zero_sums)(F(buffers) *bf, const hvae_model *m, int B, int lik_done) {
     F(zero_job) j = {.n_bufs = 0};
-    for (int i = 0; i < m->cfg.n_levels; i++) {
+    const int T = m->cfg.n_levels, top_down = m->cfg.inference == HVAE_TOP_DOWN;
+    for (int i = 0; i < T; i++) {
         const hvae_mlp *enc = &m->enc[i], *dec = &m->dec[i];
-        real *v[3] = {bf->dz[i], bf->denc[i][enc->n_layers - 1], bf->ddec[i][dec->n_layers - 1]};
-        int w[3] = {m->cfg.z_dim[i], enc->layer[enc->n_layers - 1].out,
-                    dec->layer[dec->n_layers - 1].out};
-        for (int k = 0; k < 3; k++) {
-            if (k == 2 && i == 0 && lik_done) continue;
+        const int n = enc->n_layers, below = top_down && i < T - 1;
+        real *v[5] = {bf->dz[i], bf->denc[i][n - 1], bf->ddec[i][dec->n_layers - 1],
+                      below ? bf->dq[i] : NULL, below ? bf->denc[i][n - 2] : NULL};
+        int w[5] = {m->cfg.z_dim[i], enc->layer[n - 1].out, dec->layer[dec->n_layers - 1].out,
+                    2 * m->cfg.z_dim[i], n > 1 ? enc->layer[n - 2].out : 0};
+        for (int k = 0; k < 5; k++) {
+            if ((k == 2 && i == 0 && lik_done) || !v[k]) continue;
             j.v[j.n_bufs] = v[k];
             j.n[j.n_bufs++] = (size_t)B * w[k];
         }
     }
     F(zero)(&j);
+}
+
+/* IWAE's standard gradient: every gradient the loss terms left (at unit scale per row) times
+ * the row's normalised importance weight over n_x: d z_i, d q_i and each decoder's output. */
+static void F(weigh_rows)(F(buffers) *bf, const hvae_model *m, int B, int n_x) {
+    F(scale_job) j = {.n_bufs = 0, .B = B, .iw = bf->iw, .inv_n = (real)1 / (real)n_x};
+    for (int i = 0; i < m->cfg.n_levels; i++) {
+        const hvae_mlp *dec = &m->dec[i];
+        real *v[3] = {bf->dz[i], bf->dq[i], bf->ddec[i][dec->n_layers - 1]};
+        int w[3] = {m->cfg.z_dim[i], 2 * m->cfg.z_dim[i], dec->layer[dec->n_layers - 1].out};
+        for (int q = 0; q < 3; q++) {
+            j.v[j.n_bufs] = v[q];
+            j.w[j.n_bufs++] = w[q];
+        }
+    }
+    F(scale_rows)(&j);
+}
+
+/* The doubly reparameterized IWAE gradient of a one-level model, after the likelihood's
+ * gradient at unit scale in decoder 1's output: decoder 1 at the weights w_r / n_x, the encoder
+ * through z alone (dreg_dz_backward), its k rows of an example summed. */
+static void F(dreg_backward)(real *grad, int *grad_ok, int accumulate, F(buffers) *bf,
+                             const hvae_model *m, const real *params, const real *x,
+                             const real *const *eps, int B, int n_x, real beta) {
+    const hvae_config *c = &m->cfg;
+    const hvae_mlp *dec = &m->dec[0], *enc = &m->enc[0];
+    F(scale_job) sj = {.v = {bf->ddec[0][dec->n_layers - 1]}, .w = {dec->layer[dec->n_layers - 1].out},
+                       .n_bufs = 1, .B = B, .iw = bf->iw, .inv_n = (real)1 / (real)n_x};
+    F(scale_rows)(&sj);
+    F(mlp_backward)(grad, bf->dz[0], grad_ok, bf->ddec[0], bf->dec[0], dec, params, bf->z[0],
+                    NULL, B, c->activation, accumulate, 0);
+    F(dreg_dz_backward)(bf->dz[0], bf->z[0], bf->q[0], eps[0], bf->iw, beta,
+                        (real)1 / (real)n_x, B, c->z_dim[0]);
+    F(reparam_job) rj = {NULL, bf->dq[0], bf->dz[0], bf->q[0], eps[0], B, c->z_dim[0]};
+    F(reparam_over_team)(&rj);
+    F(rows_sum)(bf->dq[0], n_x, B / n_x, 2 * c->z_dim[0]);
+    F(mlp_backward)(grad, NULL, grad_ok, bf->denc[0], bf->enc[0], enc, params, x, &bf->sx, n_x,
+                    c->activation, accumulate, 0);
 }
 
 /* hvae_backward, or with accumulate 0 the gradient written into grad instead of added to it;
@@ -390,57 +527,74 @@ static void F(zero_sums)(F(buffers) *bf, const hvae_model *m, int B, int lik_don
 static hvae_status F(backward_pass)(real *grad, int *grad_ok, int accumulate, int lik_done,
                                     hvae_workspace *ws, const hvae_model *m, const real *params,
                                     const real *x, const real *target, const real *const *eps,
-                                    int B, real beta) {
+                                    int n_x, real beta, const real *free_bits,
+                                    const hvae_estimator *est) {
     const hvae_config *c = &m->cfg;
-    const int T = c->n_levels;
+    const int T = c->n_levels, k = F(samples_per_example)(est, c, n_x, free_bits);
+    const int iwae = F(is_iwae)(est), B = n_x * k;
     F(buffers) bf;
-    if (B < 1 || (!eps && !c->deterministic)) return HVAE_EINVAL;
+    if (n_x < 1 || k < 1 || (!eps && !c->deterministic)) return HVAE_EINVAL;
     /* the forward already reserved this size: carving does not reallocate */
-    hvae_status st = F(carve)(&bf, ws, m, B);
+    hvae_status st = F(carve)(&bf, ws, m, B, n_x);
     if (st != HVAE_OK) return st;
     if (c->deterministic) eps = NULL;
     F(zero_sums)(&bf, m, B, lik_done);
-    const real rs = (real)1 / (real)B, ks = beta / (real)B;
+    /* IWAE: the terms of each row at unit scale, weighed afterwards */
+    const real rs = iwae ? (real)1 : (real)1 / (real)B;
 
     /* likelihood -> d decoder-1 output */
     if (!lik_done) {
         F(likelihood_job) lj = {NULL, NULL, bf.ddec[0][m->dec[0].n_layers - 1], c,
-                                F(last)(bf.dec[0], &m->dec[0]), target, rs, B};
+                                F(last)(bf.dec[0], &m->dec[0]), target, rs, B, k};
         F(likelihood_over_team)(&lj);
     }
-    /* KL terms -> d mulv_i, d zhat_i, d z_i */
-    F(kl_job) kj = {.c = c, .ks = ks, .B = B};
+    if (iwae && est->gradient == HVAE_GRAD_DREG) {
+        F(dreg_backward)(grad, grad_ok, accumulate, &bf, m, params, x, eps, B, n_x, beta);
+        return HVAE_OK;
+    }
+    /* KL terms -> d mulv_i, d zhat_i, d z_i; a level under its free bits contributes nothing */
+    F(kl_job) kj = {.c = c, .B = B, .at_samples = iwae};
     for (int i = 1; i <= T; i++) {
-        const hvae_mlp *enc = &m->enc[i - 1];
-        kj.mulv[i - 1] = F(last)(bf.enc[i - 1], enc);
-        kj.dmulv[i - 1] = bf.denc[i - 1][enc->n_layers - 1];
+        const int floored = free_bits && !(ws->kl_mean[i - 1] > (double)free_bits[i - 1]);
+        kj.ks[i - 1] = floored ? (real)0 : iwae ? beta : beta / (real)B;
+        kj.mulv[i - 1] = bf.q[i - 1];
+        kj.dmulv[i - 1] = bf.dq[i - 1];
         kj.prior[i] = i < T ? F(last)(bf.dec[i], &m->dec[i]) : NULL;
         kj.dprior[i] = i < T ? bf.ddec[i][m->dec[i].n_layers - 1] : NULL;
         kj.z[i - 1] = bf.z[i - 1];
         kj.dz[i - 1] = bf.dz[i - 1];
     }
     F(kl_over_team)(&kj);
+    if (iwae) F(weigh_rows)(&bf, m, B, n_x);
+    if (c->inference == HVAE_TOP_DOWN) {
+        F(topdown_backward)(grad, grad_ok, accumulate, &bf, m, params, x, eps, B, n_x);
+        return HVAE_OK;
+    }
     /* decoders: d z_i from dec_i's input */
     for (int i = T - 1; i >= 0; i--)
         F(mlp_backward)(grad, bf.dz[i], grad_ok, bf.ddec[i], bf.dec[i], &m->dec[i], params,
-                        bf.z[i], NULL, B, c->activation, accumulate);
-    /* encoders top down: d z_i is complete once encoder i+1 has passed it back */
+                        bf.z[i], NULL, B, c->activation, accumulate, 0);
+    /* encoders top down: d z_i is complete once encoder i+1 has passed it back; encoder 1 ran
+     * once per example: its k rows' gradients summed */
     for (int i = T - 1; i >= 0; i--) {
         const hvae_mlp *enc = &m->enc[i];
-        F(reparam_job) rj = {NULL, bf.denc[i][enc->n_layers - 1], bf.dz[i],
-                             F(last)(bf.enc[i], enc), eps ? eps[i] : NULL, B, c->z_dim[i]};
+        F(reparam_job) rj = {NULL, bf.dq[i], bf.dz[i], bf.q[i], eps ? eps[i] : NULL, B,
+                             c->z_dim[i]};
         F(reparam_over_team)(&rj);
+        if (i == 0) F(rows_sum)(bf.dq[0], n_x, k, 2 * c->z_dim[0]);
         F(mlp_backward)(grad, i > 0 ? bf.dz[i - 1] : NULL, grad_ok, bf.denc[i], bf.enc[i], enc,
-                        params, i > 0 ? bf.z[i - 1] : x, i > 0 ? NULL : &bf.sx, B,
-                        c->activation, accumulate);
+                        params, i > 0 ? bf.z[i - 1] : x, i > 0 ? NULL : &bf.sx,
+                        i > 0 ? B : n_x, c->activation, accumulate, 0);
     }
     return HVAE_OK;
 }
 
 hvae_status F(hvae_backward)(real *grad, hvae_workspace *ws, const hvae_model *m,
                              const real *params, const real *x, const real *target,
-                             const real *const *eps, int B, real beta) {
-    return F(backward_pass)(grad, NULL, 1, 0, ws, m, params, x, target, eps, B, beta);
+                             const real *const *eps, int batch, real beta, const real *free_bits,
+                             const hvae_estimator *est) {
+    return F(backward_pass)(grad, NULL, 1, 0, ws, m, params, x, target, eps, batch, beta,
+                            free_bits, est);
 }
 
 hvae_status F(hvae_encode)(real *const *mulv, real *const *z, hvae_workspace *ws,
@@ -448,13 +602,12 @@ hvae_status F(hvae_encode)(real *const *mulv, real *const *z, hvae_workspace *ws
                            const real *const *eps, int B) {
     F(buffers) bf;
     if (B < 1) return HVAE_EINVAL;
-    hvae_status st = F(carve)(&bf, ws, m, B);
+    hvae_status st = F(carve)(&bf, ws, m, B, B);
     if (st != HVAE_OK) return st;
-    F(encode_pass)(&bf, m, params, x, eps, B);
+    F(inference_pass)(&bf, m, params, x, eps, B, B);
     for (int i = 0; i < m->cfg.n_levels; i++) {
         size_t d = (size_t)m->cfg.z_dim[i];
-        if (mulv && mulv[i])
-            memcpy(mulv[i], F(last)(bf.enc[i], &m->enc[i]), sizeof(real) * (size_t)B * 2 * d);
+        if (mulv && mulv[i]) memcpy(mulv[i], bf.q[i], sizeof(real) * (size_t)B * 2 * d);
         if (z && z[i]) memcpy(z[i], bf.z[i], sizeof(real) * (size_t)B * d);
     }
     return HVAE_OK;
@@ -465,7 +618,7 @@ hvae_status F(hvae_decode)(real *x_params, real *const *z, hvae_workspace *ws,
                            const real *const *eps, real temperature, int B) {
     F(buffers) bf;
     if (B < 1 || level < 1 || level > m->cfg.n_levels) return HVAE_EINVAL;
-    hvae_status st = F(carve)(&bf, ws, m, B);
+    hvae_status st = F(carve)(&bf, ws, m, B, B);
     if (st != HVAE_OK) return st;
     const real *zi = z_top;
     for (int i = level - 1; i >= 1; i--) { /* z_{i} from p(z_i | z_{i+1}), 0-based i */

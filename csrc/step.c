@@ -35,17 +35,20 @@ static void F(adam_part)(void *p, int part, int n_parts) {
 hvae_status F(hvae_train_step)(real *terms, real *loss, int *updated, real *grad, real *params,
                                real *m1, real *m2, hvae_workspace *ws, const hvae_model *m,
                                const real *x, const real *target, const real *const *eps, int B,
-                               real beta, const hvae_adam *opt, hvae_team *team) {
+                               real beta, const real *free_bits, const hvae_estimator *est,
+                               const hvae_adam *opt, hvae_team *team) {
     hvae_team *caller_team = hvae_team_current();
     hvae_team_set_current(team);
     *updated = 0;
     int lik_done = 0;
     hvae_status st =
-        F(forward_pass)(terms, NULL, loss, ws, m, params, x, target, eps, B, beta, &lik_done);
+        F(forward_pass)(terms, NULL, loss, ws, m, params, x, target, eps, B, beta, free_bits, est,
+                        &lik_done);
     int ok[HVAE_MAX_THREADS], all_ok = 1;
     for (int k = 0; k < HVAE_MAX_THREADS; k++) ok[k] = 1;
     if (st == HVAE_OK && isfinite(*loss))
-        st = F(backward_pass)(grad, ok, 0, lik_done, ws, m, params, x, target, eps, B, beta);
+        st = F(backward_pass)(grad, ok, 0, lik_done, ws, m, params, x, target, eps, B, beta,
+                              free_bits, est);
     for (int k = 0; k < HVAE_MAX_THREADS; k++) all_ok &= ok[k];
     if (st == HVAE_OK && isfinite(*loss) && all_ok) {
         F(adam_job) j = {params, m1, m2, grad, m,

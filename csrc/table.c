@@ -36,18 +36,24 @@ hvae_status hvae_model_init(hvae_model *m, const hvae_config *cfg) {
     int T = cfg->n_levels;
     if (T < 1 || T > HVAE_MAX_LEVELS || !width_ok(cfg->x_dim)) return HVAE_EINVAL;
     if ((unsigned)cfg->likelihood > HVAE_GAUSSIAN_LEARNED || (unsigned)cfg->activation > HVAE_LEAKY_RELU ||
-        (unsigned)cfg->kl > HVAE_KL_MC || (unsigned)cfg->prior_var > HVAE_PRIOR_LEARNED)
+        (unsigned)cfg->kl > HVAE_KL_MC || (unsigned)cfg->prior_var > HVAE_PRIOR_LEARNED ||
+        (unsigned)cfg->inference > HVAE_TOP_DOWN)
         return HVAE_EINVAL;
+    const int top_down = cfg->inference == HVAE_TOP_DOWN;
+    if (top_down && cfg->deterministic) return HVAE_EINVAL;
     for (int i = 0; i < T; i++) {
         if (!width_ok(cfg->z_dim[i]) || cfg->n_hidden[i] < 0 || cfg->n_hidden[i] > HVAE_MAX_HIDDEN)
             return HVAE_EINVAL;
+        if (top_down && cfg->n_hidden[i] < 1) return HVAE_EINVAL; /* d_i is a hidden layer */
         for (int j = 0; j < cfg->n_hidden[i]; j++)
             if (!width_ok(cfg->hidden[i][j])) return HVAE_EINVAL;
     }
     m->cfg = *cfg;
     size_t offset = 0, acts = 0;
-    for (int i = 0; i < T; i++) {
-        int in = i == 0 ? cfg->x_dim : cfg->z_dim[i - 1];
+    for (int i = 0; i < T; i++) { /* top-down: encoder i reads d_{i-1}, the last hidden layer below */
+        int in = i == 0 ? cfg->x_dim
+                 : top_down ? cfg->hidden[i - 1][cfg->n_hidden[i - 1] - 1]
+                            : cfg->z_dim[i - 1];
         mlp_init(&m->enc[i], &offset, in, cfg->hidden[i], cfg->n_hidden[i], 0, 2 * cfg->z_dim[i]);
     }
     for (int i = 0; i < T; i++) {
@@ -58,6 +64,7 @@ hvae_status hvae_model_init(hvae_model *m, const hvae_config *cfg) {
         for (int j = 0; j < m->enc[i].n_layers; j++) acts += (size_t)m->enc[i].layer[j].out;
         for (int j = 0; j < m->dec[i].n_layers; j++) acts += (size_t)m->dec[i].layer[j].out;
         acts += (size_t)cfg->z_dim[i];
+        if (top_down && i < T - 1) acts += 2 * (size_t)cfg->z_dim[i]; /* q after the merge */
     }
     m->n_params = offset;
     m->act_per_example = acts;
@@ -76,6 +83,8 @@ size_t hvae_workspace_bytes(const hvae_model *m, int batch, size_t real_size) {
     size_t per = 2 * m->act_per_example * real_size;
     if ((size_t)batch > SIZE_MAX / per) return 0;
     size_t bytes = per * (size_t)batch;
+    if ((size_t)batch > (SIZE_MAX - bytes) / real_size) return 0;
+    bytes += (size_t)batch * real_size; /* the importance weights of the rows */
     size_t cap = hvae_sparse_capacity(m, batch);
     if (cap) { /* the sparse first layer (model.c carves these in this order) */
         size_t D = (size_t)m->cfg.x_dim, O = (size_t)m->enc[0].layer[0].out;

@@ -17,9 +17,9 @@ from .atomic import _kind, atomic_write, destination
 FORMAT = "hvae-checkpoint"
 VERSION = 1
 CONFIG_KEYS = ("x_dim", "latent_dims", "hidden_dims", "likelihood", "activation", "kl", "dtype",
-               "seed", "deterministic", "init", "prior_variance")
+               "seed", "deterministic", "init", "prior_variance", "inference")
 # keys that checkpoints written before they existed lack, with the value those models had
-CONFIG_DEFAULTS = {"prior_variance": "unit"}
+CONFIG_DEFAULTS = {"prior_variance": "unit", "inference": "bottom_up"}
 MAX_META_BYTES = 1 << 26  # the JSON block of a real checkpoint is a few hundred kB at most
 # the epoch records fit writes: key -> (what the value must be, a test); other keys may hold a
 # number, None or a list of numbers
@@ -48,15 +48,21 @@ def dumps(model):
         record holding a string); the message says what.
     """
     with model._lock:
+        history = getattr(model, "history_", [])
         meta = {
             "format": FORMAT,
             "version": VERSION,
             "config": {k: getattr(model, k) for k in CONFIG_KEYS},
             "rng_state": model._rng.bit_generator.state,
-            "history": getattr(model, "history_", []),
+            "history": history,
+            "training": {"epochs_done": len(history), **getattr(model, "train_config_", {})},
             "optimizer": None,
         }
         arrays = {"params": model.params}
+        best = getattr(model, "best_", None)
+        if best is not None:  # an early-stopping run in progress: its best epoch so far
+            meta["training"]["best_epoch"] = best[1]
+            arrays["best_params"] = best[2]
         opt = getattr(model, "optimizer_", None)
         if opt is not None:
             meta["optimizer"] = {"step": opt.step, "lr": opt.lr, "beta1": opt.beta1,
@@ -93,8 +99,8 @@ def save(model, path):
     ----------
     model : HVAE
     path : str or os.PathLike
-        Destination; ``.npz`` is the conventional suffix (not added). A symbolic link is
-        written through to its target.
+        Destination; ``.npz`` is the conventional suffix (not added). Missing folders are
+        created. A symbolic link is written through to its target.
 
     Raises
     ------
@@ -102,13 +108,14 @@ def save(model, path):
         The model's state would not load back, or ``path`` is a FIFO, a device, a socket or a
         directory; the file is not touched.
     """
-    destination(path, "path")  # refuse a special file before the work
+    target = destination(path, "path")  # refuse a special file before the work
     try:
         data = dumps(model)
     except ValueError as exc:
         why = getattr(exc, "why", str(exc))
         raise ValueError(f"{os.fsdecode(os.fspath(path))}: not saved, the model's state would "
                          f"not load back ({why}); the file was left as it was") from None
+    os.makedirs(os.path.dirname(target), exist_ok=True)
     atomic_write(path, lambda f: f.write(data))
 
 
@@ -159,6 +166,28 @@ def _check_optimizer(opt, path):
             np.isfinite(lr) and lr >= 0 and 0 <= b1 < 1 and 0 <= b2 < 1
             and np.isfinite(eps) and eps > 0):
         raise _bad(path, f"optimizer settings lr={lr!r} beta1={b1!r} beta2={b2!r} eps={eps!r}")
+
+
+def _check_training(training, history, path):
+    """The run's settings: a dict of JSON scalars (or lists of them) whose epochs_done agrees
+    with the history, and whose best epoch, if any, is one of them."""
+    if not isinstance(training, dict):
+        raise _bad(path, "training is not a dict")
+    training = dict(training)
+    for key, v in training.items():
+        ok = v is None or isinstance(v, (bool, str)) or _is_number(v) or (
+            isinstance(v, list) and all(map(_is_number, v)))
+        if not ok:
+            raise _bad(path, f"training[{key!r}] = {v!r}")
+    done = training.pop("epochs_done", None)
+    if done != len(history):
+        raise _bad(path, f"training says {done!r} epochs done, the history holds "
+                         f"{len(history)}")
+    best = training.pop("best_epoch", None)
+    if best is not None and not (isinstance(best, int) and 1 <= best <= len(history)
+                                 and _is_number(history[best - 1].get("val_loss"))):
+        raise _bad(path, f"training best_epoch {best!r}")
+    return training, best
 
 
 def _read_array(zf, name, path, shape, dtype):
@@ -292,6 +321,11 @@ def _read_checked(f, path, cls):
         except (TypeError, ValueError, KeyError) as exc:
             raise _bad(path, f"rng_state: {exc}") from None
         model.history_ = _check_history(meta["history"], path)
+        if "training" in meta:  # files written before runs remembered their settings lack it
+            model.train_config_, best = _check_training(meta["training"], model.history_, path)
+            if best is not None:
+                model.best_ = (model.history_[best - 1]["val_loss"], best,
+                               _read_array(zf, "best_params", path, (n,), dtype))
         opt = meta["optimizer"]
         if opt is not None:
             _check_optimizer(opt, path)

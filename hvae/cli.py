@@ -18,10 +18,11 @@ import warnings
 
 import numpy as np
 
+from .datasets import SPLITS, subset
+from .training import TRAIN_DEFAULTS
+
 DATASETS = ("binarized_mnist", "mnist", "digits")
-SPLITS = ("train", "valid", "test")
 GREY = ("mnist", "digits")
-DIGITS_TRAIN = 1500  # digits: the first 1500 of 1797 examples are "train" (incl. valid), rest test
 DEFAULT_LATENT = {"binarized_mnist": [100, 50], "mnist": [100, 50], "digits": [16, 8]}
 _SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 EXIT_USAGE, EXIT_ERROR, EXIT_INTERRUPTED = 2, 1, 130
@@ -115,8 +116,8 @@ def _image_shape(text):
     return h, w
 
 
-def _add_data_flags(p, default, help_default):
-    p.add_argument("--data", choices=DATASETS, default=default,
+def _add_data_flags(p, help_default):
+    p.add_argument("--data", choices=DATASETS,
                    help="the data set: binarized_mnist (statically binarized MNIST, the standard "
                         "train/valid/test split), mnist (grey-level MNIST; train = the first 90%% "
                         "of the 60000 training images, valid = the last 10%%, test = t10k), "
@@ -152,15 +153,17 @@ def build_parser():
     p = sub.add_parser(
         "train", help="train a model, checkpointing after every epoch",
         description="Train a hierarchical VAE with Adam. The checkpoint is written atomically "
-                    "after every epoch; --resume continues an interrupted run up to --epochs "
-                    "in total. At the end the test ELBO (k = 1) is printed.",
+                    "after every epoch with the run's settings; --resume continues an "
+                    "interrupted run with them (flags given anew override them and are "
+                    "reported). The defaults are those of HVAE and HVAE.fit in Python.",
         epilog="example: hvae train --data binarized_mnist --latent-dims 100 50 "
-               "--hidden-dims 200,200 100,100 --epochs 100 --kl-warmup-epochs 10 "
-               "--checkpoint run.npz")
-    _add_data_flags(p, "binarized_mnist", "")
+               "--prior-variance learned --epochs 100 --checkpoint run.npz; later: hvae train "
+               "--checkpoint run.npz --resume")
+    resumed = "; with --resume: the run's"
+    _add_data_flags(p, f" (default: binarized_mnist{resumed})")
     p.add_argument("--max-examples", type=_positive_int, metavar="N",
                    help="train on N training examples only, a fixed random subset (quick runs; "
-                        "default: all)")
+                        f"default: all{resumed})")
     g = p.add_argument_group("architecture (ignored with --resume of an existing checkpoint, "
                              "where they must match it if given)")
     g.add_argument("--latent-dims", type=_positive_int, nargs="+", metavar="D",
@@ -176,44 +179,77 @@ def build_parser():
                    help="p(x|z_1) (default: bernoulli)")
     g.add_argument("--activation", choices=("tanh", "relu", "leaky_relu"),
                    help="after every hidden layer (default: tanh)")
-    g.add_argument("--kl", choices=("analytic", "mc"),
+    g.add_argument("--kl", choices=("mc", "analytic"),
                    help="KL estimator of the training loss: mc is unbiased (the loss is a true "
-                        "negative ELBO); analytic is the closed-form chain, biased for two or "
-                        "more levels (default: mc)")
+                        "negative ELBO); analytic is the closed-form chain of the seed "
+                        "documents, biased for two or more levels (default: mc)")
     g.add_argument("--prior-variance", choices=("unit", "learned"),
-                   help="variance of p(z_{i-1}|z_i) between levels: the seed's identity, or "
-                        "learned by the decoder as in the IWAE paper (default: unit)")
+                   help="variance of p(z_{i-1}|z_i) between levels: the identity, or learned by "
+                        "the decoder as in the IWAE paper (default: unit for bottom-up inference, "
+                        "learned for top-down)")
+    g.add_argument("--inference", choices=("bottom_up", "top_down"),
+                   help="q(z_i|z_{i-1}) (bottom_up), or the Ladder VAE's top-down q(z_i|z_{i+1}, "
+                        "x), which shares the decoders with p (needs a hidden layer per level) "
+                        "(default: bottom_up)")
+    g.add_argument("--init", choices=("glorot", "torch"),
+                   help="weight initialisation: Glorot uniform with zero biases, or "
+                        "torch.nn.Linear's (default: glorot)")
     g.add_argument("--dtype", choices=("float32", "float64"), help="(default: float32)")
     g.add_argument("--seed", type=int,
                    help="seeds initialisation, noise, shuffling and binarization (default: 0)")
     g.add_argument("--deterministic", action="store_true",
                    help="a plain autoencoder: no sampling, no KL")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int, default=10, metavar="N",
-                   help="total epochs (with --resume, the epochs already done count)")
-    g.add_argument("--batch-size", type=_positive_int, default=100, metavar="N",
-                   help="examples per Adam step")
-    g.add_argument("--lr", type=_positive_float, default=1e-3, metavar="LR",
-                   help="Adam step size")
-    g.add_argument("--kl-warmup-epochs", type=_nonnegative_float, default=0.0, metavar="E",
-                   help="the KL weight rises linearly from 0 to --beta over this many epochs")
-    g.add_argument("--kl-warmup-delay", type=_nonnegative_float, default=0.0, metavar="E",
-                   help="epochs at KL weight 0 before the warm-up starts (keeps the upper "
-                        "levels of a hierarchy from collapsing)")
-    g.add_argument("--beta", type=_nonnegative_float, default=1.0, metavar="B",
-                   help="KL weight after warm-up (1 for the ELBO)")
-    g.add_argument("--patience", type=_positive_int, metavar="N",
+    d = TRAIN_DEFAULTS
+    g = p.add_argument_group("training (saved in the checkpoint; --resume restores them)")
+    g.add_argument("--epochs", type=_positive_int, metavar="N",
+                   help=f"the run's length in epochs, those already done included (default: "
+                        f"{d['epochs']}{resumed})")
+    g.add_argument("--batch-size", type=_positive_int, metavar="N",
+                   help=f"examples per Adam step (default: {d['batch_size']}{resumed})")
+    g.add_argument("--lr", type=_positive_float, metavar="LR",
+                   help=f"Adam's step size in the first epoch (default: {d['lr']:g}{resumed})")
+    g.add_argument("--lr-decay", type=_positive_float, metavar="F",
+                   help=f"the step size falls exponentially to LR * F in the last epoch (1: "
+                        f"constant; default: {d['lr_decay']:g}{resumed})")
+    g.add_argument("--kl-warmup-epochs", type=_nonnegative_float, metavar="E",
+                   help=f"the KL weight rises linearly from 0 to --beta over this many epochs "
+                        f"(default: {d['kl_warmup_epochs']:g}{resumed})")
+    g.add_argument("--kl-warmup-delay", type=_nonnegative_float, metavar="E",
+                   help=f"epochs at KL weight 0 before the warm-up starts (keeps the upper "
+                        f"levels of a hierarchy from collapsing; default: "
+                        f"{d['kl_warmup_delay']:g}{resumed})")
+    g.add_argument("--beta", type=_nonnegative_float, metavar="B",
+                   help=f"KL weight after warm-up (1 for the ELBO; default: {d['beta']:g}"
+                        f"{resumed})")
+    g.add_argument("--free-bits", type=_nonnegative_float, nargs="+", metavar="NATS",
+                   help="free bits: each level's KL term in the training loss is at least this "
+                        f"(one value for every level, or one per level; default: none{resumed})")
+    g.add_argument("--objective", choices=("elbo", "iwae"),
+                   help="the ELBO, or the importance-weighted bound (IWAE) with -k samples per "
+                        f"example (default: {d['objective']}{resumed})")
+    g.add_argument("-k", "--samples", type=_positive_int, metavar="K", dest="k",
+                   help=f"importance samples per example of --objective iwae (default: "
+                        f"{d['k']}{resumed})")
+    g.add_argument("--gradient", choices=("standard", "dreg"),
+                   help="IWAE's gradient: standard, or doubly reparameterized (one level only; "
+                        f"lower variance for the encoder; default: {d['gradient']}{resumed})")
+    g.add_argument("--patience", type=int, metavar="N",
                    help="stop after this many epochs without a better validation loss and keep "
-                        "the best parameters (default: no early stopping)")
+                        f"the best parameters (0: no early stopping; default: {d['patience']}"
+                        f"{resumed})")
+    g.add_argument("--n-jobs", type=int, metavar="N",
+                   help="threads of the core for each training step (-1: every CPU; default: "
+                        "1); not saved, the results depend on it only up to rounding")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar (one line per epoch instead)")
     g = p.add_argument_group("checkpoint")
     g.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="the .npz file written atomically after every epoch (required)")
+                   help="the .npz file written atomically after every epoch (required; missing "
+                        "folders are created)")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--resume", action="store_true",
-                   help="if PATH exists, load it and train the remaining epochs "
-                        "(--epochs minus the epochs it holds)")
+                   help="if PATH exists, load it and continue its run with its saved settings "
+                        "and data up to its planned --epochs")
     x.add_argument("--overwrite", action="store_true",
                    help="start a new model even if PATH exists (default: refuse)")
 
@@ -224,8 +260,9 @@ def build_parser():
                     "IWAE bound with k samples; k = 5000 for published tables) and the ELBO "
                     "(k = 1), each as mean +- standard error over examples, in nats.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint written by train")
-    _add_data_flags(p, None, " (default: binarized_mnist for a 784-pixel model, digits for a "
-                             "64-pixel one)")
+    _add_data_flags(p, " (default: the data set the checkpoint was trained on; for older "
+                       "checkpoints binarized_mnist for a 784-pixel model, digits for a 64-pixel "
+                       "one)")
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to evaluate")
     p.add_argument("-k", type=_positive_int, default=5000, help="importance samples per example")
     p.add_argument("--max-examples", type=_positive_int, metavar="N",
@@ -287,27 +324,10 @@ def load_split(data, split, data_dir=None):
     if data == "binarized_mnist":
         return datasets.load_binarized_mnist(split, data_dir=data_dir)
     if data == "mnist":
-        if split == "test":
-            return datasets.load_mnist("test", data_dir=data_dir)
-        pool = datasets.load_mnist("train", data_dir=data_dir)
-    elif data == "digits":
-        x = datasets.load_digits()
-        if split == "test":
-            return x[DIGITS_TRAIN:]
-        pool = x[:DIGITS_TRAIN]
-    else:
-        raise ValueError(f"data: expected one of {DATASETS}, got {data!r}")
-    n_valid = len(pool) // 10
-    return pool[len(pool) - n_valid:] if split == "valid" else pool[:len(pool) - n_valid]
-
-
-def subset(x, n, seed=0):
-    """``n`` rows of ``x`` drawn without replacement with a fixed seed, in their original order
-    (all of ``x`` if n is None or >= len(x)). Not the first n: binarized MNIST's test split is
-    sorted by digit."""
-    if n is None or n >= len(x):
-        return x
-    return x[np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))]
+        return datasets.load_mnist(split, data_dir=data_dir)
+    if data == "digits":
+        return datasets.load_digits(split)
+    raise ValueError(f"data: expected one of {DATASETS}, got {data!r}")
 
 
 def binarizes(data, likelihood, no_binarize=False):
@@ -381,7 +401,8 @@ def _check_resume_flags(args, model):
     """With --resume, architecture flags that were given must match the checkpoint."""
     given = {"latent_dims": args.latent_dims, "likelihood": args.likelihood,
              "activation": args.activation, "kl": args.kl, "dtype": args.dtype,
-             "seed": args.seed, "prior_variance": args.prior_variance}
+             "seed": args.seed, "prior_variance": args.prior_variance, "init": args.init,
+             "inference": args.inference}
     if args.hidden_dims is not None:
         hd = args.hidden_dims
         given["hidden_dims"] = hd * len(model.latent_dims) if len(hd) == 1 else hd
@@ -395,10 +416,10 @@ def _check_resume_flags(args, model):
                            f"use --overwrite to start a new model")
 
 
-def _new_model(args):
+def _new_model(args, data):
     from .model import HVAE
 
-    latent = args.latent_dims or DEFAULT_LATENT[args.data]
+    latent = args.latent_dims or DEFAULT_LATENT[data]
     hidden = args.hidden_dims
     if hidden is not None and len(hidden) not in (1, len(latent)):
         raise UsageError(f"argument --hidden-dims: {len(hidden)} groups for {len(latent)} "
@@ -406,12 +427,20 @@ def _new_model(args):
                          f"(see 'hvae train --help')")
     if hidden is not None and len(hidden) == 1:
         hidden = hidden * len(latent)
-    x_dim = 64 if args.data == "digits" else 784
-    return HVAE(x_dim, latent, hidden, likelihood=args.likelihood or "bernoulli",
-                activation=args.activation or "tanh", kl=args.kl or "mc",
-                dtype=args.dtype or "float32", seed=0 if args.seed is None else args.seed,
+    x_dim = 64 if data == "digits" else 784
+    given = {"likelihood": args.likelihood, "activation": args.activation, "kl": args.kl,
+             "dtype": args.dtype, "prior_variance": args.prior_variance, "init": args.init,
+             "inference": args.inference}
+    return HVAE(x_dim, latent, hidden, seed=0 if args.seed is None else args.seed,
                 deterministic=args.deterministic,
-                prior_variance=args.prior_variance or "unit")
+                **{k: v for k, v in given.items() if v is not None})
+
+
+def _free_bits(values):
+    """--free-bits as fit takes it: None, one number for every level, or one per level."""
+    if values is None:
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def _epoch_line(record, total):
@@ -422,48 +451,87 @@ def _epoch_line(record, total):
             f"{record['seconds']:.1f}s")
 
 
+def _plural(n, word):
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _data_settings(args, model, resuming):
+    """The run's data set, its subset and binarization: the flags, else (resuming) the saved
+    ones, else the defaults; and the flags that change saved values, as (flag, old, new)."""
+    saved = model.train_config_ if resuming else {}
+    given = {"data": args.data, "max_examples": args.max_examples,
+             "no_binarize": args.no_binarize or None}
+    defaults = {"data": "binarized_mnist", "max_examples": None, "no_binarize": False}
+    settings, changed = {}, []
+    for key, value in given.items():
+        if value is None:
+            value = saved.get(key, defaults[key])
+        elif key in saved and saved[key] != value:
+            changed.append(("--" + key.replace("_", "-"), saved[key], value))
+        settings[key] = value
+    return settings, changed
+
+
 def cmd_train(args, out):
+    from . import training
+
     path = args.checkpoint
     if os.path.isdir(path):
         raise CLIError(f"--checkpoint {path}: is a directory; give a file name such as "
                        f"{os.path.join(path, 'model.npz')}")
     exists = os.path.exists(path)
-    if args.resume and exists:
+    resuming = args.resume and exists
+    if resuming:
         model = _load(path)
         _check_resume_flags(args, model)
-        if model.x_dim != (64 if args.data == "digits" else 784):
-            raise CLIError(f"{path}: the model has x_dim={model.x_dim}, which does not fit "
-                           f"--data {args.data}")
-        print(f"resuming {path}: {len(model.history_)} epochs done", file=out)
     else:
         if exists and not args.overwrite:
             raise CLIError(f"{path} exists; pass --resume to continue training it or "
                            f"--overwrite to start a new model")
-        model = _new_model(args)
+        model = _new_model(args, args.data or "binarized_mnist")
         if args.resume:
             print(f"no checkpoint at {path} yet; starting a new model", file=out)
+    data, changed = _data_settings(args, model, resuming)
+    if args.free_bits is not None and len(args.free_bits) not in (1, model.n_levels):
+        raise UsageError(f"argument --free-bits: {len(args.free_bits)} values for "
+                         f"{model.n_levels} levels; give one value (every level) or one per "
+                         f"level (see 'hvae train --help')")
+    given = {key: getattr(args, key) for key in TRAIN_DEFAULTS}
+    given["free_bits"] = _free_bits(args.free_bits)
+    try:
+        settings, overrides = training.resolve_settings(model, given)
+    except ValueError as exc:  # "name: why" -> "argument --name: why"
+        name, why = str(exc).split(":", 1)
+        flag = "-k" if name == "k" else "--" + name.lstrip("-").replace("_", "-")
+        raise UsageError(f"argument {flag}:{why} (see 'hvae train --help')") from None
+    if resuming:
+        planned = model.train_config_.get("epochs")
+        print(f"resuming {path}: {_plural(len(model.history_), 'epoch')} done"
+              + (f" of {planned}" if planned else "")
+              + ("" if model.train_config_ else " (a checkpoint without saved settings: the "
+                 "flags and the defaults apply)"), file=out)
+        for flag, old, new in changed + [("--" + k.replace("_", "-"), old, new)
+                                         for k, (old, new) in overrides.items()]:
+            print(f"{flag} {new} overrides the run's {old}", file=out)
+    if model.x_dim != (64 if data["data"] == "digits" else 784):
+        raise CLIError(f"{path}: the model has x_dim={model.x_dim}, which does not fit "
+                       f"--data {data['data']}")
     # all data first, so a missing file fails before any training
-    grey = binarizes(args.data, model.likelihood, args.no_binarize)
-    train = load_split(args.data, "train", args.data_dir)
-    train = subset(train, args.max_examples)
-    valid = _prepare(load_split(args.data, "valid", args.data_dir), args.data, model, "valid",
-                     args.no_binarize)
-    test = _prepare(load_split(args.data, "test", args.data_dir), args.data, model, "test",
-                    args.no_binarize)
-    if train.shape[1] != model.x_dim:
-        raise CLIError(f"{args.data} has {train.shape[1]} pixels per example but the model has "
-                       f"x_dim={model.x_dim}")
+    grey = binarizes(data["data"], model.likelihood, data["no_binarize"])
+    train = subset(load_split(data["data"], "train", args.data_dir), data["max_examples"])
+    valid = _prepare(load_split(data["data"], "valid", args.data_dir), data["data"], model,
+                     "valid", data["no_binarize"])
     X, redraw = training_data(model, train, grey)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    model.train_config_.update(data)
     print(f"model: {model!r}", file=out)
     how = " (dynamically binarized)" if grey else ""
-    print(f"data: {args.data}, train {len(X)}{how}, valid {len(valid)}, test {len(test)}, "
-          f"{model.x_dim} pixels", file=out)
-    remaining = args.epochs - len(model.history_)
+    print(f"data: {data['data']}, train {len(X)}{how}, valid {len(valid)}, {model.x_dim} "
+          f"pixels", file=out)
+    remaining = settings["epochs"] - len(model.history_)
     progress = not args.no_progress
 
     def report(m, record):
-        line = _epoch_line(record, args.epochs)
+        line = _epoch_line(record, settings["epochs"])
         if progress:
             from tqdm.auto import tqdm
             tqdm.write(line, file=out)
@@ -471,33 +539,32 @@ def cmd_train(args, out):
             print(line, file=out, flush=True)
         redraw(m, record)
 
-    if remaining > 0:
-        print(f"training {remaining} epochs; checkpoint {path}", file=out, flush=True)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="fit interrupted", category=RuntimeWarning)
-            try:
-                model.fit(X, epochs=remaining, batch_size=args.batch_size, lr=args.lr,
-                          validation_data=valid, kl_warmup_epochs=args.kl_warmup_epochs,
-                          kl_warmup_delay=args.kl_warmup_delay, beta=args.beta,
-                          patience=args.patience, progress=progress, checkpoint=path,
-                          callbacks=[report])
-            except FloatingPointError as exc:
-                raise CLIError(f"{exc} {_saved(path, model)}") from None
-        if getattr(model, "interrupted_", False):
-            print(f"hvae: interrupted; {_saved(path, model)}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        if len(model.history_) < args.epochs:
-            print(f"early stopping after epoch {len(model.history_)} (no better validation "
-                  f"loss for {args.patience} epochs); kept the best parameters", file=out)
-    else:
-        print(f"{path} already holds {len(model.history_)} epochs (--epochs {args.epochs}); "
-              f"nothing to train", file=out)
-    if model.deterministic:
-        print("test ELBO: not defined for a deterministic autoencoder", file=out)
+    if remaining <= 0:
+        print(f"{path} already holds {_plural(len(model.history_), 'epoch')} (--epochs "
+              f"{settings['epochs']}); nothing to train", file=out)
         return 0
-    mean, se = _mean_se(model.elbo(test, k=1))
-    print(f"test ELBO (k=1, {len(test)} examples of {args.data} test): {mean:.3f} +- {se:.3f} "
-          f"nats", file=out)
+    for note in training.notes(model, settings, {}):
+        print(f"note: {note}", file=out)
+    print(f"training {_plural(remaining, 'epoch')} (batch {settings['batch_size']}, lr "
+          f"{settings['lr']:g} decaying to {settings['lr'] * settings['lr_decay']:g}, KL weight "
+          f"0 for {settings['kl_warmup_delay']:g} epochs then rising to {settings['beta']:g} "
+          f"over {settings['kl_warmup_epochs']:g}); checkpoint {path}", file=out, flush=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fit interrupted", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="fit: ", category=UserWarning)  # said above
+        try:
+            model.fit(X, **given, validation_data=valid, progress=progress, checkpoint=path,
+                      callbacks=[report], n_jobs=args.n_jobs)
+        except FloatingPointError as exc:
+            raise CLIError(f"{exc} {_saved(path, model)}") from None
+    if getattr(model, "interrupted_", False):
+        print(f"hvae: interrupted; {_saved(path, model)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if len(model.history_) < settings["epochs"]:
+        print(f"early stopping after epoch {len(model.history_)} (no better validation "
+              f"loss for {settings['patience']} epochs); kept the best parameters", file=out)
+    print(f"done: {path} holds {_plural(len(model.history_), 'epoch')}; evaluate it with "
+          f"'hvae eval {path}'", file=out)
     return 0
 
 
@@ -511,6 +578,8 @@ def _saved(path, model):
 def _resolve_eval_data(args, model):
     if args.data is not None:
         return args.data
+    if "data" in model.train_config_:
+        return model.train_config_["data"]
     if model.x_dim == 784:
         return "binarized_mnist"
     if model.x_dim == 64:
@@ -527,14 +596,20 @@ def cmd_eval(args, out):
     data = _resolve_eval_data(args, model)
     x = load_split(data, args.split, args.data_dir)
     x = subset(x, args.max_examples)
-    x = _prepare(x, data, model, args.split, args.no_binarize)
+    no_binarize = args.no_binarize or model.train_config_.get("no_binarize", False)
+    x = _prepare(x, data, model, args.split, no_binarize)
     if args.seed is not None:
         model._rng = np.random.default_rng(args.seed)
     print(f"model: {model!r}", file=out)
-    how = " (binarized)" if binarizes(data, model.likelihood, args.no_binarize) else ""
+    how = " (binarized)" if binarizes(data, model.likelihood, no_binarize) else ""
     print(f"data: {data} {args.split}, {len(x)} examples{how}", file=out, flush=True)
+    t0 = time.perf_counter()
     mean, se = _mean_se(model.elbo(x, k=1))
+    t_elbo = time.perf_counter() - t0
     print(f"ELBO (k=1): {mean:.3f} +- {se:.3f} nats", file=out, flush=True)
+    print(f"log-likelihood with k={args.k}: about {_duration(t_elbo * args.k)} (the ELBO, one "
+          f"sample per example, took {t_elbo:.1f}s; --max-examples or a smaller -k is faster)",
+          file=out, flush=True)
     t0 = time.perf_counter()
     ll = model.log_likelihood(x, k=args.k, batch_size=args.batch_size,
                               progress=not args.no_progress)
@@ -543,6 +618,14 @@ def cmd_eval(args, out):
           f"(mean +- standard error over {len(x)} examples; {time.perf_counter() - t0:.1f}s)",
           file=out)
     return 0
+
+
+def _duration(seconds):
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def cmd_sample(args, out):
@@ -583,9 +666,20 @@ def cmd_info(args, out):
     print(f"model: {model!r}", file=out)
     print(f"parameters: {model.n_params:,}", file=out)
     hist = model.history_
-    steps = model.optimizer_.step if model.optimizer_ is not None else 0
     seconds = sum(r.get("seconds") or 0 for r in hist)
-    print(f"epochs trained: {len(hist)} ({steps:,} optimizer steps, {seconds:.1f}s)", file=out)
+    planned = model.train_config_.get("epochs")
+    of = f" of {planned} planned" if planned else ""
+    if model.optimizer_ is not None:
+        state = f"{model.optimizer_.step:,} optimizer steps"
+    elif hist:
+        state = "optimizer state not saved: training it further starts Adam afresh"
+    else:
+        state = "never trained"
+    print(f"epochs trained: {len(hist)}{of} ({state}; {seconds:.1f}s)", file=out)
+    settings = {k: v for k, v in model.train_config_.items() if k != "epochs"}
+    if settings:
+        print("training settings: " + ", ".join(f"{k}={v!r}" for k, v in settings.items()),
+              file=out)
     if hist:
         val = [r["val_loss"] for r in hist if r.get("val_loss") is not None]
         if val:

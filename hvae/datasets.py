@@ -1,19 +1,22 @@
 """Data loaders: binarized and grey-level MNIST, scikit-learn's 8x8 digits, and binarization.
 
 Every loader returns float32 arrays with values in [0, 1], one example per row: shape (n, 784)
-for MNIST (a 28x28 image in row-major order) and (n, 64) for the digits (8x8). The files are
+for MNIST (a 28x28 image in row-major order) and (n, 64) for the digits (8x8). Every loader
+takes a ``split``, one of ``"train"`` (the default), ``"valid"`` and ``"test"``. The files are
 looked for in a data directory (see :func:`data_dir`): the ``data_dir`` argument, else the
-``HVAE_DATA`` environment variable, else ``../shared/data`` beside the repository's root. No
-loader downloads anything.
+``HVAE_DATA`` environment variable, else ``../shared/data`` beside the repository's root when
+hvae runs from a source checkout, else ``~/hvae_data``. No loader downloads anything.
 
 Files
 -----
 - ``binarized_mnist.npz`` (keys ``train``, ``valid``, ``test``, uint8 0/1, shape (n, 784)), or
   the original text files ``binarized_mnist_{train,valid,test}.amat``: statically binarized
-  MNIST (Larochelle & Murray 2011), read by :func:`load_binarized_mnist`.
+  MNIST (Larochelle & Murray 2011), read by :func:`load_binarized_mnist`; 50000, 10000 and
+  10000 images.
 - ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
   ``t10k-labels-idx1-ubyte``, each optionally gzip-compressed with a ``.gz`` suffix: the
-  original MNIST (LeCun et al.), read by :func:`load_mnist`.
+  original MNIST (LeCun et al.), read by :func:`load_mnist`; train is the first 54000 of the
+  60000 training images, valid the last 6000 (a tenth), test the 10000 of t10k.
 """
 import gzip
 import os
@@ -24,13 +27,13 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["data_dir", "load_binarized_mnist", "read_amat", "read_idx", "load_mnist",
-           "load_digits", "binarize"]
+           "load_digits", "binarize", "subset"]
 
 ENV_VAR = "HVAE_DATA"
 MNIST_DIM = 784
-BINARIZED_SPLITS = ("train", "valid", "test")
-MNIST_SPLITS = ("train", "test")
-_MNIST_PREFIX = {"train": "train", "test": "t10k"}
+SPLITS = ("train", "valid", "test")
+DIGITS_SPLIT = (1350, 1500)  # digits: train = the first 1350 of 1797, valid = the next 150
+_MNIST_PREFIX = {"train": "train", "valid": "train", "test": "t10k"}
 _GZIP_MAGIC = b"\x1f\x8b"
 _IDX_UBYTE = 0x08
 
@@ -42,7 +45,10 @@ def _resolve_data_dir(path=None):
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser(), f"the {ENV_VAR} environment variable"
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data", "the default"
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file():  # a source checkout, not an installed package
+        return root.parent / "shared" / "data", "the default beside the repository"
+    return Path.home() / "hvae_data", "the default for an installed hvae"
 
 
 def data_dir(path=None):
@@ -57,9 +63,10 @@ def data_dir(path=None):
     -------
     pathlib.Path
         ``path`` if given; else the ``HVAE_DATA`` environment variable if it is set and not
-        empty; else ``shared/data`` in the parent of the repository's root (the repository's
-        root is the directory that holds the ``hvae`` package), i.e. ``../shared/data`` seen
-        from the root. The directory need not exist.
+        empty; else, when hvae runs from a source checkout (the directory holding the ``hvae``
+        package also holds ``pyproject.toml``), ``shared/data`` in the parent of that
+        repository root, i.e. ``../shared/data`` seen from the root; else ``~/hvae_data`` (an
+        installed hvae). The directory need not exist.
     """
     return _resolve_data_dir(path)[0]
 
@@ -69,7 +76,8 @@ def _not_found(what, names, directory, source):
     return FileNotFoundError(
         f"{what}: found none of {looked} in {directory} (the data directory, from {source}); "
         f"put the files there, pass data_dir=..., or set the {ENV_VAR} environment variable "
-        f"to the directory that holds them")
+        f"to the directory that holds them (where to get them: the hvae.datasets docstring "
+        f"and the README)")
 
 
 def _check_split(split, choices):
@@ -188,7 +196,7 @@ def load_binarized_mnist(split="train", data_dir=None):
     FileNotFoundError
         If neither file is in the data directory.
     """
-    _check_split(split, BINARIZED_SPLITS)
+    _check_split(split, SPLITS)
     directory, source = _resolve_data_dir(data_dir)
     npz = directory / "binarized_mnist.npz"
     amat = directory / f"binarized_mnist_{split}.amat"
@@ -204,7 +212,7 @@ def load_binarized_mnist(split="train", data_dir=None):
         with archive:
             if split not in archive.files:
                 raise ValueError(f"{npz}: no array {split!r}; the archive holds "
-                                 f"{sorted(archive.files)}, expected {list(BINARIZED_SPLITS)}")
+                                 f"{sorted(archive.files)}, expected {list(SPLITS)}")
             try:
                 x = archive[split]
             except unreadable as exc:
@@ -291,17 +299,19 @@ def _find_idx(directory, name):
     return None
 
 
-def load_mnist(split="test", data_dir=None, return_labels=False):
+def load_mnist(split="train", data_dir=None, return_labels=False):
     """The original grey-level MNIST (LeCun et al.), scaled to [0, 1].
 
-    Reads ``t10k-images-idx3-ubyte`` (split ``"test"``) or ``train-images-idx3-ubyte``
-    (``"train"``), and the matching ``*-labels-idx1-ubyte`` when labels are asked for, each
-    plain or gzip-compressed with a ``.gz`` suffix, from the data directory.
+    Reads ``train-images-idx3-ubyte`` (splits ``"train"`` and ``"valid"``) or
+    ``t10k-images-idx3-ubyte`` (``"test"``), and the matching ``*-labels-idx1-ubyte`` when
+    labels are asked for, each plain or gzip-compressed with a ``.gz`` suffix, from the data
+    directory.
 
     Parameters
     ----------
-    split : {"test", "train"}
-        10000 and 60000 images in the standard files.
+    split : {"train", "valid", "test"}
+        train: the training file's images but its last tenth (54000 of the standard 60000);
+        valid: that last tenth (6000); test: the t10k file (10000).
     data_dir : str or os.PathLike, optional
         The directory holding the files; default: see :func:`data_dir`.
     return_labels : bool
@@ -317,13 +327,13 @@ def load_mnist(split="test", data_dir=None, return_labels=False):
     Raises
     ------
     ValueError
-        If ``split`` is not ``"test"`` or ``"train"``, a file is corrupt (see :func:`read_idx`),
+        If ``split`` is not one of the three, a file is corrupt (see :func:`read_idx`),
         the images are not n x 28 x 28, the labels not n values in 0..9, or the two files
         disagree on n.
     FileNotFoundError
         If a file is not in the data directory.
     """
-    _check_split(split, MNIST_SPLITS)
+    _check_split(split, SPLITS)
     directory, source = _resolve_data_dir(data_dir)
     prefix = _MNIST_PREFIX[split]
     names = {"images": f"{prefix}-images-idx3-ubyte", "labels": f"{prefix}-labels-idx1-ubyte"}
@@ -337,7 +347,8 @@ def load_mnist(split="test", data_dir=None, return_labels=False):
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise ValueError(f"{paths['images']}: expected images of shape (n, 28, 28), got "
                          f"{images.shape}")
-    x = images.reshape(len(images), MNIST_DIM).astype(np.float32)
+    rows = _mnist_rows(split, len(images))
+    x = images[rows].reshape(-1, MNIST_DIM).astype(np.float32)
     x /= np.float32(255.0)
     if not return_labels:
         return x
@@ -350,43 +361,81 @@ def load_mnist(split="test", data_dir=None, return_labels=False):
     if labels.size and labels.max() > 9:
         raise ValueError(f"{paths['labels']}: labels must be digits 0..9, found "
                          f"{int(labels.max())}")
-    return x, labels.astype(np.int64)
+    return x, labels[rows].astype(np.int64)
+
+
+def _mnist_rows(split, n):
+    """The rows of a split in its file of n images: the training file's last tenth (6000 of
+    60000) is the validation split."""
+    if split == "test":
+        return slice(None)
+    cut = n - n // 10
+    return slice(cut, None) if split == "valid" else slice(0, cut)
 
 
 # ----------------------------------------------------------------------------------------------
 # scikit-learn's digits
 
 
-def load_digits(return_labels=False):
+def load_digits(split="train", *, return_labels=False):
     """The 8x8 handwritten digits bundled with scikit-learn (no download), scaled to [0, 1].
 
     Parameters
     ----------
+    split : {"train", "valid", "test"}
+        Of the 1797 images in scikit-learn's order: train the first 1350, valid the next 150,
+        test the last 297.
     return_labels : bool
         Also return the labels.
 
     Returns
     -------
-    x : ndarray of float32, shape (1797, 64)
+    x : ndarray of float32, shape (n, 64)
         One 8x8 image per row, row-major; grey levels 0..16 divided by 16.
-    y : ndarray of int64, shape (1797,)
+    y : ndarray of int64, shape (n,)
         The digits 0..9; only when ``return_labels``.
 
     Raises
     ------
+    ValueError
+        If ``split`` is not one of the three.
     ImportError
         If scikit-learn is not installed.
     """
+    _check_split(split, SPLITS)
     try:
         from sklearn.datasets import load_digits as sklearn_load_digits
     except ImportError as exc:
         raise ImportError("hvae.datasets.load_digits needs scikit-learn: "
                           "pip install scikit-learn") from exc
     bunch = sklearn_load_digits()
-    x = np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0)
+    rows = slice(*{"train": (0, DIGITS_SPLIT[0]), "valid": DIGITS_SPLIT,
+                   "test": (DIGITS_SPLIT[1], None)}[split])
+    x = np.asarray(bunch.data[rows], dtype=np.float32) / np.float32(16.0)
     if not return_labels:
         return x
-    return x, np.asarray(bunch.target, dtype=np.int64)
+    return x, np.asarray(bunch.target[rows], dtype=np.int64)
+
+
+def subset(x, n, seed=0):
+    """``n`` rows of ``x`` drawn without replacement with a fixed seed, in their original order.
+
+    Not the first n: binarized MNIST's test split is sorted by digit.
+
+    Parameters
+    ----------
+    x : ndarray, shape (m, ...)
+    n : int or None
+        Rows to keep; all of ``x`` (itself, not a copy) when None or >= m.
+    seed : int
+
+    Returns
+    -------
+    ndarray, shape (min(n, m), ...)
+    """
+    if n is None or n >= len(x):
+        return x
+    return x[np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ def log_mean_exp(a, axis=-1):
     return np.squeeze(out, axis=axis)
 
 
-def iwae_bound(model, x, k, rows=4096, progress=False):
-    """Per-example importance-weighted bound with k samples (k = 1: the ELBO estimate).
+def iwae_bound(model, x, k, rows=4096, progress=False, threads=1):
+    """Per-example importance-weighted bound with k samples (k = 1: the ELBO estimate), through
+    the core's IWAE path: what an example's samples share is computed once per core call.
 
     Parameters
     ----------
@@ -25,6 +26,8 @@ def iwae_bound(model, x, k, rows=4096, progress=False):
         At most this many (example, sample) rows per core call: memory is O(rows), not O(n k).
     progress : bool
         Show a progress bar over examples.
+    threads : int
+        The core's threads.
 
     Returns
     -------
@@ -41,8 +44,7 @@ def iwae_bound(model, x, k, rows=4096, progress=False):
         if k <= rows:  # several examples per call, k rows each
             per = max(1, rows // k)
             for start in range(0, n, per):
-                xb = np.repeat(x[start:start + per], k, axis=0)
-                lw = _log_weights(model, xb).reshape(-1, k)
+                lw = _log_weights(model, x[start:start + per], k, threads).reshape(-1, k)
                 out[start:start + per] = log_mean_exp(lw, axis=1)
                 if bar is not None:
                     bar.update(len(lw))
@@ -51,7 +53,7 @@ def iwae_bound(model, x, k, rows=4096, progress=False):
                 acc_max, acc_sum, done = -np.inf, 0.0, 0
                 while done < k:
                     c = min(rows, k - done)
-                    lw = _log_weights(model, np.repeat(x[i:i + 1], c, axis=0))
+                    lw = _log_weights(model, x[i:i + 1], c, threads)
                     m = max(acc_max, float(lw.max()))
                     acc_sum = acc_sum * np.exp(acc_max - m) + np.exp(lw - m).sum()
                     acc_max, done = m, done + c
@@ -64,9 +66,10 @@ def iwae_bound(model, x, k, rows=4096, progress=False):
     return out
 
 
-def _log_weights(model, xb):
-    """log p(x, z) - log q(z | x) at one fresh sample per row, float64 (rows,)."""
+def _log_weights(model, xb, k, threads):
+    """log p(x, z) - log q(z | x) at k fresh samples of each row of xb, float64 (rows * k,),
+    sample j of example b at b * k + j."""
     with model._lock:  # no fork or step in the middle of a core call (HVAE's Notes)
-        _, _, lw = model._core.forward(model.params, xb, None, model.draw_eps(len(xb)),
-                                       log_weight=True)
+        _, _, lw = model._core.forward(model.params, xb, None, model.draw_eps(len(xb) * k),
+                                       log_weight=True, objective="iwae", k=k, threads=threads)
     return lw.astype(np.float64)

@@ -5,12 +5,17 @@ import weakref
 
 import numpy as np
 
+import warnings
+
 from . import _core, checkpoint, evaluation, training
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 KL_ESTIMATORS = ("analytic", "mc")
 PRIOR_VARIANCES = ("unit", "learned")
+INFERENCES = ("bottom_up", "top_down")
+OBJECTIVES = ("elbo", "iwae")
+GRADIENTS = ("standard", "dreg")
 DTYPES = ("float32", "float64")
 INITS = ("torch", "glorot")
 MAX_ROWS = 2 ** 31 - 1  # rows of one core call
@@ -108,9 +113,9 @@ class HVAE:
         per-dimension log-variance.
     activation : {"tanh", "relu", "leaky_relu"}
         After every hidden layer (slope 0.01 for leaky_relu).
-    kl : {"analytic", "mc"}
-        The KL estimator (README, "Two estimators"): the seed's closed-form chain, or the unbiased
-        Monte Carlo cross terms.
+    kl : {"mc", "analytic"}
+        The KL estimator (README, "Two estimators"): the unbiased Monte Carlo cross terms, or the
+        seed documents' closed-form chain (biased for T >= 2). The two are the same for T = 1.
     dtype : {"float32", "float64"}
     seed : int, list of int, or None
         Seeds the NumPy Generator used for initialisation, noise and shuffling (integers >= 0;
@@ -118,35 +123,50 @@ class HVAE:
         SeedSequence is refused: the model keeps its own Generator, whose state checkpoints save.
     deterministic : bool
         A plain autoencoder: z_i = mu_i, no sampling, no KL.
-    init : {"torch", "glorot"}
-        "torch": weights and biases ~ U(+-1/sqrt(fan_in)), as ``torch.nn.Linear``; "glorot":
-        weights ~ U(+-sqrt(6 / (fan_in + fan_out))), zero biases (Glorot & Bengio 2010, the IWAE
-        paper's choice).
-    prior_variance : {"unit", "learned"}
+    init : {"glorot", "torch"}
+        "glorot": weights ~ U(+-sqrt(6 / (fan_in + fan_out))), zero biases (Glorot & Bengio 2010,
+        the IWAE paper's choice); "torch": weights and biases ~ U(+-1/sqrt(fan_in)), as
+        ``torch.nn.Linear`` (deep tanh networks then sit for hundreds of steps at the pixel
+        marginals).
+    prior_variance : {"unit", "learned"}, optional
         The variance of p(z_{i-1} | z_i) for the levels i >= 2: the seed's identity, or a
         diagonal learned by decoder i, whose output is then [mean, logvar] (width 2 d_{i-1}),
-        as in the IWAE and Ladder VAE papers. No effect when T = 1.
+        as in the IWAE and Ladder VAE papers. No effect when T = 1. Default: "unit" for
+        bottom-up inference, "learned" for top-down.
+    inference : {"bottom_up", "top_down"}
+        The approximate posterior. "bottom_up": q(z_i | z_{i-1}), encoder i reading z_{i-1}.
+        "top_down" (Ladder VAE, Sønderby et al. 2016): a deterministic bottom-up pass d_i
+        (encoder i's last hidden layer, reading d_{i-1}, d_0 = x) gives N(mu^_i, exp(logvar^_i));
+        q(z_T | x) is that at the top, and below it q(z_i | z_{i+1}, x) is its precision-
+        weighted merge with p(z_i | z_{i+1}), the decoder shared by p and q. Needs at least one
+        hidden layer per level; not for a deterministic autoencoder.
 
     Attributes
     ----------
     params : ndarray, shape (n_params,)
         Every weight and bias in one contiguous buffer (see :meth:`named_params`).
+    history_ : list of dict
+        One record per epoch trained (see :meth:`fit`).
+    train_config_ : dict
+        The run's training settings (:data:`hvae.training.TRAIN_DEFAULTS`, plus what the command
+        line adds: the data set and its subset), saved in checkpoints and restored by the next
+        :meth:`fit`.
 
     Notes
     -----
     A model may be shared between threads: each step of :meth:`fit` (noise, parameters, Adam
     moments, step counter) and each call of the core happens under the model's lock, so
     :meth:`save`, ``pickle`` or ``copy.deepcopy`` from another thread waits for the step to
-    end; a second :meth:`fit` or :meth:`partial_fit` while one runs raises RuntimeError. ``pickle`` and ``copy.deepcopy``
-    go through the bytes of a checkpoint (:func:`hvae.checkpoint.dumps`), never pickling
+    end; a second :meth:`fit` or :meth:`partial_fit` while one runs raises RuntimeError.
+    ``pickle`` and ``copy.deepcopy`` go through the bytes of a checkpoint (:func:`hvae.checkpoint.dumps`), never pickling
     arbitrary objects. ``os.fork`` waits for the models' core calls in other threads to end
     (a BLAS call in flight at a fork can hang OpenBLAS), so a forked child gets every model as
     of its last completed step, usable.
     """
 
     def __init__(self, x_dim, latent_dims, hidden_dims=None, *, likelihood="bernoulli",
-                 activation="tanh", kl="analytic", dtype="float32", seed=None,
-                 deterministic=False, init="torch", prior_variance="unit"):
+                 activation="tanh", kl="mc", dtype="float32", seed=None,
+                 deterministic=False, init="glorot", prior_variance=None, inference="bottom_up"):
         if isinstance(x_dim, bool) or not isinstance(x_dim, (int, np.integer)):
             raise TypeError(f"x_dim: expected an integer, got {x_dim!r}")
         if isinstance(latent_dims, (int, np.integer)) and not isinstance(latent_dims, bool):
@@ -160,6 +180,18 @@ class HVAE:
         elif len(hidden_dims) and all(isinstance(h, (int, np.integer)) for h in hidden_dims):
             hidden_dims = [list(hidden_dims)] * len(latent_dims)
         hidden_dims = [_int_list(h, f"hidden_dims[{i}]") for i, h in enumerate(hidden_dims)]
+        if inference not in INFERENCES:
+            raise ValueError(f"inference: expected one of {INFERENCES}, got {inference!r}")
+        if prior_variance is None:
+            prior_variance = "learned" if inference == "top_down" else "unit"
+        if inference == "top_down":
+            if deterministic:
+                raise ValueError("deterministic: an autoencoder has no top-down inference; use "
+                                 "inference='bottom_up'")
+            for i, h in enumerate(hidden_dims):
+                if not h:
+                    raise ValueError(f"hidden_dims[{i}]: top-down inference needs at least one "
+                                     f"hidden layer at every level, got {h!r}")
         for name, value, choices in (("init", init, INITS), ("likelihood", likelihood, LIKELIHOODS),
                                      ("activation", activation, ACTIVATIONS),
                                      ("kl", kl, KL_ESTIMATORS),
@@ -180,6 +212,7 @@ class HVAE:
         self.deterministic = bool(deterministic)
         self.init = init
         self.prior_variance = prior_variance
+        self.inference = inference
         self._lock = threading.RLock()  # one state change at a time (see Notes)
         self._fit_thread = None         # the thread running fit, if any
         self._core = self._new_core()
@@ -187,7 +220,10 @@ class HVAE:
         self._rng = np.random.default_rng(seed)
         self.params = np.empty(self._core.n_params, dtype=self.dtype)
         self.history_ = []
+        self.train_config_ = {}
+        self.best_ = None  # early stopping: (val_loss, epoch, params) of the best epoch so far
         self.optimizer_ = None
+        self._warned_untrained = False
         self.reset_parameters()
         _MODELS.add(self)
 
@@ -198,7 +234,7 @@ class HVAE:
         """A core Model of this architecture (its own workspace)."""
         return _core.Model(self.x_dim, self.latent_dims, self.hidden_dims, self.likelihood,
                            self.activation, self.kl, self.deterministic, self.dtype,
-                           self.prior_variance)
+                           self.prior_variance, self.inference)
 
     @property
     def n_levels(self):
@@ -249,9 +285,10 @@ class HVAE:
     # ------------------------------------------------------------------------------------------
     # the loss
 
-    def _check_x(self, x, name="x", finite=True):
+    def _check_x(self, x, name="x", finite=True, scored=False):
         """x as a 2-D array of the model's dtype with x_dim columns, finite unless the caller
-        leaves that check to the core (which names the argument the same way)."""
+        leaves that check to the core (which names the argument the same way); with ``scored``
+        (the likelihood scores it), in [0, 1] for the Bernoulli likelihood."""
         try:
             arr = np.asarray(x)
         except (ValueError, TypeError) as exc:
@@ -267,6 +304,13 @@ class HVAE:
             if not rows.all():
                 raise ValueError(f"{name}: expected finite values, got NaN or infinity in row "
                                  f"{int(np.argmin(rows))}")
+        if scored and self.likelihood == "bernoulli" and arr.size:
+            lo, hi = float(arr.min()), float(arr.max())
+            if np.isfinite(lo) and np.isfinite(hi) and (lo < 0 or hi > 1):
+                raise ValueError(
+                    f"{name}: the bernoulli likelihood scores values in [0, 1], got min {lo:g}, "
+                    f"max {hi:g}; for pixels in 0..255 divide by 255, or binarize them with "
+                    f"hvae.datasets.binarize(x / 255)")
         return arr
 
     def draw_eps(self, batch):
@@ -286,18 +330,74 @@ class HVAE:
         """The NumPy scalar type of the model's dtype."""
         return np.dtype(self.dtype).type
 
-    def _forward(self, x, eps, target, beta, grad=None, log_weight=False, threads=1):
-        x = self._check_x(x, finite=False)
+    def _forward(self, x, eps, target, beta, grad=None, log_weight=False, threads=1,
+                 free_bits=None, objective="elbo", k=1, gradient="standard"):
+        est = self.estimator(objective, k, gradient)
+        free_bits = self.free_bits_per_level(free_bits)
+        if free_bits is not None and objective == "iwae":
+            raise ValueError("free_bits: not defined for objective='iwae' (a bound on log p(x), "
+                             "not a sum of KL terms)")
+        x = self._check_x(x, finite=False, scored=target is None)
         if target is not None:
-            target = self._check_x(target, "target", finite=False)
+            target = self._check_x(target, "target", finite=False, scored=True)
         if eps is None and not self.deterministic:
-            eps = self.draw_eps(len(x))
+            eps = self.draw_eps(len(x) * est["k"])
         with self._lock:
             return self._core.forward(self.params, x, target,
                                       None if self.deterministic else eps, beta=beta, grad=grad,
-                                      log_weight=log_weight, threads=threads)
+                                      log_weight=log_weight, threads=threads,
+                                      free_bits=free_bits, **est)
 
-    def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, out=None, n_jobs=None):
+    def estimator(self, objective="elbo", k=1, gradient="standard"):
+        """The training objective as the core takes it, checked: a dict of ``objective``, ``k``
+        and ``gradient`` (see :meth:`loss_and_grad`); a ValueError / TypeError naming the
+        argument otherwise."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient: expected one of {GRADIENTS}, got {gradient!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_ROWS:
+            raise ValueError(f"k: expected an integer in [1, {MAX_ROWS}], got {k!r}")
+        if objective == "elbo" and k != 1:
+            raise ValueError(f"k: {k} samples per example need objective='iwae' (the ELBO takes "
+                             "one)")
+        if objective == "elbo" and gradient != "standard":
+            raise ValueError(f"gradient: {gradient!r} is a gradient of objective='iwae'")
+        if objective == "iwae" and self.deterministic:
+            raise ValueError("objective: 'iwae' is not defined for a deterministic autoencoder")
+        if gradient == "dreg" and self.n_levels != 1:
+            raise ValueError(f"gradient: 'dreg' (doubly reparameterized) is defined for one "
+                             f"stochastic level, got {self.n_levels}; use gradient='standard'")
+        return {"objective": objective, "k": int(k), "gradient": gradient}
+
+    def free_bits_per_level(self, free_bits):
+        """``free_bits`` (None, a number, or one number per level, in nats) as None or a list of
+        T floats, each finite and >= 0; a ValueError / TypeError naming ``free_bits``."""
+        if free_bits is None:
+            return None
+        if isinstance(free_bits, (int, float, np.integer, np.floating)) \
+                and not isinstance(free_bits, bool):
+            values = [free_bits] * self.n_levels
+        elif isinstance(free_bits, (list, tuple, np.ndarray)):
+            values = list(np.asarray(free_bits, dtype=object).ravel()) \
+                if isinstance(free_bits, np.ndarray) else list(free_bits)
+            if len(values) != self.n_levels:
+                raise ValueError(f"free_bits: expected a number or {self.n_levels} numbers (one "
+                                 f"per level), got {len(values)}")
+        else:
+            raise TypeError(f"free_bits: expected a number or a list of {self.n_levels} numbers, "
+                            f"got {type(free_bits).__name__}")
+        out = []
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"free_bits: expected numbers, got {v!r}")
+            if not np.isfinite(v) or v < 0:
+                raise ValueError(f"free_bits: expected finite numbers >= 0 (nats), got {v!r}")
+            out.append(float(v))
+        return out
+
+    def loss_and_grad(self, x, eps=None, *, target=None, beta=1.0, free_bits=None,
+                      objective="elbo", k=1, gradient="standard", out=None, n_jobs=None):
         """Loss of a batch and its exact gradient with respect to :attr:`params`.
 
         Parameters
@@ -305,13 +405,29 @@ class HVAE:
         x : array_like, shape (batch, x_dim)
             Encoder input.
         eps : list of ndarray, optional
-            T arrays (batch, d_i) of standard normal noise; drawn from the model's Generator when
-            None. Ignored by a deterministic autoencoder.
+            T arrays (batch * k, d_i) of standard normal noise, sample j of example b in row
+            b * k + j; drawn from the model's Generator when None. Ignored by a deterministic
+            autoencoder.
         target : array_like, shape (batch, x_dim), optional
             What the likelihood scores (default x); a denoising autoencoder passes clean targets
             and corrupted inputs.
         beta : float
             Weight of the KL terms (1 for the ELBO).
+        free_bits : float or list of float, optional
+            Free bits (Kingma et al. 2016), in nats, one for every level or one per level:
+            level i's term becomes ``beta * max(free_bits[i-1], mean_b kl_i)``, whose gradient
+            is zero while the batch mean is at or under the floor. ELBO only.
+        objective : {"elbo", "iwae"}
+            "elbo": the negative ELBO (k = 1). "iwae": the importance-weighted bound of Burda
+            et al. with k samples per example, loss = -mean_b log (1/k) sum_j w_bj, log w =
+            log p(x | z) + beta (log p(z) - log q(z | x)) at the samples. What an example's
+            samples share (bottom-up: encoder 1; top-down: the bottom-up pass) is computed once.
+        k : int
+            Samples per example (IWAE).
+        gradient : {"standard", "dreg"}
+            IWAE's gradient: the standard one (softmax weights of each example's k
+            log-weights), or the doubly reparameterized one (Tucker et al. 2018; T = 1 only),
+            whose encoder gradient has lower variance and the same mean.
         out : ndarray, shape (n_params,), optional
             Buffer for the gradient (the model's dtype); a new array when None.
         n_jobs : int, optional
@@ -320,12 +436,14 @@ class HVAE:
         Returns
         -------
         loss : float
-            Mean over the batch of the per-example negative ELBO estimate, in nats.
+            Mean over the batch of the per-example negative ELBO estimate (IWAE: of the negative
+            bound), in nats.
         grad : ndarray, shape (n_params,)
         """
         grad = np.empty(self.n_params, self.dtype) if out is None else out
         loss, _, _ = self._forward(x, eps, target, beta, grad=grad,
-                                   threads=training.resolve_n_jobs(n_jobs))
+                                   threads=training.resolve_n_jobs(n_jobs), free_bits=free_bits,
+                                   objective=objective, k=k, gradient=gradient)
         return loss, grad
 
     def elbo_terms(self, x, eps=None, *, target=None):
@@ -348,41 +466,60 @@ class HVAE:
         if self.optimizer_ is None:
             self.optimizer_ = training.Adam(self.n_params, self.dtype)
 
-    def fit(self, X, *, epochs, batch_size=100, lr=1e-3, validation_data=None,
-            kl_warmup_epochs=0, kl_warmup_delay=0, beta=1.0, patience=None, progress=True,
+    def fit(self, X, *, epochs=None, batch_size=None, lr=None, lr_decay=None,
+            validation_data=None, kl_warmup_epochs=None, kl_warmup_delay=None, beta=None,
+            free_bits=None, objective=None, k=None, gradient=None, patience=None, progress=True,
             checkpoint=None, callbacks=None, n_jobs=None):
-        """Train with Adam on shuffled minibatches, continuing from the current state.
+        """Train with Adam on shuffled minibatches until the run has done ``epochs`` epochs.
 
-        Each call runs ``epochs`` more epochs: parameters, Adam moments, the random stream and
-        ``history_`` carry over (also through :meth:`save` / :func:`hvae.load`), so two calls of
-        2 epochs give bit for bit the parameters of one call of 4.
+        A run continues from the current state: parameters, Adam moments, the random stream,
+        ``history_`` and the run's settings (``train_config_``) carry over, also through
+        :meth:`save` / :func:`hvae.load`. A setting left at None takes the run's saved value,
+        else the default below, so ``hvae.load(path).fit(X)`` finishes an interrupted run bit
+        for bit as the uninterrupted one would have; a new value changes the run from the next
+        epoch on (with a warning that says what changed).
 
         Parameters
         ----------
         X : array_like, shape (n, x_dim)
             Training data (values in [0, 1] for the Bernoulli likelihood).
         epochs : int
-            Epochs to run in this call.
+            The run's length in epochs, those already done included (default 50).
         batch_size : int
+            Examples per Adam step (default 100).
         lr : float
-            Adam step size.
+            Adam's step size in the run's first epoch (default 1e-3).
+        lr_decay : float
+            The step size falls exponentially from ``lr`` to ``lr * lr_decay`` in the run's last
+            epoch (default 0.1; 1 keeps it constant).
         validation_data : array_like, shape (m, x_dim), optional
             Scored after each epoch (``val_loss``: negative ELBO, k = 1, beta = 1).
         kl_warmup_epochs : float
-            KL weight rises linearly from 0 to ``beta`` over this many epochs (Ladder VAE).
+            KL weight rises linearly from 0 to ``beta`` over this many epochs (Ladder VAE;
+            default 20).
         kl_warmup_delay : float
-            Epochs at KL weight 0 (an autoencoder's objective) before the warm-up starts. Keeps
-            the upper levels of a hierarchy alive: without it they tend to collapse to the prior
-            while the decoder still ignores z_1 (README, "MNIST").
+            Epochs at KL weight 0 (an autoencoder's objective) before the warm-up starts
+            (default 5). Keeps the upper levels of a hierarchy alive: without it they tend to
+            collapse to the prior while the decoder still ignores z_1 (README, "Results").
         beta : float
-            KL weight after warm-up (beta-VAE; 1 for the ELBO).
-        patience : int, optional
+            KL weight after warm-up (beta-VAE; default 1, the ELBO).
+        free_bits : float or list of float
+            Free bits in nats (Kingma et al. 2016), one for every level or one per level: in the
+            training loss level i's KL term is ``max(free_bits[i-1], batch mean of kl_i)``, so
+            no gradient pushes a level below its floor (against posterior collapse). Evaluation
+            and ``val_loss`` are unaffected. Default: none.
+        objective, k, gradient
+            The training objective (see :meth:`loss_and_grad`): the ELBO (the default), or the
+            IWAE bound with k samples per example and its standard or doubly reparameterized
+            gradient. The KL warm-up's weight is the IWAE's beta. ``loss`` in the history is
+            then the negative bound; ``val_loss`` stays the negative ELBO.
+        patience : int
             Stop after this many epochs without a better ``val_loss`` and keep the best
-            parameters (needs ``validation_data``).
+            parameters (needs ``validation_data``; default 0, no early stopping).
         progress : bool
             A tqdm progress bar with loss, reconstruction and KL per level.
         checkpoint : str or os.PathLike, optional
-            Saved atomically after every epoch.
+            Saved atomically after every epoch (missing folders are created).
         callbacks : list of callable, optional
             ``cb(model, record)`` after every epoch; returning True stops training.
         n_jobs : int, optional
@@ -403,16 +540,19 @@ class HVAE:
             finite parameters.
         """
         return training.fit(self, X, epochs=epochs, batch_size=batch_size, lr=lr,
-                            validation_data=validation_data, kl_warmup_epochs=kl_warmup_epochs,
-                            kl_warmup_delay=kl_warmup_delay, beta=beta, patience=patience,
-                            progress=progress, checkpoint=checkpoint, callbacks=callbacks,
-                            n_jobs=n_jobs)
+                            lr_decay=lr_decay, validation_data=validation_data,
+                            kl_warmup_epochs=kl_warmup_epochs, kl_warmup_delay=kl_warmup_delay,
+                            beta=beta, free_bits=free_bits, objective=objective, k=k,
+                            gradient=gradient, patience=patience, progress=progress,
+                            checkpoint=checkpoint, callbacks=callbacks, n_jobs=n_jobs)
 
-    def partial_fit(self, X, *, batch_size=100, lr=1e-3, beta=1.0, progress=False, n_jobs=None):
-        """One shuffled pass of minibatches over X (one epoch); see :meth:`fit`. Returns self."""
-        return training.fit(self, X, epochs=1, batch_size=batch_size, lr=lr,
-                            validation_data=None, kl_warmup_epochs=0, beta=beta, patience=None,
-                            progress=progress, checkpoint=None, callbacks=None, n_jobs=n_jobs)
+    def partial_fit(self, X, *, batch_size=None, lr=None, beta=None, free_bits=None,
+                    objective=None, k=None, gradient=None, progress=False, n_jobs=None):
+        """One more shuffled pass of minibatches over X (one epoch) of the run's schedule; the
+        settings as in :meth:`fit`. Returns self."""
+        return training.fit(self, X, batch_size=batch_size, lr=lr, beta=beta,
+                            free_bits=free_bits, objective=objective, k=k, gradient=gradient,
+                            progress=progress, n_jobs=n_jobs, stop_after=len(self.history_) + 1)
 
     # ------------------------------------------------------------------------------------------
     # what was learned
@@ -424,8 +564,10 @@ class HVAE:
         ----------
         x : array_like, shape (n, x_dim)
         sample : bool
-            False: level i+1 sees the mean of level i (a deterministic summary). True: it sees a
-            sample z_i drawn from the model's Generator, as in training.
+            False: each level is conditioned on the mean of the level it reads (bottom-up:
+            q(z_{i+1} | z_i) at z_i = its mean; top-down: q(z_i | z_{i+1}, x) at z_{i+1} = its
+            mean), a deterministic summary. True: on a sample drawn from the model's Generator,
+            as in training.
 
         Returns
         -------
@@ -516,6 +658,7 @@ class HVAE:
             Probabilities for the Bernoulli likelihood, means otherwise.
         """
         n = _positive_int(n, "n")
+        self._warn_if_untrained("sample")
         if n > MAX_ROWS:
             raise ValueError(f"n: at most {MAX_ROWS} samples per call, got {n}")
         temperature = self._temperature(temperature)
@@ -597,20 +740,25 @@ class HVAE:
         if self.deterministic:
             raise ValueError(f"{what}: not defined for a deterministic autoencoder")
 
-    def elbo(self, x, k=1):
+    def elbo(self, x, k=1, *, n_jobs=None):
         """Per-example importance-weighted ELBO with k samples (k = 1: the plain ELBO estimate).
 
         Computed from exact densities, log p(x, z) - log q(z | x), never the analytic shortcut.
+        n_jobs: threads of the core (see :meth:`fit`).
 
         Returns
         -------
         ndarray, shape (n,), float64, nats
         """
         self._check_stochastic("elbo")
-        return evaluation.iwae_bound(self, self._check_x(x), _k(k))
+        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _k(k),
+                                     threads=training.resolve_n_jobs(n_jobs))
 
-    def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False):
+    def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False, n_jobs=None):
         """Importance-sampled estimate of log p(x) per example (the IWAE bound with k samples).
+
+        What an example's k samples share (bottom-up: encoder 1; top-down: the bottom-up pass)
+        is computed once per example (per chunk of ``batch_size`` samples when k is larger).
 
         Parameters
         ----------
@@ -620,24 +768,38 @@ class HVAE:
         batch_size : int
             Rows (example x sample) per core call; bounds memory whatever k.
         progress : bool
+            A progress bar over examples.
+        n_jobs : int, optional
+            Threads of the core (None: 1; -1: every CPU), as in :meth:`fit`.
 
         Returns
         -------
         ndarray, shape (n,), float64, nats
         """
         self._check_stochastic("log_likelihood")
+        self._warn_if_untrained("log_likelihood")
         rows = _positive_int(batch_size, "batch_size")
         _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
                       * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
-        return evaluation.iwae_bound(self, self._check_x(x), _k(k), rows=rows,
-                                     progress=progress)
+        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _k(k), rows=rows, progress=progress,
+                                     threads=training.resolve_n_jobs(n_jobs))
 
-    def score(self, X, k=100):
-        """Mean importance-sampled log-likelihood of X in nats (higher is better)."""
+    def score(self, X, k=5000, *, n_jobs=None):
+        """Mean importance-sampled log-likelihood of X in nats (higher is better); k as in
+        :meth:`log_likelihood`."""
         X = self._check_x(X, "X")
         if len(X) == 0:
             raise ValueError("X: expected at least one row, got an empty array")
-        return float(np.mean(self.log_likelihood(X, k=k)))
+        return float(np.mean(self.log_likelihood(X, k=k, n_jobs=n_jobs)))
+
+    def _warn_if_untrained(self, what):
+        """Warn once per model when it has never taken a training step."""
+        steps = 0 if self.optimizer_ is None else self.optimizer_.step
+        if self._warned_untrained or self.history_ or steps:
+            return
+        self._warned_untrained = True
+        warnings.warn(f"{what}: this model was never trained (its parameters are the random "
+                      f"initialisation); call fit first", UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------------------------------------
     # persistence
@@ -661,8 +823,11 @@ class HVAE:
 
     def __repr__(self):
         flags = (", deterministic=True" if self.deterministic else "") + \
-            (f", init={self.init!r}" if self.init != "torch" else "") + \
-            (f", prior_variance={self.prior_variance!r}" if self.prior_variance != "unit" else "")
+            (f", init={self.init!r}" if self.init != "glorot" else "") + \
+            (f", inference={self.inference!r}" if self.inference != "bottom_up" else "") + \
+            (f", prior_variance={self.prior_variance!r}"
+             if self.prior_variance != ("learned" if self.inference == "top_down" else "unit")
+             else "")
         return (f"HVAE(x_dim={self.x_dim}, latent_dims={self.latent_dims}, "
                 f"hidden_dims={self.hidden_dims}, likelihood={self.likelihood!r}, "
                 f"activation={self.activation!r}, kl={self.kl!r}, dtype={self.dtype!r}, "

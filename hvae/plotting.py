@@ -1,5 +1,6 @@
 """Pictures: image grids as PNG (pure NumPy + zlib, no plotting library) and loss curves
 (matplotlib, optional)."""
+import os
 import struct
 import zlib
 
@@ -54,7 +55,14 @@ def image_grid(images, image_shape=None, ncols=None, pad=1, pad_value=1.0):
 
 
 def save_png(path, gray):
-    """Write a 2-D array of grey values in [0, 1] as an 8-bit greyscale PNG, atomically."""
+    """Write a 2-D array of grey values in [0, 1] as an 8-bit greyscale PNG, atomically.
+
+    ``path`` must end in ``.png`` (the bytes are PNG whatever the name); missing folders are
+    created.
+    """
+    if not os.fspath(path).lower().endswith(".png"):
+        raise ValueError(f"path: the image is written as PNG; expected a name ending in .png, "
+                         f"got {os.fspath(path)!r}")
     gray = np.asarray(gray, dtype=np.float64)
     if gray.ndim != 2:
         raise ValueError(f"gray: expected a 2-D array, got shape {gray.shape}")
@@ -68,6 +76,7 @@ def save_png(path, gray):
 
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     atomic_write(path, lambda f: f.write(png))
 
 

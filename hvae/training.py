@@ -114,14 +114,17 @@ class Adam:
             self.step += 1
         return ok
 
-    def train_step(self, core, params, grad, x, eps, beta, threads=1):
+    def train_step(self, core, params, grad, x, eps, beta, threads=1, free_bits=None,
+                   estimator=None):
         """Loss, gradient (into grad) and this update in one core call
         (``_core.Model.train_step``): the numbers of ``core.forward`` then :meth:`update`.
-        Returns (loss, terms, updated); nothing changes when the loss or gradient is not
-        finite."""
+        free_bits: None or T floats; estimator: None (the ELBO) or HVAE.estimator's dict (see
+        HVAE.fit). Returns (loss, terms, updated); nothing changes when the loss or gradient is
+        not finite."""
         loss, terms, ok = core.train_step(params, self.m, self.v, grad, x, eps, self.step + 1,
                                           beta=beta, lr=self.lr, beta1=self.beta1,
-                                          beta2=self.beta2, adam_eps=self.eps, threads=threads)
+                                          beta2=self.beta2, adam_eps=self.eps, threads=threads,
+                                          free_bits=free_bits, **(estimator or {}))
         if ok:
             self.step += 1
         return loss, terms, ok
@@ -163,9 +166,10 @@ class _Bar:
 
 
 def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs,
-              signums=()):
-    """One shuffled pass of minibatches, each step one core call on n_jobs threads. Returns the
-    epoch's mean loss and terms.
+              free_bits=None, estimator=None, signums=()):
+    """One shuffled pass of minibatches, each step one core call on n_jobs threads (free_bits:
+    None or T floats; estimator: None or HVAE.estimator's dict). Returns the epoch's mean loss
+    and terms.
 
     A step (its noise from the model's Generator, the update of parameters and Adam moments, the
     step counter) happens under the model's lock with the signals ``signums`` deferred, so it
@@ -187,10 +191,11 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoc
         with model._lock, _Deferred(signums):
             state = model._rng.bit_generator.state
             try:
-                eps = model.draw_eps(len(idx))
+                eps = model.draw_eps(len(idx) * (estimator["k"] if estimator else 1))
                 b = warmup_beta(beta, warmup_epochs, opt.step, steps, warmup_delay)
                 loss, terms, ok = opt.train_step(model._core, model.params, grad, xb,
-                                                 None if model.deterministic else eps, b, n_jobs)
+                                                 None if model.deterministic else eps, b, n_jobs,
+                                                 free_bits, estimator)
                 if not ok:
                     model._rng.bit_generator.state = state
             except BaseException:
@@ -225,50 +230,146 @@ def validation_loss(model, X, rows=4096):
     return total / len(X)
 
 
-def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, beta, patience,
-        progress, checkpoint, callbacks, n_jobs, kl_warmup_delay=0):
-    """The body of HVAE.fit (see there)."""
-    X = model._check_x(X, "X")
+# The settings of a training run that its checkpoint remembers (``HVAE.train_config_``) and the
+# next fit restores: name -> the value a new run gets. A new setting of fit is one entry here.
+TRAIN_DEFAULTS = {
+    "epochs": 50,             # the run's length, epochs already done included
+    "batch_size": 100,
+    "lr": 1e-3,               # Adam's step size in the first epoch ...
+    "lr_decay": 0.1,          # ... falling exponentially to lr * lr_decay in the run's last one
+    "kl_warmup_epochs": 20.0,
+    "kl_warmup_delay": 5.0,
+    "beta": 1.0,
+    "free_bits": None,        # nats per level (None: none)
+    "objective": "elbo",      # or "iwae", with k samples and its gradient estimator
+    "k": 1,
+    "gradient": "standard",
+    "patience": 0,            # 0: no early stopping
+}
+
+
+def _check_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
+def resolve_settings(model, given):
+    """The settings of a fit call: each of :data:`TRAIN_DEFAULTS` from ``given`` when it is
+    not None, else the run's saved value (``model.train_config_``), else the default.
+
+    Parameters
+    ----------
+    model : HVAE
+    given : dict
+        Setting name -> the value passed to fit (None: not passed).
+
+    Returns
+    -------
+    settings : dict
+        Every setting of :data:`TRAIN_DEFAULTS`, checked.
+    overrides : dict
+        Setting name -> (saved value, new value) for each given value that changes the saved
+        one.
+    """
+    saved = model.train_config_
+    settings, overrides = {}, {}
+    for key, default in TRAIN_DEFAULTS.items():
+        value = given.get(key)
+        if key == "free_bits" and value is not None:  # as stored: one float per level
+            value = model.free_bits_per_level(value)
+        if value is None:
+            value = saved.get(key, default)
+        elif key in saved and saved[key] != value:
+            overrides[key] = (saved[key], value)
+        settings[key] = value
+    _check_int("epochs", settings["epochs"], 0)
+    _check_int("batch_size", settings["batch_size"], 1)
+    _check_int("patience", settings["patience"], 0)
+    for name in ("lr", "lr_decay", "kl_warmup_epochs", "kl_warmup_delay", "beta"):
+        _check_number(name, settings[name])
+    if settings["lr_decay"] <= 0:
+        raise ValueError(f"lr_decay: expected a number > 0, got {settings['lr_decay']!r}")
+    model.estimator(settings["objective"], settings["k"], settings["gradient"])
+    if settings["free_bits"] is not None and settings["objective"] == "iwae":
+        raise ValueError("free_bits: not defined for objective='iwae' (a bound on log p(x), not "
+                         "a sum of KL terms)")
+    for key, value in settings.items():  # plain Python numbers: the checkpoint stores JSON
+        if isinstance(TRAIN_DEFAULTS[key], (int, float)):
+            settings[key] = int(value) if isinstance(TRAIN_DEFAULTS[key], int) else float(value)
+    return settings, overrides
+
+
+def epoch_lr(settings, epoch):
+    """Adam's step size in epoch ``epoch`` (0-based) of the run: lr * lr_decay ** (epoch /
+    (epochs - 1)), from lr in the first epoch to lr * lr_decay in the last."""
+    span = max(1, settings["epochs"] - 1)
+    return float(settings["lr"] * settings["lr_decay"] ** (min(epoch, span) / span))
+
+
+def notes(model, settings, overrides, whole_run=True):
+    """What a fit call with these settings should tell its caller before it trains: changed
+    settings of a run in progress, nothing left to train, a run that ends inside its KL
+    warm-up. Returns a list of sentences."""
+    done, epochs = len(model.history_), settings["epochs"]
+    out = []
+    if overrides and done:
+        out.append(f"the run's settings change from epoch {done + 1}: " + ", ".join(
+            f"{k} {old!r} -> {new!r}" for k, (old, new) in overrides.items()))
+    if whole_run and epochs <= done:
+        out.append(f"nothing to train: the model has done {done} epochs and epochs={epochs} "
+                   f"counts them (pass a larger epochs to train more)")
+    full_kl = settings["kl_warmup_delay"] + settings["kl_warmup_epochs"]
+    if not model.deterministic and done < epochs < full_kl:
+        out.append(f"the run ends after {epochs} epochs, before the KL warm-up does "
+                   f"(kl_warmup_delay {settings['kl_warmup_delay']:g} + kl_warmup_epochs "
+                   f"{settings['kl_warmup_epochs']:g}): its loss is not the ELBO; shorten the "
+                   f"warm-up for a short run")
+    return out
+
+
+def fit(model, X, *, validation_data=None, progress=True, checkpoint=None, callbacks=None,
+        n_jobs=None, stop_after=None, **given):
+    """The body of HVAE.fit (see there); ``given`` holds the settings of
+    :data:`TRAIN_DEFAULTS` as passed (None: the run's saved value). ``stop_after``: end this
+    call after that many epochs in all (partial_fit), without ending the run; a run that
+    reaches its planned epochs so grows by one."""
+    settings, overrides = resolve_settings(model, given)
+    if stop_after is not None:
+        settings["epochs"] = max(settings["epochs"], stop_after)
+    X = model._check_x(X, "X", scored=True)
     X_val = None if validation_data is None else model._check_x(validation_data,
-                                                                "validation_data")
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
-        raise ValueError(f"epochs: expected an integer >= 0, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
-        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+                                                                "validation_data", scored=True)
     if len(X) == 0:
         raise ValueError("X: expected at least one row, got an empty array")
     if X_val is not None and len(X_val) == 0:
         raise ValueError("validation_data: expected at least one row, got an empty array")
-    for name, value in (("lr", lr), ("beta", beta), ("kl_warmup_epochs", kl_warmup_epochs),
-                        ("kl_warmup_delay", kl_warmup_delay)):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer,
-                                                             np.floating)):
-            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    for name in ("lr", "beta"):  # also within the model's precision (1e300 is inf in float32)
         with np.errstate(over="ignore"):
-            fits = np.isfinite(model.dtype_type(value))
-        if not np.isfinite(value) or value < 0 or not fits:
+            fits = np.isfinite(model.dtype_type(settings[name]))
+        if not fits:
             raise ValueError(f"{name}: expected a finite number >= 0 (in {model.dtype}), got "
-                             f"{value!r}")
+                             f"{settings[name]!r}")
     if checkpoint is not None:
         path = os.fsdecode(os.fspath(checkpoint)) if isinstance(
             checkpoint, (str, bytes, os.PathLike)) else checkpoint
         if isinstance(path, str) and path and os.path.isdir(path):
             raise ValueError(f"checkpoint: {path} is a directory; expected a file path")
-        folder = os.path.dirname(destination(path, "checkpoint"))  # not "", not a FIFO...
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"checkpoint: the folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(f"checkpoint: the folder {folder} is not writable")
+        destination(path, "checkpoint")  # not "", not a FIFO, a device...
     if callbacks is not None:
-        given = callbacks
-        callbacks = list(given) if isinstance(given, (list, tuple)) else None
+        given_cbs = callbacks
+        callbacks = list(given_cbs) if isinstance(given_cbs, (list, tuple)) else None
         if callbacks is None or not all(callable(cb) for cb in callbacks):
-            raise TypeError(f"callbacks: expected a list of callables, got {given!r}")
-    if patience is not None and X_val is None:
+            raise TypeError(f"callbacks: expected a list of callables, got {given_cbs!r}")
+    patience = settings["patience"]
+    if patience and X_val is None:
         raise ValueError("patience: early stopping needs validation_data")
-    if patience is not None and (not isinstance(patience, (int, np.integer)) or patience < 1):
-        raise ValueError(f"patience: expected None or an integer >= 1, got {patience!r}")
     n_jobs = resolve_n_jobs(n_jobs)
     with model._lock:
         if model._fit_thread is not None:
@@ -278,56 +379,73 @@ def fit(model, X, *, epochs, batch_size, lr, validation_data, kl_warmup_epochs, 
                 "it to train a copy)")
         model._fit_thread = threading.get_ident()
     try:
-        return _fit(model, X, X_val, epochs, batch_size, lr, kl_warmup_epochs, kl_warmup_delay,
-                    beta, patience, progress, checkpoint, callbacks, n_jobs)
+        return _fit(model, X, X_val, settings, overrides, progress, checkpoint, callbacks,
+                    n_jobs, stop_after)
     finally:
         model._fit_thread = None
 
 
-def _fit(model, X, X_val, epochs, batch_size, lr, kl_warmup_epochs, kl_warmup_delay, beta,
-         patience, progress, checkpoint, callbacks, n_jobs):
+def _fit(model, X, X_val, settings, overrides, progress, checkpoint, callbacks, n_jobs,
+         stop_after):
+    patience = settings["patience"]
+    done = len(model.history_)
+    last = settings["epochs"] if stop_after is None else stop_after
+    for message in notes(model, settings, overrides, stop_after is None):
+        warnings.warn(f"fit: {message}", UserWarning, stacklevel=3)
+    model.train_config_.update(settings)
+    estimator = model.estimator(settings["objective"], settings["k"], settings["gradient"])
+    if checkpoint is not None:
+        os.makedirs(os.path.dirname(destination(checkpoint, "checkpoint")), exist_ok=True)
     model._ensure_optimizer()
-    model.optimizer_.lr = float(lr)
-    batch_size = min(int(batch_size), len(X))
+    batch_size = min(int(settings["batch_size"]), len(X))
     steps = (len(X) + batch_size - 1) // batch_size
-    best = (np.inf, None)
-    wait = 0
-    bar = _Bar(epochs * steps, progress, "epoch")
+    best = model.best_ if patience else None  # (val_loss, epoch, params) of the best epoch
+    if not patience:
+        model.best_ = None
+    bar = _Bar(max(0, last - done) * steps, progress, "epoch")
     model.interrupted_ = False
+    ended = True  # the run is over when this call returns (plan done, early stop, callback)
     try:
-        for e in range(epochs):
-            epoch = len(model.history_)
+        for epoch in range(done, last):
             bar.set_description(f"epoch {epoch + 1}")
+            model.optimizer_.lr = epoch_lr(settings, epoch)
             t0 = time.perf_counter()
             signums = handled_signals()  # once an epoch: a callback may install a handler
-            record = run_epoch(model, X, batch_size, beta, kl_warmup_epochs, kl_warmup_delay,
-                               bar, epoch, n_jobs, signums)
+            record = run_epoch(model, X, batch_size, settings["beta"],
+                               settings["kl_warmup_epochs"], settings["kl_warmup_delay"], bar,
+                               epoch, n_jobs, settings["free_bits"], estimator, signums)
             record["epoch"] = epoch + 1
+            record["lr"] = model.optimizer_.lr
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
             record["seconds"] = time.perf_counter() - t0
+            stop = False
             with _Deferred(signums):  # Ctrl-C waits for the record and its checkpoint
                 model.history_.append(record)
+                if patience:
+                    if best is None or record["val_loss"] < best[0]:
+                        best = (record["val_loss"], epoch + 1, model.params.copy())
+                    model.best_ = best
+                    if epoch + 1 - best[1] >= patience:  # early stop: the run ends here
+                        stop = True
+                        model.train_config_["epochs"] = epoch + 1
                 if checkpoint is not None:
                     model.save(checkpoint)
-            stop = False
-            if patience is not None:
-                if record["val_loss"] < best[0]:
-                    best, wait = (record["val_loss"], model.params.copy()), 0
-                else:
-                    wait += 1
-                    stop = wait >= patience
             for cb in callbacks or ():
                 stop = cb(model, record) is True or stop
             if stop:
                 break
+        else:
+            ended = stop_after is None or last >= settings["epochs"]
     except KeyboardInterrupt:
+        ended = False
         model.interrupted_ = True
         warnings.warn(f"fit interrupted in epoch {len(model.history_) + 1}: the model keeps the "
                       "parameters of its last completed step", RuntimeWarning, stacklevel=3)
     finally:
         bar.close()
-    if best[1] is not None and not model.interrupted_:
-        model.params[:] = best[1]  # early stopping keeps the best validation loss
+    if ended and best is not None:
+        model.params[:] = best[2]  # early stopping keeps the best validation loss
+        model.best_ = None
         if checkpoint is not None:
             model.save(checkpoint)
     return model

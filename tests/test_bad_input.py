@@ -34,7 +34,13 @@ def data(m, batch=4):
     (dict(x_dim=4, latent_dims=[2], dtype="float16"), ValueError, "dtype"),
     (dict(x_dim=4, latent_dims=[2], init="he"), ValueError, "init"),
     (dict(x_dim=4, latent_dims=[2], prior_variance="diag"), ValueError, "prior_variance"),
-    (dict(x_dim=4, latent_dims=[2], prior_variance=None), ValueError, "prior_variance"),
+    (dict(x_dim=4, latent_dims=[2], prior_variance=1), ValueError, "prior_variance"),
+    (dict(x_dim=4, latent_dims=[2], inference="ladder"), ValueError, "inference"),
+    (dict(x_dim=4, latent_dims=[2], inference=None), ValueError, "inference"),
+    (dict(x_dim=4, latent_dims=[2, 2], hidden_dims=[[3], []], inference="top_down"), ValueError,
+     "hidden_dims[1]"),
+    (dict(x_dim=4, latent_dims=[2], inference="top_down", deterministic=True), ValueError,
+     "deterministic"),
 ])
 def test_constructor_rejects(kwargs, exc, words):
     with pytest.raises(exc, match=words.replace("[", r"\[").replace("]", r"\]")):

@@ -24,10 +24,11 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
         pytest.skip(f"binarized_mnist.npz not found in {datasets.data_dir()} (set HVAE_DATA)")
     mnist = load_script("mnist")
     out = tmp_path / "mnist.md"
-    assert mnist.main(["--vae1", "--hvae2-mc", "--quick", "--output", str(out),
+    assert mnist.main(["--vae1", "--hvae2-mc", "--hvae2-topdown", "--vae1-iwae5", "--quick", "--output", str(out),
                        "--checkpoint-dir", str(tmp_path)]) == 0
     text = out.read_text()
-    assert "| vae1 |" in text and "| hvae2-mc |" in text
+    assert "| vae1 |" in text and "| hvae2-mc |" in text and "| hvae2-topdown |" in text
+    assert "| vae1-iwae5 |" in text and "objective=iwae, k=5" in text
     rows = json.loads((tmp_path / "mnist.md.json").read_text())
     for r in rows.values():
         assert r["epochs"] == 2 and -800 < r["test_ll"] < 0 and r["test_ll"] >= r["test_elbo"] - 5
@@ -35,5 +36,20 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
     # the two-level model is the IWAE architecture (learned variance of p(z1|z2)) and waits
     # before its KL warm-up
     assert hvae.load(tmp_path / "hvae2-mc.npz").prior_variance == "learned"
+    assert hvae.load(tmp_path / "hvae2-topdown.npz").inference == "top_down"
     assert rows["hvae2-mc"]["warmup"] == "0.5 + 1" and rows["vae1"]["warmup"] == "0.5 + 1"
     assert "test log-likelihood" in capsys.readouterr().out
+
+
+def test_speed_iwae_quick(tmp_path):
+    """benchmarks/speed_iwae.py --quick: the guard (both torch twins against hvae's IWAE loss
+    and gradient), a timed step, the k = 1000 evaluation and the extrapolated test split."""
+    pytest.importorskip("torch")
+    bench = load_script("speed_iwae")
+    out = tmp_path / "speed_iwae.md"
+    assert bench.main(["--quick", "--models", "vae", "--skip", "breakdown", "phases",
+                       "--output", str(out)]) == 0
+    text = out.read_text()
+    assert "| vae | 5 | 100 | 1 |" in text
+    assert "| hvae: HVAE.log_likelihood | 1 |" in text
+    assert "EXTRAPOLATION from 4 of" in text and "(extrapolated)" in text

@@ -295,7 +295,7 @@ def test_adam_update_matches_formula():
 
 
 def test_named_params_layout_and_init():
-    m = hvae.HVAE(784, [100, 50], seed=0)
+    m = hvae.HVAE(784, [100, 50], seed=0, init="torch")
     named = m.named_params()
     shapes = ref.param_shapes(784, [100, 50], m.hidden_dims, "bernoulli")
     assert [(k, v.shape) for k, v in named.items()] == [(k, tuple(s)) for k, s in shapes]
@@ -306,8 +306,15 @@ def test_named_params_layout_and_init():
         assert np.abs(v).max() <= 1 / np.sqrt(fan_in)
         assert np.abs(v).max() > 0.9 / np.sqrt(fan_in)
     assert m.params.flags.c_contiguous and m.params.ndim == 1
-    assert np.array_equal(hvae.HVAE(784, [100, 50], seed=0).params, m.params)
+    assert np.array_equal(hvae.HVAE(784, [100, 50], seed=0, init="torch").params, m.params)
     assert "HVAE(x_dim=784" in repr(m) and "parameters" in repr(m)
+    glorot = hvae.HVAE(784, [100, 50], seed=0)  # the default
+    for name, v in glorot.named_params().items():
+        if name.endswith("bias"):
+            assert not v.any()
+        else:
+            bound = np.sqrt(6 / sum(v.shape))
+            assert bound >= np.abs(v).max() > 0.9 * bound
     g = hvae.HVAE(784, [100, 50], seed=0, init="glorot").named_params()
     for name, v in g.items():
         if name.endswith("bias"):

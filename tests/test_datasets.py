@@ -59,6 +59,17 @@ def test_data_dir_default(no_env):
     assert isinstance(data_dir(), Path)
 
 
+def test_data_dir_default_of_an_installed_package(no_env, monkeypatch, tmp_path):
+    """Installed (no pyproject.toml beside the package): ~/hvae_data, not a folder inside the
+    virtual environment."""
+    fake = tmp_path / "lib" / "site-packages" / "hvae" / "datasets.py"
+    monkeypatch.setattr(datasets, "__file__", str(fake))
+    assert data_dir() == Path.home() / "hvae_data"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="hvae_data.*installed hvae"):
+        load_binarized_mnist("train")
+
+
 def test_data_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HVAE_DATA", str(tmp_path / "elsewhere"))
     assert data_dir() == tmp_path / "elsewhere"  # need not exist
@@ -78,7 +89,7 @@ def test_loaders_use_env(monkeypatch, tmp_path):
     write_idx(tmp_path / "t10k-images-idx3-ubyte", grey_images(4))
     monkeypatch.setenv("HVAE_DATA", str(tmp_path))
     assert load_binarized_mnist("test").shape == (2, 784)
-    assert load_mnist().shape == (4, 784)
+    assert load_mnist("test").shape == (4, 784)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,14 +332,25 @@ def test_load_mnist(tmp_path, compress, split, prefix):
     np.testing.assert_array_equal(y, labels)
 
 
-def test_load_mnist_default_split_is_test(tmp_path):
-    write_idx(tmp_path / "t10k-images-idx3-ubyte", grey_images(2))
-    assert load_mnist(data_dir=tmp_path).shape == (2, 784)
+def test_load_mnist_splits(tmp_path):
+    """train and valid split the training file, its last tenth being valid; train is the
+    default, as for every loader."""
+    images = grey_images(20)
+    labels = np.arange(20, dtype=np.uint8) % 10
+    write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    x_train, y_train = load_mnist("train", tmp_path, return_labels=True)
+    x_valid, y_valid = load_mnist("valid", tmp_path, return_labels=True)
+    assert len(x_train) == 18 and len(x_valid) == 2
+    np.testing.assert_array_equal(np.concatenate([x_train, x_valid]) * 255,
+                                  images.reshape(20, 784).astype(np.float32))
+    np.testing.assert_array_equal(np.concatenate([y_train, y_valid]), labels)
+    np.testing.assert_array_equal(load_mnist(data_dir=tmp_path), x_train)
 
 
 def test_load_mnist_bad_split(tmp_path):
     with pytest.raises(ValueError, match="split"):
-        load_mnist("valid", tmp_path)
+        load_mnist("validation", tmp_path)
 
 
 def test_load_mnist_not_found(tmp_path, no_env):
@@ -370,13 +392,25 @@ def test_load_mnist_inconsistent(tmp_path, images, labels, words):
 
 def test_load_digits():
     pytest.importorskip("sklearn", reason="scikit-learn is not installed (the 'test' extra)")
-    x = load_digits()
+    parts = [load_digits(split, return_labels=True) for split in ("train", "valid", "test")]
+    assert [len(x) for x, _ in parts] == [1350, 150, 297]
+    x, y = (np.concatenate(a) for a in zip(*parts))
     assert x.dtype == np.float32 and x.shape == (1797, 64)
     assert x.min() == 0.0 and x.max() == 1.0
-    x2, y = load_digits(return_labels=True)
-    np.testing.assert_array_equal(x2, x)
     assert y.dtype == np.int64 and y.shape == (1797,)
     assert set(np.unique(y)) == set(range(10))
+    np.testing.assert_array_equal(load_digits(), parts[0][0])  # train is the default
+    with pytest.raises(ValueError, match="split"):
+        load_digits(True)  # return_labels is keyword-only: a stray positional is refused
+
+
+def test_subset_is_a_fixed_random_subset_in_order():
+    x = np.arange(100)[:, None]
+    a, b = datasets.subset(x, 10), datasets.subset(x, 10)
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == 10 and (np.diff(a[:, 0]) > 0).all() and a[-1, 0] > 10  # not the first 10
+    assert not np.array_equal(a, datasets.subset(x, 10, seed=1))
+    assert datasets.subset(x, 100) is x and datasets.subset(x, None) is x
 
 
 def test_load_digits_without_sklearn(monkeypatch):

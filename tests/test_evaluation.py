@@ -8,25 +8,48 @@ from hvae.evaluation import log_mean_exp
 D, d = 5, 2
 
 
-def linear_gaussian(rng, exact_posterior):
-    """One level, no hidden layers, unit-variance Gaussian likelihood:
+def linear_gaussian(rng, exact_posterior, inference="bottom_up"):
+    """One level, unit-variance Gaussian likelihood:
     p(z) = N(0, I), p(x|z) = N(W z + b, I)  =>  p(x) = N(b, W W^T + I).
     W has orthogonal columns, so the posterior N(S W^T (x - b), S), S = (W^T W + I)^-1, is diagonal
-    and the encoder can represent it exactly."""
-    m = hvae.HVAE(D, [d], [[]], likelihood="gaussian", dtype="float64", seed=0)
+    and the encoder can represent it exactly.
+
+    Bottom-up: no hidden layers. Top-down (which needs a hidden layer per level): one ReLU layer
+    of width 2 D in the encoder and the decoder, used as an exact identity, u = relu(v) - relu(-v):
+    the first layer maps v to [v, -v] (zero-padded), the output layer reads [I, -I]."""
+    if inference == "bottom_up":
+        m = hvae.HVAE(D, [d], [[]], likelihood="gaussian", dtype="float64", seed=0, init="torch")
+    else:
+        m = hvae.HVAE(D, [d], [[2 * D]], likelihood="gaussian", activation="relu",
+                      dtype="float64", seed=0, inference="top_down", init="torch")
     q, _ = np.linalg.qr(rng.normal(size=(D, d)))
     W = q * np.array([2.0, 0.7])
     b = rng.normal(size=D)
     S = np.linalg.inv(W.T @ W + np.eye(d))
-    p = m.named_params()
-    p["dec1.0.weight"][:] = W
-    p["dec1.0.bias"][:] = b
     A = S @ W.T
     if not exact_posterior:  # a deliberately poor q: shrunk mean, inflated variance
         A = 0.5 * A
         S = 2.5 * S
-    p["enc1.0.weight"][:] = np.vstack([A, np.zeros((d, D))])
-    p["enc1.0.bias"][:] = np.r_[-A @ b, np.log(np.diag(S))]
+    enc_w = np.vstack([A, np.zeros((d, D))])
+    enc_b = np.r_[-A @ b, np.log(np.diag(S))]
+    p = m.named_params()
+    if inference == "bottom_up":
+        p["dec1.0.weight"][:] = W
+        p["dec1.0.bias"][:] = b
+        p["enc1.0.weight"][:] = enc_w
+        p["enc1.0.bias"][:] = enc_b
+        return m, W, b
+    split_x = np.vstack([np.eye(D), -np.eye(D)])                   # (2D, D): x -> [x, -x]
+    split_z = np.zeros((2 * D, d))                                 # (2D, d): z -> [z, -z, 0]
+    split_z[:d], split_z[d:2 * d] = np.eye(d), -np.eye(d)
+    p["enc1.0.weight"][:] = split_x
+    p["enc1.0.bias"][:] = 0
+    p["enc1.1.weight"][:] = enc_w @ np.hstack([np.eye(D), -np.eye(D)])
+    p["enc1.1.bias"][:] = enc_b
+    p["dec1.0.weight"][:] = split_z
+    p["dec1.0.bias"][:] = 0
+    p["dec1.1.weight"][:] = W @ np.hstack([np.eye(d), -np.eye(d), np.zeros((d, 2 * D - 2 * d))])
+    p["dec1.1.bias"][:] = b
     return m, W, b
 
 
@@ -38,18 +61,22 @@ def exact_log_px(x, W, b):
                    + D * np.log(2 * np.pi))
 
 
-def test_exact_posterior_gives_exact_likelihood():
+@pytest.mark.parametrize("inference", ["bottom_up", "top_down"])
+def test_exact_posterior_gives_exact_likelihood(inference):
     rng = np.random.default_rng(0)
-    m, W, b = linear_gaussian(rng, exact_posterior=True)
+    m, W, b = linear_gaussian(rng, exact_posterior=True, inference=inference)
     x = rng.normal(size=(6, D)) * 2
     want = exact_log_px(x, W, b)
-    np.testing.assert_allclose(m.elbo(x, k=1), want, atol=1e-9)  # weights are constant
-    np.testing.assert_allclose(m.log_likelihood(x, k=50), want, atol=1e-9)
+    # the weights are constant: every estimate is exact (seen: 1e-14)
+    np.testing.assert_allclose(m.elbo(x, k=1), want, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(m.elbo(x, k=7), want, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(m.log_likelihood(x, k=50), want, rtol=0, atol=1e-9)
 
 
-def test_estimate_converges_to_exact_log_px_as_k_grows():
+@pytest.mark.parametrize("inference", ["bottom_up", "top_down"])
+def test_estimate_converges_to_exact_log_px_as_k_grows(inference):
     rng = np.random.default_rng(1)
-    m, W, b = linear_gaussian(rng, exact_posterior=False)
+    m, W, b = linear_gaussian(rng, exact_posterior=False, inference=inference)
     x = rng.normal(size=(20, D)) * 2
     want = exact_log_px(x, W, b)
     errors = {}
@@ -58,6 +85,12 @@ def test_estimate_converges_to_exact_log_px_as_k_grows():
     assert errors[1] > 0.3  # the poor q has a visible ELBO gap
     assert errors[1] > errors[10] > abs(errors[100]), errors
     assert abs(errors[5000]) < 0.01, errors  # the gap closes as k grows (up to MC noise)
+    # elbo(x, k) is the same k-sample bound: the same numbers from the same random stream
+    state = m._rng.bit_generator.state
+    elbo_k = m.elbo(x, k=100)
+    m._rng.bit_generator.state = state
+    np.testing.assert_array_equal(elbo_k, m.log_likelihood(x, k=100))
+    assert abs(np.mean(want - m.elbo(x, k=5000))) < 0.01
     # chunked k (rows smaller than k) gives the same estimator
     chunked = m.log_likelihood(x[:3], k=5000, batch_size=700)
     np.testing.assert_allclose(chunked, want[:3], atol=0.05)

@@ -39,7 +39,7 @@ TRAIN = SETUP + textwrap.dedent("""
     path, total = sys.argv[1], int(sys.argv[2])
     model = hvae.load(path) if os.path.exists(path) else new_model()
     print("start", len(model.history_), flush=True)
-    model.fit(data(), epochs=total - len(model.history_), checkpoint=path, **FIT)
+    model.fit(data(), epochs=total, checkpoint=path, **FIT)
     print("done", len(model.history_), flush=True)
 """)
 

@@ -54,3 +54,18 @@ def test_notebook_executes_in_fast_mode(path, monkeypatch):
     errors = [o for cell in nb.cells if cell.cell_type == "code"
               for o in cell.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, f"{path.name}: error outputs {[(e['ename'], e['evalue']) for e in errors]}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_stands_alone(path):
+    """A notebook uses the installed hvae only: it does not reach into tests/ (nor patch
+    sys.path to do so), and its saved outputs show no path of the machine that ran it."""
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "sys.path" not in code and "import reference" not in code and "tests" not in code
+    root = str(NOTEBOOK_DIR.parent.parent)
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            text = out.get("text", "") + str(out.get("data", {}).get("text/plain", ""))
+            assert root not in text, (path.name, text[:200])

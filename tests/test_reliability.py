@@ -372,20 +372,22 @@ def test_fit_rejects(trained, tmp_path):
         (dict(X=X[0]), ValueError, "X: expected shape"),
         (dict(X=X.astype(complex)), TypeError, "X"),
         (dict(X="abc"), TypeError, "X"),
-        (dict(X=X, epochs=None), ValueError, "epochs"),
+        (dict(X=X, epochs=-1), ValueError, "epochs"),
         (dict(X=X, epochs=1.0), ValueError, "epochs"),
         (dict(X=X, batch_size=-3), ValueError, "batch_size"),
         (dict(X=X, batch_size=10.0), ValueError, "batch_size"),
         (dict(X=X, beta=-1.0), ValueError, "beta"),
         (dict(X=X, beta=np.inf), ValueError, "beta"),
         (dict(X=X, lr=-1.0), ValueError, "lr"),
+        (dict(X=X, lr_decay=0.0), ValueError, "lr_decay"),
+        (dict(X=X * 255), ValueError, "divide by 255"),
         (dict(X=X, kl_warmup_epochs=-1), ValueError, "kl_warmup_epochs"),
         (dict(X=X, kl_warmup_delay=-1), ValueError, "kl_warmup_delay"),
         (dict(X=X, kl_warmup_delay=np.nan), ValueError, "kl_warmup_delay"),
         (dict(X=X, kl_warmup_delay="2"), TypeError, "kl_warmup_delay"),
         (dict(X=X, validation_data=X[:, :3]), ValueError, "validation_data"),
         (dict(X=X, validation_data=X * np.nan), ValueError, "validation_data"),
-        (dict(X=X, validation_data=X, patience=0), ValueError, "patience"),
+        (dict(X=X, validation_data=X, patience=-1), ValueError, "patience"),
         (dict(X=X, validation_data=X, patience=1.5), ValueError, "patience"),
     ]:
         kwargs.setdefault("epochs", 1)
@@ -411,13 +413,11 @@ def test_fit_on_empty_validation_data_is_a_value_error():
             m.fit(X, epochs=1, validation_data=X[:0], progress=False)
 
 
-@pytest.mark.parametrize("kwargs", ["dir", "missing_dir", "callbacks"])
+@pytest.mark.parametrize("kwargs", ["dir", "callbacks"])
 def test_fit_checks_checkpoint_and_callbacks_before_training(kwargs, tmp_path):
     m = hvae.HVAE(6, [3], [[5]], seed=0)
     X = np.ones((10, 6), np.float32)
-    arg = {"dir": dict(checkpoint=tmp_path),
-           "missing_dir": dict(checkpoint=tmp_path / "no" / "m.npz"),
-           "callbacks": dict(callbacks=3)}[kwargs]
+    arg = {"dir": dict(checkpoint=tmp_path), "callbacks": dict(callbacks=3)}[kwargs]
     with pytest.raises((ValueError, TypeError, OSError)):
         m.fit(X, epochs=1, progress=False, **arg)
     assert m.history_ == [] and (m.optimizer_ is None or m.optimizer_.step == 0)

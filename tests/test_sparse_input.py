@@ -74,7 +74,10 @@ def test_sparse_batches_match_reference(cfg, dtype, B, density, binary):
     m = make(cfg, dtype)
     rng = np.random.default_rng(B)
     x = sparse_x(rng, B, m.x_dim, density, dtype, binary)
-    target = None if m.likelihood == "bernoulli" else rng.normal(size=x.shape).astype(dtype)
+    if m.likelihood != "bernoulli":
+        target = rng.normal(size=x.shape).astype(dtype)
+    else:  # the Bernoulli likelihood scores values in [0, 1] only
+        target = None if binary else (x != 0).astype(dtype)
     eps = None if m.deterministic else m.draw_eps(B)
     check_against_reference(m, x, target, eps, RTOL[dtype])
 
@@ -127,8 +130,9 @@ def test_finite_differences_of_the_sparse_layer():
     rng = np.random.default_rng(11)
     B = 96
     x = sparse_x(rng, B, m.x_dim, 0.1, "float64", binary=False)
+    t = (x != 0).astype(x.dtype)  # what the Bernoulli likelihood scores: in [0, 1]
     eps = m.draw_eps(B)
-    _, grad = m.loss_and_grad(x, eps)
+    _, grad = m.loss_and_grad(x, eps, target=t)
     (_, w_off, w_shape), (_, b_off, b_shape) = m._core.param_table()[:2]
     cols = np.flatnonzero(x.any(axis=0))[:4]
     empty = np.flatnonzero(~x.any(axis=0))[:2]
@@ -139,9 +143,9 @@ def test_finite_differences_of_the_sparse_layer():
     for k in coords:
         base = m.params[k]
         m.params[k] = base + h
-        up = m.loss_and_grad(x, eps)[0]
+        up = m.loss_and_grad(x, eps, target=t)[0]
         m.params[k] = base - h
-        down = m.loss_and_grad(x, eps)[0]
+        down = m.loss_and_grad(x, eps, target=t)[0]
         m.params[k] = base
         fd = (up - down) / (2 * h)
         assert abs(fd - grad[k]) <= 1e-6 * max(1.0, abs(fd)), (k, fd, grad[k])

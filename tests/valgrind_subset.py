@@ -1,7 +1,8 @@
 """A small tour of the C core for valgrind (.ci/valgrind.sh): forward, backward, encode, decode,
-Adam, the fused training step (on one thread and on a team of two) and the elementwise math on
-tiny models of every kind, both precisions, odd layouts, the error paths (after conversions), a
-grow-and-reuse of the workspace, the sparse first layer, two threads. Prints "ok".
+Adam, the fused training step (on one thread and on a team of two, with and without free bits)
+and the elementwise math on tiny models of every kind, both inference chains, both precisions,
+odd layouts, the error paths (after conversions), a grow-and-reuse of the workspace, the sparse
+first layer, two threads. Prints "ok".
 
 Not a pytest file (no test_ prefix): run it as `python tests/valgrind_subset.py`.
 """
@@ -16,7 +17,7 @@ LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
 
 
-def tour(m, rng, B, density=0.5):
+def tour(m, rng, B, density=0.5, iwae=True):
     dt = m.dtype
     table = {name: shape for name, _, shape in m.param_table()}
     D = table["enc1.0.weight"][1]
@@ -48,6 +49,20 @@ def tour(m, rng, B, density=0.5):
         _core.adam_update(p, opt[0], opt[1], g, step)
     for threads in (1, 2):
         m.train_step(p, opt[0], opt[1], g, x, eps, 4, beta=0.5, threads=threads)
+    fb = [0.0] * len(lat)  # free bits: level 1 under its floor, the others above
+    fb[0] = 1e6
+    m.forward(p, x, None, eps, grad=g, free_bits=fb)
+    m.train_step(p, opt[0], opt[1], g, x, eps, 5, free_bits=fb, threads=2)
+    if iwae:  # k samples per example: shared rows expanded and summed back
+        k = 3
+        eps_k = [rng.standard_normal((B * k, d)).astype(dt) for d in lat]
+        grads = ("standard", "dreg") if len(lat) == 1 else ("standard",)
+        for gradient in grads:
+            m.forward(p, x, None, eps_k, grad=g, log_weight=True, objective="iwae", k=k,
+                      gradient=gradient, beta=0.7)
+            for threads in (1, 2):
+                m.train_step(p, opt[0], opt[1], g, x, eps_k, 6, objective="iwae", k=k,
+                             gradient=gradient, threads=threads)
     g[0] = np.nan
     _core.adam_update(p, opt[0], opt[1], g, 6)  # refused: non-finite gradient
     for bad in (lambda: m.forward(p, x, None, [eps[0][:, :0]] + eps[1:], grad=g),
@@ -64,7 +79,7 @@ def tour(m, rng, B, density=0.5):
 def main():
     rng = np.random.default_rng(0)
     archs = [([3], [[4]]), ([3, 2], [[4], []]), ([2, 2, 1], [[3, 2], [3], [2]])]
-    models = []
+    models, autoencoders = [], []
     for (lat, hid), lik, act, kl, det, dt in itertools.product(
             archs, LIKELIHOODS, ACTIVATIONS, ("analytic", "mc"), (False, True),
             ("float32", "float64")):
@@ -72,11 +87,26 @@ def main():
             continue
         if dt == "float32" and LIKELIHOODS.index(lik) != ACTIVATIONS.index(act):
             continue  # keep the tour short: float32 with three (likelihood, activation) pairs
-        models.append(_core.Model(5, lat, hid, lik, act, kl, det, dt))
+        kind = autoencoders if det else models  # an autoencoder has only the ELBO
+        kind.append(_core.Model(5, lat, hid, lik, act, kl, det, dt))
         if len(lat) > 1 and dt == "float64" and act == "tanh":  # learned prior variances
-            models.append(_core.Model(5, lat, hid, lik, act, kl, det, dt, "learned"))
+            kind.append(_core.Model(5, lat, hid, lik, act, kl, det, dt, "learned"))
+    # the top-down chain (a hidden layer per level), both prior variances
+    top_down = []
+    for (lat, hid), lik, kl, pvar, dt in itertools.product(
+            [([3], [[4]]), ([3, 2], [[4], [3]]), ([2, 2, 1], [[3, 2], [3], [2]])], LIKELIHOODS,
+            ("analytic", "mc"), ("unit", "learned"), ("float32", "float64")):
+        if dt == "float32" and (kl == "mc") != (pvar == "unit"):
+            continue  # keep the tour short: float32 with two (kl, prior variance) pairs
+        act = ACTIVATIONS[(len(lat) + LIKELIHOODS.index(lik)) % 3]
+        top_down.append(_core.Model(5, lat, hid, lik, act, kl, False, dt, pvar, "top_down"))
+    # the IWAE path on every third model (and on the larger ones below)
     for k, m in enumerate(models):
-        tour(m, rng, B=1 + k % 4)
+        tour(m, rng, B=1 + k % 4, iwae=k % 3 == 0)
+    for k, m in enumerate(autoencoders):
+        tour(m, rng, B=1 + k % 4, iwae=False)
+    for k, m in enumerate(top_down):
+        tour(m, rng, B=1 + k % 4, iwae=k % 3 == 1)
     # the workspace grows and is reused
     m = models[0]
     for B in (1, 50, 3, 200, 7):
@@ -85,12 +115,15 @@ def main():
     # (partial products in the team's scratch, B = 16) and over the batch (B = 320)
     wide = _core.Model(300, [40, 10], [[256], [64]], "bernoulli", "tanh", "analytic", False,
                        "float32")
-    for B in (16, 320):
-        tour(wide, rng, B)
+    wide_td = _core.Model(300, [40, 10], [[256], [64]], "bernoulli", "tanh", "analytic", False,
+                          "float32", "learned", "top_down")
+    for mm, B in itertools.product((wide, wide_td), (16, 320)):
+        tour(mm, rng, B)
     # the sparse first layer (64+ rows, at most a quarter of x nonzero), alone and on the team's
     # splits, and a dense batch of the same size after it
     for mm, B, density in ((models[0], 64, 0.2), (models[5], 70, 0.1), (wide, 64, 0.1),
-                           (wide, 96, 0.05), (wide, 96, 0.6)):
+                           (wide, 96, 0.05), (wide, 96, 0.6), (top_down[-1], 64, 0.2),
+                           (wide_td, 96, 0.05), (wide_td, 96, 0.6)):
         tour(mm, rng, B, density)
     # two threads on two models, and two threads on one model (serialised by its lock)
     pairs = [(models[1], models[2]), (models[3], models[3])]
@@ -107,7 +140,7 @@ def main():
             _core._vecmath(op, v)
             _core._vecmath(op, v[::3])
     hostile(_core.Model(4, [2, 2], [[3], []]))
-    print("ok", len(models), "models")
+    print("ok", len(models) + len(autoencoders) + len(top_down), "models")
 
 
 class _Resizes:
