@@ -330,6 +330,7 @@ typedef struct {
     hvae_workspace ws;
     int typenum; /* NPY_FLOAT32 or NPY_FLOAT64 */
     PyThread_type_lock lock; /* one core call at a time on ws */
+    pid_t lock_pid;          /* the process that lock and ws belong to (fork_recover) */
     hvae_team *team;         /* threads of the last call with threads > 1, or NULL */
     pid_t team_pid;          /* the process that made it */
     int ready;               /* __init__ succeeded */
@@ -345,7 +346,7 @@ static const char *const OBJECTIVES[] = {"elbo", "iwae", NULL};
 static const char *const GRADIENTS[] = {"standard", "dreg", NULL};
 
 /* The length of a sized sequence, -1 when it has none (e.g. an iterator): checked before
- * PySequence_Fast, which would copy a huge one (range(10**10)) into a list first. */
+ * PySequence_Tuple, which would copy a huge one (range(10**10)) into a tuple first. */
 static Py_ssize_t sized_len(PyObject *seq) {
     if (!PySequence_Check(seq)) return -1;
     Py_ssize_t len = PySequence_Size(seq);
@@ -353,35 +354,37 @@ static Py_ssize_t sized_len(PyObject *seq) {
     return len;
 }
 
+/* A sequence of at most max integers in [1, HVAE_MAX_WIDTH] into out[0..*n-1]. The items are
+ * read from a tuple copy that owns them: an item's __index__ may change the caller's list. */
 static int parse_dims(PyObject *seq, const char *name, int *out, int max, int *n) {
     if (sized_len(seq) > max) {
         PyErr_Format(PyExc_ValueError, "%s: expected at most %d entries, got %zd", name, max,
                      sized_len(seq));
         return -1;
     }
-    PyObject *fast = PySequence_Fast(seq, "");
-    if (!fast) {
+    PyObject *items = PySequence_Tuple(seq);
+    if (!items) {
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "%s: expected a sequence of integers, got %R", name,
                      (PyObject *)Py_TYPE(seq));
         return -1;
     }
-    Py_ssize_t len = PySequence_Fast_GET_SIZE(fast);
+    Py_ssize_t len = PyTuple_GET_SIZE(items);
     if (len > max) {
         PyErr_Format(PyExc_ValueError, "%s: expected at most %d entries, got %zd", name, max, len);
-        Py_DECREF(fast);
+        Py_DECREF(items);
         return -1;
     }
     for (Py_ssize_t k = 0; k < len; k++) {
         char item[96];
         snprintf(item, sizeof item, "%s[%zd]", name, k);
-        if (as_int(PySequence_Fast_GET_ITEM(fast, k), item, 1, HVAE_MAX_WIDTH, &out[k]) < 0) {
-            Py_DECREF(fast);
+        if (as_int(PyTuple_GET_ITEM(items, k), item, 1, HVAE_MAX_WIDTH, &out[k]) < 0) {
+            Py_DECREF(items);
             return -1;
         }
     }
     *n = (int)len;
-    Py_DECREF(fast);
+    Py_DECREF(items);
     return 0;
 }
 
@@ -414,23 +417,23 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
                      cfg.n_levels, sized_len(hidden_obj));
         return -1;
     }
-    PyObject *fast = PySequence_Fast(hidden_obj, "");
+    PyObject *fast = PySequence_Tuple(hidden_obj); /* owns its items (see parse_dims) */
     if (!fast) {
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "hidden_dims: expected a sequence of sequences, got %R",
                      (PyObject *)Py_TYPE(hidden_obj));
         return -1;
     }
-    if (PySequence_Fast_GET_SIZE(fast) != cfg.n_levels) {
+    if (PyTuple_GET_SIZE(fast) != cfg.n_levels) {
         PyErr_Format(PyExc_ValueError, "hidden_dims: expected %d lists (one per level), got %zd",
-                     cfg.n_levels, PySequence_Fast_GET_SIZE(fast));
+                     cfg.n_levels, PyTuple_GET_SIZE(fast));
         Py_DECREF(fast);
         return -1;
     }
     for (int i = 0; i < cfg.n_levels; i++) {
         char name[48];
         snprintf(name, sizeof name, "hidden_dims[%d]", i);
-        if (parse_dims(PySequence_Fast_GET_ITEM(fast, i), name, cfg.hidden[i], HVAE_MAX_HIDDEN,
+        if (parse_dims(PyTuple_GET_ITEM(fast, i), name, cfg.hidden[i], HVAE_MAX_HIDDEN,
                        &n) < 0) {
             Py_DECREF(fast);
             return -1;
@@ -478,19 +481,45 @@ static int Model_init(ModelObject *self, PyObject *args, PyObject *kwds) {
             PyErr_NoMemory();
             return -1;
         }
+        self->lock_pid = getpid();
     }
     self->ready = 1;
     return 0;
 }
 
+/* In a process forked from the one that made the lock (with the GIL held): a core call that was
+ * running in another thread of the parent at the fork left the lock taken, forever, and the
+ * workspace in an unknown state (maybe between free and malloc). Then both are abandoned
+ * (leaked, never waited on or freed) for a new lock and an empty workspace. 0, or -1 (no
+ * exception set) when no new lock could be allocated. */
+static int fork_recover(ModelObject *self) {
+    pid_t now = getpid();
+    if (!self->lock || self->lock_pid == now) return 0;
+    if (PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        PyThread_release_lock(self->lock);
+    } else {
+        PyThread_type_lock fresh = PyThread_allocate_lock();
+        if (!fresh) return -1;
+        self->lock = fresh;
+        memset(&self->ws, 0, sizeof self->ws);
+    }
+    self->lock_pid = now;
+    return 0;
+}
+
+/* Called first by every method: 1 with an exception when the Model cannot be used. */
 static int not_ready(ModelObject *self) {
-    if (self->ready) return 0;
-    PyErr_SetString(PyExc_RuntimeError, "Model: not initialised (call Model(...))");
+    if (!self->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Model: not initialised (call Model(...))");
+        return 1;
+    }
+    if (fork_recover(self) == 0) return 0;
+    PyErr_NoMemory();
     return 1;
 }
 
 static void Model_dealloc(ModelObject *self) {
-    hvae_workspace_free(&self->ws);
+    if (fork_recover(self) == 0) hvae_workspace_free(&self->ws); /* else leaked (see there) */
     if (self->team_pid == getpid()) hvae_team_free(self->team); /* not in a forked child */
     if (self->lock) PyThread_free_lock(self->lock);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -527,21 +556,44 @@ static int eps_arg(ModelObject *self, PyObject *obj, const char *name, int count
                      (PyObject *)Py_TYPE(obj));
         return -1;
     }
-    if (PySequence_Size(obj) != count) {
+    PyObject *items = PySequence_Tuple(obj); /* owns them: a conversion may change obj */
+    if (!items) return -1;
+    if (PyTuple_GET_SIZE(items) != count) {
         PyErr_Format(PyExc_ValueError, "%s: expected a list of %d arrays (one per level), got %zd",
-                     name, count, PySequence_Size(obj));
+                     name, count, PyTuple_GET_SIZE(items));
+        Py_DECREF(items);
         return -1;
     }
     for (int i = 0; i < count; i++) {
         char item[64];
         snprintf(item, sizeof item, "%s[%d]", name, i);
-        PyObject *o = PySequence_GetItem(obj, i);
-        if (!o) return -1;
-        arrs[i] = input_2d(o, item, self->typenum, B, self->model.cfg.z_dim[i]);
-        Py_DECREF(o);
-        if (!arrs[i]) return -1;
+        arrs[i] = input_2d(PyTuple_GET_ITEM(items, i), item, self->typenum, B,
+                           self->model.cfg.z_dim[i]);
+        if (!arrs[i]) {
+            Py_DECREF(items);
+            return -1;
+        }
     }
+    Py_DECREF(items);
     return 0;
+}
+
+/* After every argument of a call is converted: an array converted and checked earlier still has
+ * the shape (rows < 0: any number >= 1 of rows; cols < 0: 1-D of n = rows) and layout it was
+ * checked for. A later conversion runs Python code (__array__, __float__, __index__, ...) that
+ * can resize, reshape or restride an array the caller passed. 0, or -1 with a ValueError. */
+static int unchanged(PyArrayObject *a, const char *name, int typenum, npy_intp rows,
+                     npy_intp cols) {
+    int ok = PyArray_TYPE(a) == typenum && PyArray_IS_C_CONTIGUOUS(a) && PyArray_ISALIGNED(a);
+    if (cols < 0)
+        ok = ok && PyArray_NDIM(a) == 1 && PyArray_DIM(a, 0) == rows;
+    else
+        ok = ok && PyArray_NDIM(a) == 2 && PyArray_DIM(a, 1) == cols && PyArray_DIM(a, 0) >= 1 &&
+             (rows < 0 || PyArray_DIM(a, 0) == rows);
+    if (ok) return 0;
+    PyErr_Format(PyExc_ValueError, "%s: changed shape, dtype or layout while the other "
+                 "arguments were converted", name);
+    return -1;
 }
 
 static void release_all(PyArrayObject **arrs, int n) {
@@ -595,6 +647,20 @@ static void batch_release(batch_args *a, int T) {
     release_all(a->eps, T);
 }
 
+/* The converted inputs of a batch still have their checked shapes (see unchanged); eps has
+ * B * k rows. */
+static int batch_unchanged(ModelObject *self, const batch_args *a, int k) {
+    const hvae_model *m = &self->model;
+    const int tn = self->typenum;
+    if (unchanged(a->x, "x", tn, a->B, m->cfg.x_dim) < 0 ||
+        unchanged(a->target, "target", tn, a->B, m->cfg.x_dim) < 0)
+        return -1;
+    for (int i = 0; i < m->cfg.n_levels; i++)
+        if (a->eps[i] && unchanged(a->eps[i], "eps", tn, a->B * k, m->cfg.z_dim[i]) < 0)
+            return -1;
+    return 0;
+}
+
 /* Convert and check x, target, eps into *a (zeroed first); 0, or -1 with an exception (the
  * caller still calls batch_release). */
 static int batch_parse(ModelObject *self, PyObject *x_obj, PyObject *target_obj,
@@ -609,7 +675,7 @@ static int batch_parse(ModelObject *self, PyObject *x_obj, PyObject *target_obj,
     } else if (!(a->target = input_2d(target_obj, "target", self->typenum, a->B, m->cfg.x_dim))) {
         return -1;
     }
-    if (m->cfg.deterministic) return 0;
+    if (m->cfg.deterministic) return batch_unchanged(self, a, k);
     if (eps_obj == Py_None) {
         PyErr_Format(PyExc_ValueError, "eps: expected a list of %d noise arrays, got None",
                      m->cfg.n_levels);
@@ -620,7 +686,8 @@ static int batch_parse(ModelObject *self, PyObject *x_obj, PyObject *target_obj,
                      "call takes (%d)", (Py_ssize_t)a->B, k, INT_MAX);
         return -1;
     }
-    return eps_arg(self, eps_obj, "eps", m->cfg.n_levels, a->B * k, a->eps);
+    if (eps_arg(self, eps_obj, "eps", m->cfg.n_levels, a->B * k, a->eps) < 0) return -1;
+    return batch_unchanged(self, a, k);
 }
 
 /* An array the core writes must share no memory with the batch's inputs. */
@@ -650,6 +717,13 @@ extern int openblas_get_num_threads(void) __attribute__((weak)); /* NULL: not Op
 extern void openblas_set_num_threads(int) __attribute__((weak));
 static pthread_mutex_t blas_mutex = PTHREAD_MUTEX_INITIALIZER;
 static int blas_team_calls, blas_saved_threads;
+
+/* pthread_atfork's child handler: the calls counted were the parent's threads' (the mutex may
+ * have been held by one of them); the child starts with none. */
+static void blas_after_fork_child(void) {
+    pthread_mutex_init(&blas_mutex, NULL);
+    blas_team_calls = 0;
+}
 
 static void blas_single_begin(const hvae_team *team) {
     if (!team || !openblas_get_num_threads || !openblas_set_num_threads) return;
@@ -696,6 +770,17 @@ static int batch_call_error(int team_failed, int threads, hvae_status st, const 
         return -1;
     }
     return st == HVAE_OK ? 0 : batch_status_error(st, m, typenum, B, "x");
+}
+
+/* beta: finite >= 0 in the working precision tn too (1e300 is inf in float32). 0 or -1. */
+static int beta_arg(PyObject *obj, int tn, double *beta) {
+    if (as_bounded_double(obj, "beta", 0, 0, INFINITY, 0, beta) < 0) return -1;
+    if (tn == NPY_FLOAT32 && !isfinite((float)*beta)) {
+        PyErr_Format(PyExc_ValueError, "beta: expected a finite number in the precision of "
+                     "params (float32), got %R", obj);
+        return -1;
+    }
+    return 0;
 }
 
 /* free_bits: None (-> *present 0), or a sequence of T numbers >= 0, finite in the precision tn,
@@ -782,14 +867,14 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
     hvae_status st = HVAE_OK;
 
     memset(&in, 0, sizeof in);
-    if (beta_obj && as_bounded_double(beta_obj, "beta", 0, 0, INFINITY, 0, &beta) < 0)
-        return NULL;
+    if (beta_obj && beta_arg(beta_obj, tn, &beta) < 0) return NULL;
     float fb32[HVAE_MAX_LEVELS];
     if (free_bits_arg(fb_obj, T, tn, fb, fb32, &has_fb) < 0 ||
         estimator_args(objective_obj, k_obj, gradient_obj, &m->cfg, has_fb, &est) < 0)
         return NULL;
     if (!(params = params_arg(self, params_obj))) goto done;
     if (batch_parse(self, x_obj, target_obj, eps_obj, est.k, &in) < 0) goto done;
+    if (unchanged(params, "params", tn, (npy_intp)m->n_params, -1) < 0) goto done;
     npy_intp B = in.B, R = in.B * est.k;
     if (m->cfg.deterministic && want_lw) {
         PyErr_SetString(PyExc_ValueError,
@@ -941,24 +1026,25 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
     const hvae_model *m = &self->model;
     const int T = m->cfg.n_levels, tn = self->typenum;
     const npy_intp P = (npy_intp)m->n_params;
-    if (check_output(p_obj, "params", tn, P) < 0 || check_output(m_obj, "m", tn, P) < 0 ||
-        check_output(v_obj, "v", tn, P) < 0 || check_output(g_obj, "grad", tn, P) < 0)
-        return NULL;
+    /* every conversion (which may run Python code) before the buffers are checked */
     if (adam_args(step_obj, lr_obj, b1_obj, b2_obj, aeps_obj, "adam_eps", tn, &opt) < 0 ||
-        (beta_obj && as_bounded_double(beta_obj, "beta", 0, 0, INFINITY, 0, &beta) < 0) ||
+        (beta_obj && beta_arg(beta_obj, tn, &beta) < 0) ||
         (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0) ||
         free_bits_arg(fb_obj, T, tn, fb, fb32, &has_fb) < 0 ||
         estimator_args(objective_obj, k_obj, gradient_obj, &m->cfg, has_fb, &est) < 0)
         return NULL;
-    PyArrayObject *outs[4] = {(PyArrayObject *)p_obj, (PyArrayObject *)m_obj,
-                              (PyArrayObject *)v_obj, (PyArrayObject *)g_obj};
-    static const char *const names[4] = {"params", "m", "v", "grad"};
-    if (check_disjoint(outs, names, 4) < 0) return NULL;
     PyArrayObject *terms = NULL;
     PyObject *result = NULL;
     batch_args in;
     hvae_status st = HVAE_OK;
+    PyArrayObject *outs[4] = {(PyArrayObject *)p_obj, (PyArrayObject *)m_obj,
+                              (PyArrayObject *)v_obj, (PyArrayObject *)g_obj};
+    static const char *const names[4] = {"params", "m", "v", "grad"};
     if (batch_parse(self, x_obj, target_obj, eps_obj, est.k, &in) < 0) goto done;
+    if (check_output(p_obj, "params", tn, P) < 0 || check_output(m_obj, "m", tn, P) < 0 ||
+        check_output(v_obj, "v", tn, P) < 0 || check_output(g_obj, "grad", tn, P) < 0)
+        goto done;
+    if (check_disjoint(outs, names, 4) < 0) goto done;
     for (int k = 0; k < 4; k++)
         if (check_not_batch(outs[k], names[k], &in, T) < 0) goto done;
     npy_intp B = in.B, R = in.B * est.k;
@@ -1033,6 +1119,9 @@ static PyObject *Model_encode(ModelObject *self, PyObject *args, PyObject *kwds)
     if (!(x = input_2d(x_obj, "x", tn, -1, m->cfg.x_dim))) goto done;
     npy_intp B = PyArray_DIM(x, 0);
     if (eps_obj != Py_None && eps_arg(self, eps_obj, "eps", T, B, eps) < 0) goto done;
+    if (unchanged(params, "params", tn, (npy_intp)m->n_params, -1) < 0 ||
+        unchanged(x, "x", tn, B, m->cfg.x_dim) < 0)
+        goto done;
     if (check_workspace(m, tn, B, "x") < 0) goto done;
     void *mp[HVAE_MAX_LEVELS], *zp[HVAE_MAX_LEVELS];
     const void *ep[HVAE_MAX_LEVELS];
@@ -1098,10 +1187,18 @@ static PyObject *Model_decode(ModelObject *self, PyObject *args, PyObject *kwds)
     if (temp_obj &&
         as_bounded_double(temp_obj, "temperature", 0, 0, INFINITY, 0, &temperature) < 0)
         return NULL;
+    if (tn == NPY_FLOAT32 && !isfinite((float)temperature)) {
+        PyErr_Format(PyExc_ValueError, "temperature: expected a finite number in the precision "
+                     "of params (float32), got %R", temp_obj);
+        return NULL;
+    }
     if (!(params = params_arg(self, params_obj))) goto done;
     if (!(ztop = input_2d(z_obj, "z", tn, -1, m->cfg.z_dim[level - 1]))) goto done;
     npy_intp B = PyArray_DIM(ztop, 0);
     if (eps_obj != Py_None && eps_arg(self, eps_obj, "eps", level - 1, B, eps) < 0) goto done;
+    if (unchanged(params, "params", tn, (npy_intp)m->n_params, -1) < 0 ||
+        unchanged(ztop, "z", tn, B, m->cfg.z_dim[level - 1]) < 0)
+        goto done;
     if (check_workspace(m, tn, B, "z") < 0) goto done;
     npy_intp xd[2] = {B, hvae_x_params_dim(&m->cfg)};
     if (!(xp = (PyArrayObject *)PyArray_SimpleNew(2, xd, tn))) goto done;
@@ -1252,12 +1349,14 @@ static PyObject *adam_update(PyObject *Py_UNUSED(mod), PyObject *args, PyObject 
         return NULL;
     }
     if (adam_args(step_obj, lr_obj, b1_obj, b2_obj, eps_obj, "eps", tn, &opt) < 0) return NULL;
+    PyArrayObject *grad = input_array(g, "grad", tn); /* converted before the buffers' checks */
+    if (!grad) return NULL;
     npy_intp n = PyArray_SIZE((PyArrayObject *)p);
     if (check_output(p, "params", tn, n) < 0 || check_output(m1, "m", tn, n) < 0 ||
-        check_output(m2, "v", tn, n) < 0)
+        check_output(m2, "v", tn, n) < 0) {
+        Py_DECREF(grad);
         return NULL;
-    PyArrayObject *grad = input_array(g, "grad", tn);
-    if (!grad) return NULL;
+    }
     if (PyArray_NDIM(grad) != 1 || PyArray_DIM(grad, 0) != n) {
         PyErr_Format(PyExc_ValueError, "grad: expected shape (%zd,), got %zd elements in %d "
                      "dimensions", (Py_ssize_t)n, (Py_ssize_t)PyArray_SIZE(grad), PyArray_NDIM(grad));
@@ -1330,6 +1429,14 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__core(void) {
     import_array();
     if (PyType_Ready(&ModelType) < 0) return NULL;
+    static int atfork_done;
+    if (!atfork_done) {
+        if (pthread_atfork(NULL, NULL, blas_after_fork_child) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "hvae._core: pthread_atfork failed");
+            return NULL;
+        }
+        atfork_done = 1;
+    }
     PyObject *mod = PyModule_Create(&module);
     if (!mod) return NULL;
     Py_INCREF(&ModelType);

@@ -1,13 +1,20 @@
 """Checkpoints: an HVAE with its optimiser state, random state and history in one .npz file, the
-architecture as JSON, no pickle, written atomically (temporary file, fsync, rename). The model
-class is the caller's: this module reads and writes its attributes but does not import it."""
+architecture as JSON, no pickle, written atomically (temporary file, fsync, rename).
+
+What :func:`save` writes goes through the very checks of :func:`load` first (it is read back
+from memory); a state that would not load is refused and the file on disk stays as it was.
+``pickle`` and ``copy.deepcopy`` of an HVAE use the same bytes (:func:`dumps`, :func:`loads`).
+The model class is the caller's: this module reads and writes its attributes but does not import
+it."""
+import io
 import json
 import os
+import stat
 import zipfile
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import _kind, atomic_write, destination
 from .training import Adam
 
 FORMAT = "hvae-checkpoint"
@@ -17,6 +24,75 @@ CONFIG_KEYS = ("x_dim", "latent_dims", "hidden_dims", "likelihood", "activation"
 # keys that checkpoints written before they existed lack, with the value those models had
 CONFIG_DEFAULTS = {"prior_variance": "unit", "inference": "bottom_up", "warm_start": True}
 MAX_META_BYTES = 1 << 26  # the JSON block of a real checkpoint is a few hundred kB at most
+# the epoch records fit writes: key -> (what the value must be, a test); other keys may hold a
+# number, None or a list of numbers
+HISTORY_KEYS = {
+    "epoch": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool)
+              and v >= 1),
+    "loss": ("a number", lambda v: _is_number(v)),
+    "reconstruction": ("a number", lambda v: _is_number(v)),
+    "kl": ("a list of numbers", lambda v: isinstance(v, list) and all(map(_is_number, v))),
+    "beta": ("a number", lambda v: _is_number(v)),
+    "val_loss": ("a number or None", lambda v: v is None or _is_number(v)),
+    "seconds": ("a number or None", lambda v: v is None or _is_number(v)),
+}
+
+
+def dumps(model):
+    """The checkpoint of ``model`` as the bytes of an .npz file, validated by the loader.
+
+    The state is read under the model's lock, so a step of ``fit`` running in another thread
+    is either wholly in it or not at all.
+
+    Raises
+    ------
+    ValueError
+        The model's state would not load back (e.g. ``params`` of another dtype, an epoch
+        record holding a string); the message says what.
+    """
+    with model._lock:
+        history = getattr(model, "history_", [])
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": {k: getattr(model, k) for k in CONFIG_KEYS},
+            "rng_state": model._rng.bit_generator.state,
+            "history": history,
+            "training": {"epochs_done": len(history), **getattr(model, "train_config_", {})},
+            "optimizer": None,
+        }
+        arrays = {"params": model.params}
+        best = getattr(model, "best_", None)
+        if best is not None:  # an early-stopping run in progress: its best epoch so far
+            meta["training"]["best_epoch"] = best[1]
+            arrays["best_params"] = best[2]
+        opt = getattr(model, "optimizer_", None)
+        if opt is not None:
+            meta["optimizer"] = {"step": opt.step, "lr": opt.lr, "beta1": opt.beta1,
+                                 "beta2": opt.beta2, "eps": opt.eps}
+            arrays["adam_m"], arrays["adam_v"] = opt.m, opt.v
+        _check_history(meta["history"], "the model")  # the entry at fault, before json's words
+        try:
+            text = json.dumps(meta, allow_nan=True)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _bad("the model", f"its state is not JSON: {exc}") from None
+        for name, a in arrays.items():
+            if not isinstance(a, np.ndarray) or a.dtype.hasobject:
+                raise _bad("the model", f"array '{name}' is {type(a).__name__}"
+                                        f"{'' if not isinstance(a, np.ndarray) else ' of objects'}")
+        buf = io.BytesIO()
+        np.savez(buf, meta=np.frombuffer(text.encode("utf-8"), dtype=np.uint8), **arrays)
+    data = buf.getvalue()
+    _read(io.BytesIO(data), "the model", type(model))  # what load would say, before any write
+    return data
+
+
+def loads(data, cls):
+    """A ``cls`` (:class:`hvae.HVAE`) from the bytes :func:`dumps` made, through the checks of
+    :func:`load`. ValueError when they are not a valid checkpoint."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data: expected bytes, got {type(data).__name__}")
+    return _read(io.BytesIO(bytes(data)), "the pickled HVAE", cls)
 
 
 def save(model, path):
@@ -27,35 +103,29 @@ def save(model, path):
     model : HVAE
     path : str or os.PathLike
         Destination; ``.npz`` is the conventional suffix (not added). Missing folders are
-        created.
+        created. A symbolic link is written through to its target.
+
+    Raises
+    ------
+    ValueError
+        The model's state would not load back, or ``path`` is a FIFO, a device, a socket or a
+        directory; the file is not touched.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
-    history = getattr(model, "history_", [])
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "config": {k: getattr(model, k) for k in CONFIG_KEYS},
-        "rng_state": model._rng.bit_generator.state,
-        "history": history,
-        "training": {"epochs_done": len(history), **getattr(model, "train_config_", {})},
-        "optimizer": None,
-    }
-    arrays = {"params": model.params}
-    best = getattr(model, "best_", None)
-    if best is not None:  # an early-stopping run in progress: its best epoch so far
-        meta["training"]["best_epoch"] = best[1]
-        arrays["best_params"] = best[2]
-    opt = getattr(model, "optimizer_", None)
-    if opt is not None:
-        meta["optimizer"] = {"step": opt.step, "lr": opt.lr, "beta1": opt.beta1,
-                             "beta2": opt.beta2, "eps": opt.eps}
-        arrays["adam_m"], arrays["adam_v"] = opt.m, opt.v
-    blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    atomic_write(path, lambda f: np.savez(f, meta=blob, **arrays))
+    target = destination(path, "path")  # refuse a special file before the work
+    try:
+        data = dumps(model)
+    except ValueError as exc:
+        why = getattr(exc, "why", str(exc))
+        raise ValueError(f"{os.fsdecode(os.fspath(path))}: not saved, the model's state would "
+                         f"not load back ({why}); the file was left as it was") from None
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _bad(path, why):
-    return ValueError(f"{path}: not a valid hvae checkpoint ({why})")
+    exc = ValueError(f"{path}: not a valid hvae checkpoint ({why})")
+    exc.why = why
+    return exc
 
 
 def _is_number(v):
@@ -67,13 +137,25 @@ def _check_history(history, path):
     if not isinstance(history, list):
         raise _bad(path, "history is not a list")
     for k, rec in enumerate(history):
-        if not isinstance(rec, dict) or not isinstance(rec.get("epoch"), int):
+        if not isinstance(rec, dict) or "epoch" not in rec:
             raise _bad(path, f"history[{k}] is not an epoch record")
         for key, v in rec.items():
-            ok = v is None or _is_number(v) or (isinstance(v, list) and all(map(_is_number, v)))
+            if not isinstance(key, str):
+                raise _bad(path, f"history[{k}] has the key {key!r}; expected strings")
+            want, ok = HISTORY_KEYS.get(key, ("a number, None or a list of numbers", None))
+            if ok is None:
+                ok = v is None or _is_number(v) or (isinstance(v, list)
+                                                     and all(map(_is_number, v)))
+            else:
+                ok = ok(v)
             if not ok:
-                raise _bad(path, f"history[{k}][{key!r}] = {v!r}")
+                raise _bad(path, f"history[{k}][{key!r}] = {_short(v)}: expected {want}")
     return history
+
+
+def _short(v):
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _check_optimizer(opt, path):
@@ -142,7 +224,7 @@ def load(path, model_class):
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str, bytes or os.PathLike
     model_class : type
         Built from the saved configuration as ``model_class(**config)`` (:class:`hvae.HVAE`).
 
@@ -150,11 +232,55 @@ def load(path, model_class):
     -------
     model_class
     """
-    path = os.fspath(path)
+    try:
+        path = os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise TypeError(f"path: expected a file path (str, bytes or os.PathLike), got "
+                        f"{type(path).__name__}") from None
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:  # non-blocking: opening a FIFO must not wait for a writer; then fstat, then read
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such checkpoint") from None
+    except OSError as exc:
+        if os.path.isdir(path):
+            raise _bad(path, "a directory") from None
+        raise _bad(path, f"cannot be opened: {exc.strerror}") from None
     try:
-        zf = zipfile.ZipFile(path)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _bad(path, f"{_kind(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        return _read(f, path, model_class)
+
+
+def _from_bytes(data, cls):
+    """pickle's reconstructor of an HVAE (HVAE.__reduce__ passes its class): :func:`loads`."""
+    return loads(data, cls)
+
+
+def _read(f, path, cls):
+    """The model in the open binary file ``f`` (named ``path`` in messages); every failure is a
+    ValueError that starts with ``path``."""
+    try:
+        return _read_checked(f, path, cls)
+    except ValueError as exc:
+        if str(exc).startswith(path):
+            raise
+        raise _bad(path, str(exc)) from None
+    except (Exception, RecursionError) as exc:  # zipfile's NotImplementedError, RuntimeError...
+        raise _bad(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def _read_checked(f, path, cls):
+    try:
+        zf = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError) as exc:
         raise _bad(path, f"not a readable .npz archive: {exc}") from None
     with zf:
@@ -164,50 +290,45 @@ def load(path, model_class):
             raise _bad(path, "no 'meta' entry") from None
         if info.file_size > MAX_META_BYTES:
             raise _bad(path, f"metadata of {info.file_size} bytes")
+        with zf.open("meta.npy") as fm:
+            blob = np.lib.format.read_array(fm, allow_pickle=False)
+        meta = json.loads(bytes(blob).decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise _bad(path, "the metadata is not a JSON object")
+        if meta.get("format") != FORMAT:
+            raise _bad(path, f"format {meta.get('format')!r}")
+        if meta.get("version") != VERSION:
+            raise _bad(path, f"version {meta.get('version')!r}, this hvae reads {VERSION}")
+        if not isinstance(meta.get("config"), dict):
+            raise _bad(path, "config is not a JSON object")
+        config = {**CONFIG_DEFAULTS, **meta["config"]}
+        if set(config) != set(CONFIG_KEYS):
+            raise _bad(path, f"config keys {sorted(config)}")
+        model = cls(**config)
+        n, dtype = model.n_params, model.dtype
+        model.params[:] = _read_array(zf, "params", path, (n,), dtype)
+        if not np.isfinite(model.params).all():
+            raise _bad(path, "params hold NaN or infinity")
         try:
-            with zf.open("meta.npy") as f:
-                blob = np.lib.format.read_array(f, allow_pickle=False)
-            meta = json.loads(bytes(blob).decode("utf-8"))
-            if meta.get("format") != FORMAT:
-                raise _bad(path, f"format {meta.get('format')!r}")
-            if meta.get("version") != VERSION:
-                raise _bad(path, f"version {meta.get('version')!r}, this hvae reads {VERSION}")
-            config = {**CONFIG_DEFAULTS, **meta["config"]}
-            if set(config) != set(CONFIG_KEYS):
-                raise _bad(path, f"config keys {sorted(config)}")
-            model = model_class(**config)
-            n, dtype = model.n_params, model.dtype
-            model.params[:] = _read_array(zf, "params", path, (n,), dtype)
-            if not np.isfinite(model.params).all():
-                raise _bad(path, "params hold NaN or infinity")
-            try:
-                model._rng.bit_generator.state = meta["rng_state"]
-            except (TypeError, ValueError, KeyError) as exc:
-                raise _bad(path, f"rng_state: {exc}") from None
-            model.history_ = _check_history(meta["history"], path)
-            if "training" in meta:  # files written before runs remembered their settings lack it
-                model.train_config_, best = _check_training(meta["training"], model.history_,
-                                                            path)
-                if best is not None:
-                    model.best_ = (model.history_[best - 1]["val_loss"], best,
-                                   _read_array(zf, "best_params", path, (n,), dtype))
-            opt = meta["optimizer"]
-            if opt is not None:
-                _check_optimizer(opt, path)
-                model.optimizer_ = Adam(n, dtype, lr=float(opt["lr"]), beta1=float(opt["beta1"]),
-                                        beta2=float(opt["beta2"]), eps=float(opt["eps"]))
-                model.optimizer_.step = int(opt["step"])
-                model.optimizer_.m[:] = _read_array(zf, "adam_m", path, (n,), dtype)
-                model.optimizer_.v[:] = _read_array(zf, "adam_v", path, (n,), dtype)
-                if not (np.isfinite(model.optimizer_.m).all()
-                        and np.isfinite(model.optimizer_.v).all()
-                        and (model.optimizer_.v >= 0).all()):
-                    raise _bad(path, "Adam moments are not finite (or v < 0)")
-        except ValueError as exc:
-            if str(exc).startswith(path):
-                raise
-            raise _bad(path, str(exc)) from None
-        except (KeyError, TypeError, AttributeError, zipfile.BadZipFile, EOFError,
-                UnicodeDecodeError, OSError, RecursionError) as exc:
-            raise _bad(path, f"{type(exc).__name__}: {exc}") from None
+            model._rng.bit_generator.state = meta["rng_state"]
+        except (TypeError, ValueError, KeyError) as exc:
+            raise _bad(path, f"rng_state: {exc}") from None
+        model.history_ = _check_history(meta["history"], path)
+        if "training" in meta:  # files written before runs remembered their settings lack it
+            model.train_config_, best = _check_training(meta["training"], model.history_, path)
+            if best is not None:
+                model.best_ = (model.history_[best - 1]["val_loss"], best,
+                               _read_array(zf, "best_params", path, (n,), dtype))
+        opt = meta["optimizer"]
+        if opt is not None:
+            _check_optimizer(opt, path)
+            model.optimizer_ = Adam(n, dtype, lr=float(opt["lr"]), beta1=float(opt["beta1"]),
+                                    beta2=float(opt["beta2"]), eps=float(opt["eps"]))
+            model.optimizer_.step = int(opt["step"])
+            model.optimizer_.m[:] = _read_array(zf, "adam_m", path, (n,), dtype)
+            model.optimizer_.v[:] = _read_array(zf, "adam_v", path, (n,), dtype)
+            if not (np.isfinite(model.optimizer_.m).all()
+                    and np.isfinite(model.optimizer_.v).all()
+                    and (model.optimizer_.v >= 0).all()):
+                raise _bad(path, "Adam moments are not finite (or v < 0)")
     return model

@@ -310,8 +310,8 @@ def build_parser():
 
 
 def data_seed(model):
-    """The seed for binarizing data: the model's seed (0 if it has none)."""
-    return 0 if model.seed is None else int(model.seed)
+    """The seed for binarizing data: the model's seed (0 if it has none), an int or a list."""
+    return 0 if model.seed is None else model.seed
 
 
 def load_split(data, split, data_dir=None):
@@ -339,7 +339,8 @@ def binarize_split(x, seed, split, epoch=0):
     """Bernoulli draws of grey levels, reproducible from (seed, split, epoch)."""
     from . import datasets
 
-    return datasets.binarize(x, rng=np.random.default_rng([seed, _SPLIT_CODE[split], epoch]))
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+    return datasets.binarize(x, rng=np.random.default_rng([*seeds, _SPLIT_CODE[split], epoch]))
 
 
 def training_data(model, x, dynamic):

@@ -69,6 +69,7 @@ def iwae_bound(model, x, k, rows=4096, progress=False, threads=1):
 def _log_weights(model, xb, k, threads):
     """log p(x, z) - log q(z | x) at k fresh samples of each row of xb, float64 (rows * k,),
     sample j of example b at b * k + j."""
-    _, _, lw = model._core.forward(model.params, xb, None, model.draw_eps(len(xb) * k),
-                                   log_weight=True, objective="iwae", k=k, threads=threads)
+    with model._lock:  # no fork or step in the middle of a core call (HVAE's Notes)
+        _, _, lw = model._core.forward(model.params, xb, None, model.draw_eps(len(xb) * k),
+                                       log_weight=True, objective="iwae", k=k, threads=threads)
     return lw.astype(np.float64)

@@ -1,5 +1,7 @@
 """The HVAE estimator: architecture, the flat parameter buffer, and the core's loss and gradient."""
 import os
+import threading
+import weakref
 
 import numpy as np
 
@@ -26,6 +28,61 @@ def default_hidden_dims(x_dim, latent_dims):
     """
     dims = [x_dim, *latent_dims]
     return [[max(2 * dims[i + 1], min(200, dims[i]))] * 2 for i in range(len(latent_dims))]
+
+
+def _check_seed(seed):
+    """The seed as the constructor stores it (and checkpoints write): None, an int >= 0, or a
+    list of them. NumPy integers and 1-D integer arrays are converted; a Generator, BitGenerator
+    or SeedSequence is refused (its state would not be what the checkpoint restores)."""
+    want = "None, an integer >= 0 or a list of them"
+    if seed is None:
+        return None
+    if isinstance(seed, (np.random.Generator, np.random.BitGenerator, np.random.SeedSequence)):
+        raise TypeError(f"seed: expected {want}, got a {type(seed).__name__}; pass an integer "
+                        f"(the model keeps its own Generator, seeded from it, and checkpoints "
+                        f"save that Generator's state)")
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
+        if seed < 0:
+            raise ValueError(f"seed: expected {want}, got {seed!r}")
+        return int(seed)
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        items = list(seed.ravel()) if isinstance(seed, np.ndarray) and seed.ndim == 1 else (
+            None if isinstance(seed, np.ndarray) else list(seed))
+        if items and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+                         and v >= 0 for v in items):
+            return [int(v) for v in items]
+        raise ValueError(f"seed: expected {want}, got {seed!r}")
+    raise TypeError(f"seed: expected {want}, got {type(seed).__name__}")
+
+
+# live models, whose locks are taken around a fork (so no step is half done in the child) and
+# made anew in the child (the threads that held them are not there)
+_MODELS = weakref.WeakSet()
+_FORKING = []
+
+
+def _before_fork():
+    _FORKING[:] = list(_MODELS)
+    for m in _FORKING:
+        m._lock.acquire()
+
+
+def _after_fork_in_parent():
+    for m in _FORKING:
+        m._lock.release()
+    _FORKING.clear()
+
+
+def _after_fork_in_child():
+    for m in _FORKING:
+        m._lock = threading.RLock()
+        m._fit_thread = None
+    _FORKING.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
 
 
 def _int_list(value, name):
@@ -60,8 +117,10 @@ class HVAE:
         The KL estimator (README, "Two estimators"): the unbiased Monte Carlo cross terms, or the
         seed documents' closed-form chain (biased for T >= 2). The two are the same for T = 1.
     dtype : {"float32", "float64"}
-    seed : int or None
-        Seeds the NumPy Generator used for initialisation, noise and shuffling.
+    seed : int, list of int, or None
+        Seeds the NumPy Generator used for initialisation, noise and shuffling (integers >= 0;
+        NumPy integers and integer arrays are stored as int and list). A Generator or
+        SeedSequence is refused: the model keeps its own Generator, whose state checkpoints save.
     deterministic : bool
         A plain autoencoder: z_i = mu_i, no sampling, no KL.
     init : {"glorot", "torch"}
@@ -108,6 +167,15 @@ class HVAE:
 
     Notes
     -----
+    A model may be shared between threads: each step of :meth:`fit` (noise, parameters, Adam
+    moments, step counter) and each call of the core happens under the model's lock, so
+    :meth:`save`, ``pickle`` or ``copy.deepcopy`` from another thread waits for the step to
+    end; a second :meth:`fit` or :meth:`partial_fit` while one runs raises RuntimeError.
+    ``pickle`` and ``copy.deepcopy`` go through the bytes of a checkpoint (:func:`hvae.checkpoint.dumps`), never pickling
+    arbitrary objects. ``os.fork`` waits for the models' core calls in other threads to end
+    (a BLAS call in flight at a fork can hang OpenBLAS), so a forked child gets every model as
+    of its last completed step, usable.
+
     **scikit-learn.** The class follows scikit-learn's estimator protocol without importing
     it: :meth:`get_params` / :meth:`set_params` over the constructor's arguments (so
     ``sklearn.base.clone``, ``Pipeline`` and ``GridSearchCV`` work; fit parameters pass as
@@ -173,12 +241,15 @@ class HVAE:
         self.activation = activation
         self.kl = kl
         self.dtype = str(np.dtype(dtype))
+        seed = _check_seed(seed)
         self.seed = seed
         self.deterministic = bool(deterministic)
         self.init = init
         self.prior_variance = prior_variance
         self.inference = inference
         self.warm_start = bool(warm_start)
+        self._lock = threading.RLock()  # one state change at a time (see Notes)
+        self._fit_thread = None         # the thread running fit, if any
         self._core = self._new_core()
         _check_memory(self._core.n_params * np.dtype(self.dtype).itemsize, "the parameters")
         self._rng = np.random.default_rng(seed)
@@ -189,6 +260,7 @@ class HVAE:
         self.optimizer_ = None
         self._warned_untrained = False
         self.reset_parameters()
+        _MODELS.add(self)
 
     # ------------------------------------------------------------------------------------------
     # scikit-learn's estimator protocol
@@ -230,6 +302,8 @@ class HVAE:
         ValueError
             A name that is not a constructor argument, or an argument the constructor refuses
             (TypeError likewise).
+        RuntimeError
+            While :meth:`fit` trains the model in another thread.
         """
         if not params:
             return self
@@ -238,8 +312,12 @@ class HVAE:
             raise ValueError(f"set_params: {unknown[0]!r} is not a parameter of HVAE; expected "
                              f"one of {sorted(self._given)}")
         rebuilt = type(self)(**{**self._given, **params})
-        vars(self).clear()
-        vars(self).update(vars(rebuilt))
+        with self._lock:
+            if self._fit_thread is not None:
+                raise RuntimeError("set_params: this model is being trained by fit in another "
+                                   f"thread ({self._fit_thread}); set its parameters after")
+            vars(self).clear()
+            vars(self).update(vars(rebuilt))
         return self
 
     def __sklearn_tags__(self):
@@ -268,9 +346,9 @@ class HVAE:
     def _restart(self):
         """The state of a freshly constructed model: random stream from ``seed``, parameters
         drawn from it, no optimiser, history or run settings (``fit`` with
-        ``warm_start=False``)."""
+        ``warm_start=False``; the caller holds the lock)."""
         self._rng = np.random.default_rng(self.seed)
-        self.reset_parameters()
+        self._reset_parameters()
         self.optimizer_ = None
         self.history_ = []
         self.train_config_ = {}
@@ -278,6 +356,11 @@ class HVAE:
 
     def reset_parameters(self):
         """Draw fresh parameters by the ``init`` scheme (see the class docstring). Returns self."""
+        with self._lock:
+            self._reset_parameters()
+        return self
+
+    def _reset_parameters(self):
         fan_in = fan_out = 1
         for _, offset, shape in self._core.param_table():
             if len(shape) == 2:  # a weight (out, in); its bias follows with the same fans
@@ -291,7 +374,6 @@ class HVAE:
                 stop = min(n, start + (1 << 20))
                 self.params[offset + start:offset + stop] = (
                     self._rng.uniform(-bound, bound, stop - start) if bound else 0)
-        return self
 
     def named_params(self):
         """Views into :attr:`params` by name, in buffer order.
@@ -355,7 +437,9 @@ class HVAE:
         list of ndarray
             T arrays of shape (batch, d_i).
         """
-        return [self._rng.standard_normal((batch, d), dtype=self.dtype) for d in self.latent_dims]
+        with self._lock:
+            return [self._rng.standard_normal((batch, d), dtype=self.dtype)
+                    for d in self.latent_dims]
 
     @property
     def dtype_type(self):
@@ -374,9 +458,11 @@ class HVAE:
             target = self._check_x(target, "target", finite=False, scored=True)
         if eps is None and not self.deterministic:
             eps = self.draw_eps(len(x) * est["k"])
-        return self._core.forward(self.params, x, target, None if self.deterministic else eps,
-                                  beta=beta, grad=grad, log_weight=log_weight, threads=threads,
-                                  free_bits=free_bits, **est)
+        with self._lock:
+            return self._core.forward(self.params, x, target,
+                                      None if self.deterministic else eps, beta=beta, grad=grad,
+                                      log_weight=log_weight, threads=threads,
+                                      free_bits=free_bits, **est)
 
     def estimator(self, objective="elbo", k=1, gradient="standard"):
         """The training objective as the core takes it, checked: a dict of ``objective``, ``k``
@@ -629,7 +715,8 @@ class HVAE:
         """
         x = self._check_x(x)
         eps = self.draw_eps(len(x)) if sample else None
-        mulv, _ = self._core.encode(self.params, x, eps)
+        with self._lock:
+            mulv, _ = self._core.encode(self.params, x, eps)
         return [(a[:, :d], a[:, d:]) for a, d in zip(mulv, self.latent_dims)]
 
     def transform(self, X):
@@ -671,19 +758,31 @@ class HVAE:
             Probabilities (Bernoulli) or means.
         """
         level = self.n_levels if level is None else level
-        temperature = _number(temperature, "temperature")
+        temperature = self._temperature(temperature)
         z = np.asarray(z)
         n = len(z) if z.ndim == 2 else 0
         eps = None
         if temperature > 0 and n and isinstance(level, (int, np.integer)) and level >= 2:
             _check_memory(n * sum(self.latent_dims[:level - 1]) * np.dtype(self.dtype).itemsize,
                           f"the noise of {n} rows")
-            eps = [self._rng.standard_normal((n, d), dtype=self.dtype)
-                   for d in self.latent_dims[:level - 1]]
-        xp, zs = self._core.decode(self.params, z, level=level, eps=eps,
-                                   temperature=float(temperature))
+            with self._lock:
+                eps = [self._rng.standard_normal((n, d), dtype=self.dtype)
+                       for d in self.latent_dims[:level - 1]]
+        with self._lock:
+            xp, zs = self._core.decode(self.params, z, level=level, eps=eps,
+                                       temperature=float(temperature))
         x = self._mean_of_x(xp)
         return (x, zs) if return_latents else x
+
+    def _temperature(self, value):
+        """A temperature: a finite number >= 0, also in the model's dtype."""
+        t = _number(value, "temperature")
+        with np.errstate(over="ignore"):
+            fits = np.isfinite(self.dtype_type(t))
+        if not np.isfinite(t) or t < 0 or not fits:
+            raise ValueError(f"temperature: expected a finite number >= 0 (in {self.dtype}), "
+                             f"got {value!r}")
+        return t
 
     def reconstruct(self, x):
         """Expected x given the posterior means, shape (n, x_dim)."""
@@ -711,12 +810,11 @@ class HVAE:
         self._warn_if_untrained("sample")
         if n > MAX_ROWS:
             raise ValueError(f"n: at most {MAX_ROWS} samples per call, got {n}")
-        temperature = _number(temperature, "temperature")
-        if not np.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+        temperature = self._temperature(temperature)
         width = 2 * sum(self.latent_dims) + self._core.x_params_dim + self.x_dim
         _check_memory(n * width * np.dtype(self.dtype).itemsize, f"n={n} samples")
-        z_top = self._rng.standard_normal((n, self.latent_dims[-1]), dtype=self.dtype)
+        with self._lock:
+            z_top = self._rng.standard_normal((n, self.latent_dims[-1]), dtype=self.dtype)
         z_top *= self.dtype_type(temperature)
         x, zs = self.decode(z_top, temperature=temperature, return_latents=True)
         return (x, [*zs, z_top]) if return_latents else x
@@ -728,10 +826,15 @@ class HVAE:
         -------
         ndarray, shape (steps, x_dim)
         """
+        steps = _positive_int(steps, "steps")
+        if steps > MAX_ROWS:
+            raise ValueError(f"steps: expected at most {MAX_ROWS}, got {steps}")
+        for name, v in (("x_a", x_a), ("x_b", x_b)):
+            if np.ndim(v) > 2 or len(np.atleast_2d(v)) != 1:
+                raise ValueError(f"{name}: expected one example, shape ({self.x_dim},) or "
+                                 f"(1, {self.x_dim}), got shape {np.shape(v)}")
         za, zb = self.transform(np.atleast_2d(x_a)), self.transform(np.atleast_2d(x_b))
-        if len(za) != 1 or len(zb) != 1:
-            raise ValueError("x_a, x_b: expected one example each")
-        t = np.linspace(0, 1, int(steps), dtype=self.dtype)[:, None]
+        t = np.linspace(0, 1, steps, dtype=self.dtype)[:, None]
         return self.decode((1 - t) * za + t * zb)
 
     def traverse(self, x, level, dim, values):
@@ -751,12 +854,30 @@ class HVAE:
         -------
         ndarray, shape (m, x_dim)
         """
-        if not 1 <= level <= self.n_levels:
-            raise ValueError(f"level: expected 1..{self.n_levels}, got {level}")
-        if not 0 <= dim < self.latent_dims[level - 1]:
-            raise ValueError(f"dim: expected 0..{self.latent_dims[level - 1] - 1}, got {dim}")
+        if isinstance(level, bool) or not isinstance(level, (int, np.integer)) \
+                or not 1 <= level <= self.n_levels:
+            raise ValueError(f"level: expected an integer in 1..{self.n_levels}, got {level!r}")
+        level = int(level)
+        width = self.latent_dims[level - 1]
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) \
+                or not 0 <= dim < width:
+            raise ValueError(f"dim: expected an integer in 0..{width - 1}, got {dim!r}")
+        if np.ndim(x) > 2 or len(np.atleast_2d(x)) != 1:
+            raise ValueError(f"x: expected one example, shape ({self.x_dim},) or "
+                             f"(1, {self.x_dim}), got shape {np.shape(x)}")
+        try:
+            values = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"values: expected a 1-D array of numbers, got "
+                             f"{type(values).__name__}") from None
+        if values.ndim > 1 or not np.isfinite(values).all():
+            raise ValueError(f"values: expected a 1-D array of finite numbers, got shape "
+                             f"{values.shape}" + ("" if values.ndim > 1 else " with NaN or inf"))
+        with np.errstate(over="ignore"):
+            values = values.astype(self.dtype).ravel()
+        if not np.isfinite(values).all():
+            raise ValueError(f"values: expected numbers within the range of {self.dtype}")
         mu = self.encode(np.atleast_2d(x))[level - 1][0]
-        values = np.asarray(values, dtype=self.dtype).ravel()
         z = np.repeat(mu[:1], len(values), axis=0)
         z[:, dim] = values
         return self.decode(z, level=level)
@@ -779,7 +900,7 @@ class HVAE:
         ndarray, shape (n,), float64, nats
         """
         self._check_stochastic("elbo")
-        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _positive_int(k, "k"),
+        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _k(k),
                                      threads=training.resolve_n_jobs(n_jobs))
 
     def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False, n_jobs=None):
@@ -809,8 +930,7 @@ class HVAE:
         rows = _positive_int(batch_size, "batch_size")
         _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
                       * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
-        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _positive_int(k, "k"),
-                                     rows=rows, progress=progress,
+        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _k(k), rows=rows, progress=progress,
                                      threads=training.resolve_n_jobs(n_jobs))
 
     def score_samples(self, X, k=5000, *, n_jobs=None):
@@ -839,6 +959,9 @@ class HVAE:
         -------
         float
         """
+        X = self._check_x(X, "X")
+        if len(X) == 0:
+            raise ValueError("X: expected at least one row, got an empty array")
         return float(np.mean(self.score_samples(X, k=k, n_jobs=n_jobs)))
 
     def _warn_if_untrained(self, what):
@@ -854,8 +977,21 @@ class HVAE:
     # persistence
 
     def save(self, path):
-        """Write the model, its optimiser state and history to ``path`` (.npz, atomic)."""
+        """Write the model, its optimiser state and history to ``path`` (.npz, atomic).
+
+        The state goes through :func:`hvae.load`'s checks first: one that would not load back
+        (say ``params`` of another dtype) is a ValueError and the file is left as it was. A
+        symbolic link is written through; a FIFO, device or directory is refused."""
         checkpoint.save(self, path)
+
+    def __reduce__(self):
+        """pickle and copy.deepcopy: the bytes of a checkpoint, rebuilt by the loader."""
+        try:
+            data = checkpoint.dumps(self)
+        except ValueError as exc:
+            raise ValueError(f"cannot copy or pickle this HVAE: its state would not load back "
+                             f"({getattr(exc, 'why', exc)})") from None
+        return (checkpoint._from_bytes, (data, type(self)))
 
     def __repr__(self):
         flags = (", deterministic=True" if self.deterministic else "") + \
@@ -876,7 +1012,7 @@ def load(path):
 
     Parameters
     ----------
-    path : str or os.PathLike
+    path : str, bytes or os.PathLike
 
     Returns
     -------
@@ -887,10 +1023,14 @@ def load(path):
 
     Raises
     ------
+    TypeError
+        ``path`` is not a str, bytes or os.PathLike.
     FileNotFoundError
         No such file.
     ValueError
-        The file is truncated, corrupted, not an hvae checkpoint, or inconsistent.
+        The file is not a regular file (a FIFO, a device, a directory: refused before reading),
+        or it is truncated, corrupted, not an hvae checkpoint, or inconsistent. The message
+        starts with the path and says what is wrong.
     """
     return checkpoint.load(path, HVAE)
 
@@ -910,6 +1050,13 @@ def _number(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     return float(value)
+
+
+def _k(k):
+    k = _positive_int(k, "k")
+    if k > MAX_ROWS:
+        raise ValueError(f"k: expected an integer in [1, {MAX_ROWS}], got {k}")
+    return k
 
 
 def _positive_int(value, name):

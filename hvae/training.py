@@ -1,12 +1,20 @@
 """The training loop behind HVAE.fit / partial_fit: Adam on the flat buffer, KL warm-up, early
 stopping, progress bar, per-epoch history, checkpoints, safe stops (NaN, Ctrl-C), threads."""
 import os
+import signal
+import threading
 import time
 import warnings
 
 import numpy as np
 
 from . import _core
+from .atomic import destination
+
+try:  # the C function behind signal.signal, without its enum conversions (a step pays twice)
+    from _signal import signal as _set_handler
+except ImportError:  # pragma: no cover
+    _set_handler = signal.signal
 
 
 def resolve_n_jobs(n_jobs):
@@ -21,6 +29,64 @@ def resolve_n_jobs(n_jobs):
     return min(os.cpu_count() or 1, _core.MAX_THREADS) if n_jobs == -1 else int(n_jobs)
 
 
+
+
+class _Deferred:
+    """Signals held back: inside ``with _Deferred(signums):`` the Python handlers of those signals
+    only record what arrives; on exit the handlers are put back and each recorded signal is
+    passed to its handler (so a KeyboardInterrupt from Ctrl-C is raised after the block, never
+    inside it). Outside the main thread, where Python runs no signal handler, it does nothing.
+    """
+
+    def __init__(self, signums):
+        self.signums = signums
+        self.saved = []
+        self.pending = {}
+
+    def _record(self, signum, frame):
+        self.pending.setdefault(signum, frame)
+
+    def __enter__(self):
+        if not self.signums or threading.current_thread() is not threading.main_thread():
+            return self
+        try:
+            for s in self.signums:
+                old = _set_handler(s, self._record)
+                self.saved.append((s, old))
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def _restore(self):
+        while self.saved:
+            s, old = self.saved.pop()
+            _set_handler(s, old)
+
+    def __exit__(self, *exc):
+        handlers = dict(self.saved)
+        self._restore()
+        pending, self.pending = self.pending, {}
+        for signum, frame in pending.items():
+            handler = handlers.get(signum)
+            if callable(handler):
+                handler(signum, frame)
+        return False
+
+
+def handled_signals():
+    """The signals that have a Python handler now (which can raise in the middle of Python
+    code): those a step of training defers."""
+    if threading.current_thread() is not threading.main_thread():
+        return ()
+    out = []
+    for s in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(s)):
+                out.append(int(s))
+        except (ValueError, OSError):
+            pass
+    return tuple(out)
 
 
 class Adam:
@@ -100,15 +166,20 @@ class _Bar:
 
 
 def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs,
-              free_bits=None, estimator=None):
+              free_bits=None, estimator=None, signums=()):
     """One shuffled pass of minibatches, each step one core call on n_jobs threads (free_bits:
     None or T floats; estimator: None or HVAE.estimator's dict). Returns the epoch's mean loss
     and terms.
 
+    A step (its noise from the model's Generator, the update of parameters and Adam moments, the
+    step counter) happens under the model's lock with the signals ``signums`` deferred, so it
+    is done wholly or not at all: a step that raises leaves the Generator as it was.
+
     Raises FloatingPointError on a non-finite loss or gradient (parameters untouched by that step).
     """
     n = len(X)
-    order = model._rng.permutation(n)
+    with model._lock, _Deferred(signums):
+        order = model._rng.permutation(n)
     steps = (n + batch_size - 1) // batch_size
     grad = np.empty(model.n_params, model.dtype)
     opt = model.optimizer_
@@ -117,11 +188,19 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoc
     for s in range(steps):
         idx = order[s * batch_size:(s + 1) * batch_size]
         xb = X[idx]
-        eps = model.draw_eps(len(idx) * (estimator["k"] if estimator else 1))
-        b = warmup_beta(beta, warmup_epochs, opt.step, steps, warmup_delay)
-        loss, terms, ok = opt.train_step(model._core, model.params, grad, xb,
-                                         None if model.deterministic else eps, b, n_jobs,
-                                         free_bits, estimator)
+        with model._lock, _Deferred(signums):
+            state = model._rng.bit_generator.state
+            try:
+                eps = model.draw_eps(len(idx) * (estimator["k"] if estimator else 1))
+                b = warmup_beta(beta, warmup_epochs, opt.step, steps, warmup_delay)
+                loss, terms, ok = opt.train_step(model._core, model.params, grad, xb,
+                                                 None if model.deterministic else eps, b, n_jobs,
+                                                 free_bits, estimator)
+                if not ok:
+                    model._rng.bit_generator.state = state
+            except BaseException:
+                model._rng.bit_generator.state = state
+                raise
         if not ok:
             what = "loss" if not np.isfinite(loss) else "gradient"
             raise FloatingPointError(
@@ -145,7 +224,8 @@ def validation_loss(model, X, rows=4096):
         return float(-np.mean(model.elbo(X)))
     total = 0.0
     for start in range(0, len(X), rows):
-        _, terms, _ = model._core.forward(model.params, X[start:start + rows])
+        with model._lock:
+            _, terms, _ = model._core.forward(model.params, X[start:start + rows])
         total += float(terms.sum())
     return total / len(X)
 
@@ -273,10 +353,18 @@ def fit(model, X, *, validation_data=None, progress=True, checkpoint=None, callb
         raise ValueError("X: expected at least one row, got an empty array")
     if X_val is not None and len(X_val) == 0:
         raise ValueError("validation_data: expected at least one row, got an empty array")
+    for name in ("lr", "beta"):  # also within the model's precision (1e300 is inf in float32)
+        with np.errstate(over="ignore"):
+            fits = np.isfinite(model.dtype_type(settings[name]))
+        if not fits:
+            raise ValueError(f"{name}: expected a finite number >= 0 (in {model.dtype}), got "
+                             f"{settings[name]!r}")
     if checkpoint is not None:
-        path = os.fspath(checkpoint)
-        if os.path.isdir(path):
+        path = os.fsdecode(os.fspath(checkpoint)) if isinstance(
+            checkpoint, (str, bytes, os.PathLike)) else checkpoint
+        if isinstance(path, str) and path and os.path.isdir(path):
             raise ValueError(f"checkpoint: {path} is a directory; expected a file path")
+        destination(path, "checkpoint")  # not "", not a FIFO, a device...
     if callbacks is not None:
         given_cbs = callbacks
         callbacks = list(given_cbs) if isinstance(given_cbs, (list, tuple)) else None
@@ -286,8 +374,26 @@ def fit(model, X, *, validation_data=None, progress=True, checkpoint=None, callb
     if patience and X_val is None:
         raise ValueError("patience: early stopping needs validation_data")
     n_jobs = resolve_n_jobs(n_jobs)
+    with model._lock:
+        if model._fit_thread is not None:
+            raise RuntimeError(
+                "fit: this model is being trained by another call of fit or partial_fit (thread "
+                f"{model._fit_thread}); one model trains in one call at a time (copy.deepcopy "
+                "it to train a copy)")
+        model._fit_thread = threading.get_ident()
+    try:
+        return _fit(model, X, X_val, settings, overrides, progress, checkpoint, callbacks,
+                    n_jobs, stop_after, restart)
+    finally:
+        model._fit_thread = None
+
+
+def _fit(model, X, X_val, settings, overrides, progress, checkpoint, callbacks, n_jobs,
+         stop_after, restart):
+    patience = settings["patience"]
     if restart:
-        model._restart()
+        with model._lock:  # a new run's state, all of it at once
+            model._restart()
     done = len(model.history_)
     last = settings["epochs"] if stop_after is None else stop_after
     for message in notes(model, settings, overrides, stop_after is None):
@@ -295,7 +401,7 @@ def fit(model, X, *, validation_data=None, progress=True, checkpoint=None, callb
     model.train_config_.update(settings)
     estimator = model.estimator(settings["objective"], settings["k"], settings["gradient"])
     if checkpoint is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(os.path.dirname(destination(checkpoint, "checkpoint")), exist_ok=True)
     model._ensure_optimizer()
     batch_size = min(int(settings["batch_size"]), len(X))
     steps = (len(X) + batch_size - 1) // batch_size
@@ -310,24 +416,26 @@ def fit(model, X, *, validation_data=None, progress=True, checkpoint=None, callb
             bar.set_description(f"epoch {epoch + 1}")
             model.optimizer_.lr = epoch_lr(settings, epoch)
             t0 = time.perf_counter()
+            signums = handled_signals()  # once an epoch: a callback may install a handler
             record = run_epoch(model, X, batch_size, settings["beta"],
                                settings["kl_warmup_epochs"], settings["kl_warmup_delay"], bar,
-                               epoch, n_jobs, settings["free_bits"], estimator)
+                               epoch, n_jobs, settings["free_bits"], estimator, signums)
             record["epoch"] = epoch + 1
             record["lr"] = model.optimizer_.lr
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
             record["seconds"] = time.perf_counter() - t0
-            model.history_.append(record)
             stop = False
-            if patience:
-                if best is None or record["val_loss"] < best[0]:
-                    best = (record["val_loss"], epoch + 1, model.params.copy())
-                model.best_ = best
-                if epoch + 1 - best[1] >= patience:  # early stop: the run ends here
-                    stop = True
-                    model.train_config_["epochs"] = epoch + 1
-            if checkpoint is not None:
-                model.save(checkpoint)
+            with _Deferred(signums):  # Ctrl-C waits for the record and its checkpoint
+                model.history_.append(record)
+                if patience:
+                    if best is None or record["val_loss"] < best[0]:
+                        best = (record["val_loss"], epoch + 1, model.params.copy())
+                    model.best_ = best
+                    if epoch + 1 - best[1] >= patience:  # early stop: the run ends here
+                        stop = True
+                        model.train_config_["epochs"] = epoch + 1
+                if checkpoint is not None:
+                    model.save(checkpoint)
             for cb in callbacks or ():
                 stop = cb(model, record) is True or stop
             if stop:

@@ -383,3 +383,308 @@ def test_adam_and_vecmath_fuzz(data):
             else np.float64  # float32 in either byte order stays float32
         same(out, _core._vecmath(op, canonical(a, want_dt)))
         assert out.shape == a.shape
+
+
+# ----------------------------------------------------------------------------------------------
+# hostile objects: __index__ / __float__ / __array__ that change the other arguments while the
+# binding converts them (the binding converts everything, then checks the buffers it writes)
+
+
+class Boom(Exception):
+    """Raised by a hostile object itself: passed through unchanged (it is the caller's)."""
+
+
+class Hostile:
+    """An integer / float / array-like whose conversion runs ``action`` first."""
+
+    def __init__(self, value, action):
+        self.value, self.action = value, action
+
+    def __index__(self):
+        self.action()
+        return int(self.value)
+
+    def __float__(self):
+        self.action()
+        return float(self.value)
+
+    def __array__(self, dtype=None, copy=None):
+        self.action()
+        return np.asarray(self.value, dtype=dtype)
+
+
+def hostile_call(f, *args, **kwargs):
+    try:
+        return f(*args, **kwargs), True
+    except Boom:
+        return None, False
+    except BaseException as exc:  # noqa: B902
+        check_error(exc)
+        return None, False
+
+
+@st.composite
+def actions(draw, victims):
+    """A callable that does something nasty to one of ``victims`` (arrays and lists)."""
+    v = victims[draw(st.integers(0, len(victims) - 1))]
+    how = draw(st.integers(0, 5))
+    if isinstance(v, list):
+        return [lambda: v.clear(), lambda: v.append(3), lambda: v.pop() if v else None,
+                lambda: v.insert(0, [1]), lambda: None, lambda: v.extend([2] * 40)][how]
+    size = draw(st.sampled_from([0, 1, 7, 10 ** 5]))
+
+    def resize():
+        v.resize(size, refcheck=False)
+
+    def reshape():
+        if v.size:
+            v.shape = (v.size,)
+
+    def boom():
+        raise Boom
+
+    def restride():
+        if v.ndim and v.shape[0] > 1:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                v.strides = (0,) + v.strides[1:]
+
+    return [resize, reshape, boom, restride, lambda: None, resize][how]
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_hostile_conversions_fuzz(data):
+    """A hostile scalar or array argument of forward / train_step / encode / decode /
+    adam_update resizes, reshapes or restrides another argument: a named error or a result,
+    never a crash (make sanitize runs this under ASan)."""
+    draw = data.draw
+    m, dt, lat, D, P = draw(PICK_MODEL)
+    B = draw(st.integers(1, 3))
+    bufs = [np.zeros(P, dt) for _ in range(4)]
+    x = np.ones((B, D), dt)
+    eps = [np.zeros((B, d), dt) for d in lat]
+    act = draw(actions([*bufs, x, eps, *eps]))
+    value = draw(st.sampled_from([1, 0.5, 2]))
+    h = Hostile(value, act)
+    which = draw(st.integers(0, 5))
+    if which == 0:
+        slot = draw(st.sampled_from(["beta", "lr", "beta1", "beta2", "adam_eps", "threads",
+                                     "step"]))
+        kw = {slot: h} if slot != "step" else {}
+        hostile_call(m.train_step, *bufs, x, eps, h if slot == "step" else 1, **kw)
+    elif which == 1:
+        eps2 = list(eps)
+        if eps2:
+            eps2[draw(st.integers(0, len(eps2) - 1))] = Hostile(eps2[0], act)
+        hostile_call(m.train_step, *bufs, Hostile(x, act) if draw(FLAG) else x, eps2, 1)
+    elif which == 2:
+        slot = draw(st.sampled_from(["beta", "threads", "log_weight"]))
+        hostile_call(m.forward, bufs[0], x, None, eps, grad=bufs[3], **{slot: h})
+    elif which == 3:
+        hostile_call(m.forward, bufs[0], Hostile(x, act), None,
+                     [Hostile(e, act) for e in eps], grad=bufs[3])
+    elif which == 4:
+        hostile_call(m.encode, bufs[0], x, [Hostile(e, act) for e in eps])
+        hostile_call(m.decode, bufs[0], np.zeros((B, lat[-1]), dt), level=h,
+                     temperature=Hostile(0.5, act))
+    else:
+        hostile_call(_core.adam_update, *bufs[:3], Hostile(bufs[3], act), h, lr=h)
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_hostile_model_description_fuzz(data):
+    """__index__ of a dimension empties, grows or changes the lists being read."""
+    draw = data.draw
+    latent = [2, 3, 2][:draw(st.integers(1, 3))]
+    hidden = [[4] for _ in latent]
+    victims = [latent, hidden, *hidden]
+    act = draw(actions(victims))
+    target = draw(st.integers(0, 2))
+    if target == 0:
+        latent[draw(st.integers(0, len(latent) - 1))] = Hostile(2, act)
+    elif target == 1:
+        hidden[draw(st.integers(0, len(hidden) - 1))][0] = Hostile(3, act)
+    x_dim = Hostile(4, act) if target == 2 else 4
+    model, ok = hostile_call(_core.Model, x_dim, latent, hidden)
+    if ok:
+        assert model.n_params > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# signals at random moments of a step, concurrent saves, special files (bounded in time)
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import stat  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import hvae  # noqa: E402
+
+
+def _binary(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, d)) < 0.4).astype(np.float32)
+
+
+def _stopped_after(steps_done, X, epochs, fit):
+    """A model of the same run stopped cleanly after steps_done steps, the reference."""
+    ref = hvae.HVAE(12, [4, 2], [[8], [5]], seed=3)
+    calls = [0]
+    draw = ref.draw_eps
+
+    def counting(batch):
+        calls[0] += 1
+        if calls[0] > steps_done:
+            raise KeyboardInterrupt
+        return draw(batch)
+
+    ref.draw_eps = counting
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref.fit(X, epochs=epochs, **fit)
+    del ref.draw_eps
+    return ref
+
+
+class UserSignal(Exception):
+    pass
+
+
+def _raise_user(signum, frame):
+    raise UserSignal
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signals need the main thread")
+def test_signals_at_random_moments_of_a_step():
+    """SIGINT (KeyboardInterrupt) or SIGUSR1 with a handler that raises, at a random moment:
+    the model is then exactly a model stopped cleanly after its last counted step (parameters,
+    Adam moments, counter, Generator)."""
+    X, fit = _binary(400, 12), dict(batch_size=20, progress=False)
+    spe = 20
+    rng = np.random.default_rng(0)
+    main = threading.main_thread().ident
+    old = signal.signal(signal.SIGUSR1, _raise_user)
+    checked, t_end = 0, time.monotonic() + 4
+    try:
+        while time.monotonic() < t_end or checked < 3:
+            sig = signal.SIGINT if rng.random() < 0.6 else signal.SIGUSR1
+            m = hvae.HVAE(12, [4, 2], [[8], [5]], seed=3)
+            timer = threading.Timer(float(rng.uniform(0.001, 0.04)), signal.pthread_kill,
+                                    (main, sig))
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    timer.start()
+                    m.fit(X, epochs=10 ** 6, **fit)
+            except (KeyboardInterrupt, UserSignal):
+                pass
+            finally:
+                timer.join()
+            s = 0 if m.optimizer_ is None else m.optimizer_.step
+            if s == 0:
+                continue
+            ref = _stopped_after(s, X, 10 ** 6, fit)
+            np.testing.assert_array_equal(m.params, ref.params)
+            np.testing.assert_array_equal(m.optimizer_.m, ref.optimizer_.m)
+            np.testing.assert_array_equal(m.optimizer_.v, ref.optimizer_.v)
+            assert m.optimizer_.step == ref.optimizer_.step
+            if s % spe:  # mid-epoch: the Generator where the last step left it
+                assert m._rng.bit_generator.state == ref._rng.bit_generator.state
+                assert len(m.history_) == len(ref.history_)
+            checked += 1
+            if checked > 40:
+                break
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_concurrent_saves_and_copies_are_whole_steps(tmp_path):
+    """While fit runs in a thread, saves, deepcopies and pickles from another: each holds the
+    state after some step, bit for bit."""
+    import copy
+    import pickle
+
+    X, fit = _binary(300, 12, seed=1), dict(batch_size=10, progress=False)
+    ref = hvae.HVAE(12, [4, 2], [[8], [5]], seed=3)
+    ref._ensure_optimizer()
+    real = ref.optimizer_.train_step
+    trajectory = {0: (ref.params.copy(), ref.optimizer_.m.copy())}
+
+    def recording(*a, **k):
+        out = real(*a, **k)
+        trajectory[ref.optimizer_.step] = (ref.params.copy(), ref.optimizer_.m.copy())
+        return out
+
+    ref.optimizer_.train_step = recording
+    ref.fit(X, epochs=20, **fit)
+    m = hvae.HVAE(12, [4, 2], [[8], [5]], seed=3)
+    m._ensure_optimizer()
+    t = threading.Thread(target=m.fit, args=(X,), kwargs=dict(epochs=20, **fit))
+    rng = np.random.default_rng(0)
+    got = []
+    t.start()
+    while t.is_alive() and len(got) < 150:
+        how = rng.integers(3)
+        if how == 0:
+            p = tmp_path / f"s{len(got)}.npz"
+            m.save(p)
+            got.append(hvae.load(p))
+        elif how == 1:
+            got.append(copy.deepcopy(m))
+        else:
+            got.append(pickle.loads(pickle.dumps(m)))
+    t.join(120)
+    for r in got:
+        params, mom = trajectory[r.optimizer_.step]
+        np.testing.assert_array_equal(r.params, params)
+        np.testing.assert_array_equal(r.optimizer_.m, mom)
+    assert got
+
+
+def test_special_files_fuzz(tmp_path):
+    """save to a random kind of destination: a regular file, a new name, links (chains,
+    dangling) to those, FIFOs, directories, /dev/null. Either the target is a checkpoint that
+    loads and every link is still a link, or a ValueError and nothing changed."""
+    m = hvae.HVAE(12, [4], [[6]], seed=0)
+    rng = np.random.default_rng(0)
+    kinds = ["file", "new", "fifo", "dir", "devnull"]
+    for k in range(60):
+        base = tmp_path / f"case{k}"
+        base.mkdir()
+        kind = kinds[rng.integers(len(kinds))]
+        target = base / "target"
+        if kind == "file":
+            target.write_bytes(b"old")
+        elif kind == "fifo":
+            os.mkfifo(target)
+        elif kind == "dir":
+            target.mkdir()
+        elif kind == "devnull":
+            target = type(base)(os.devnull)
+        links = int(rng.integers(0, 3))
+        dest = target
+        for j in range(links):
+            link = base / f"link{j}"
+            link.symlink_to(dest)
+            dest = link
+        before = {p: (p.is_symlink(), stat.S_IFMT(os.lstat(p).st_mode)) for p in base.iterdir()}
+        try:
+            m.save(dest)
+        except ValueError as exc:
+            assert kind in ("fifo", "dir", "devnull"), exc
+            assert str(exc).startswith(f"path: {dest}"), exc
+            after = {p: (p.is_symlink(), stat.S_IFMT(os.lstat(p).st_mode))
+                     for p in base.iterdir()}
+            assert after == before
+        else:
+            assert kind in ("file", "new"), kind
+            np.testing.assert_array_equal(hvae.load(dest).params, m.params)
+            assert os.path.isfile(target) and not os.path.islink(target)
+            for p, (was_link, _) in before.items():
+                assert p.is_symlink() == was_link
+        assert not list(base.glob(".*.tmp"))
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)

@@ -16,7 +16,6 @@ argument, so a check whose data has three columns needs x_dim=3). Those left out
 - check_methods_sample_order_invariance, check_methods_subset_invariance,
   check_pipeline_consistency: score_samples and score are importance-sampled estimates that
   draw fresh noise from the model's stream on every call, so they differ between calls.
-- check_estimators_pickle: pickle is not supported yet.
 - check_array_api_input: no array API support (NumPy arrays only).
 """
 import subprocess
@@ -202,7 +201,7 @@ def test_grid_search_over_latent_dims(digits):
     assert grid.estimator.history_ == [] and grid.estimator.latent_dims == [2]
 
 
-# (check, x_dim: the width of the data the check generates)
+# (check, x_dim: the width of the data the check generates[, the check's keyword arguments])
 CHECKS = [
     ("check_estimator_cloneable", 3), ("check_estimator_tags_renamed", 3),
     ("check_valid_tag_types", 3), ("check_estimator_repr", 3), ("check_mixin_order", 3),
@@ -218,7 +217,8 @@ CHECKS = [
     ("check_estimators_dtypes", 5), ("check_transformers_unfitted_stateless", 5),
     ("check_fit2d_1sample", 10), ("check_fit2d_1feature", 1),
     ("check_estimator_sparse_tag", 3), ("check_estimator_sparse_array", 3),
-    ("check_estimator_sparse_matrix", 3),
+    ("check_estimator_sparse_matrix", 3), ("check_estimators_pickle", 3),
+    ("check_estimators_pickle", 3, {"readonly_memmap": True}),
 ]
 
 
@@ -228,8 +228,10 @@ def checked(x_dim, warm_start):
 
 
 @pytest.mark.parametrize("warm_start", [False, True])
-@pytest.mark.parametrize("check, x_dim", CHECKS, ids=[c for c, _ in CHECKS])
+@pytest.mark.parametrize("check", CHECKS, ids=[c[0] + ("[readonly_memmap]" if c[2:] else "")
+                                               for c in CHECKS])
 # set_params rebuilds the model, so a refused value is refused there, not in a later fit
 @pytest.mark.filterwarnings("ignore:.*It is recommended to delay parameter validation")
-def test_estimator_check(check, x_dim, warm_start):
-    getattr(estimator_checks, check)("HVAE", checked(x_dim, warm_start))
+def test_estimator_check(check, warm_start):
+    name, x_dim, kwargs = (*check, {})[:3]
+    getattr(estimator_checks, name)("HVAE", checked(x_dim, warm_start), **kwargs)

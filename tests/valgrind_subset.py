@@ -139,7 +139,53 @@ def main():
             v = np.linspace(-100, 100, 37).astype(dt)
             _core._vecmath(op, v)
             _core._vecmath(op, v[::3])
+    hostile(_core.Model(4, [2, 2], [[3], []]))
     print("ok", len(models) + len(autoencoders) + len(top_down), "models")
+
+
+class _Resizes:
+    """A number whose __float__ / __index__ resizes an array first (refused, never read)."""
+
+    def __init__(self, victim, value):
+        self.victim, self.value = victim, value
+
+    def __float__(self):
+        self.victim.resize(1, refcheck=False)
+        return float(self.value)
+
+    def __index__(self):
+        self.victim.resize(1, refcheck=False)
+        return int(self.value)
+
+
+def hostile(m):
+    """Conversions that change other arguments: dims lists emptied by __index__, buffers
+    resized by __float__ (train_step, adam_update), x resized by eps's conversion."""
+    dims = []
+
+    class Shrink:
+        def __index__(self):
+            dims.clear()
+            return 2
+
+    dims.extend([Shrink(), 2])
+    _core.Model(4, dims, [[], []])
+    P, dt, D = m.n_params, m.dtype, 4
+    for k in range(4):
+        bufs = [np.zeros(P, dt) for _ in range(4)]
+        x = np.ones((3, D), dt)
+        eps = [np.zeros((3, 2), dt), np.zeros((3, 2), dt)]
+        for call in (lambda: m.train_step(*bufs, x, eps, 1, beta=_Resizes(bufs[k], 0.5)),
+                     lambda: m.train_step(*bufs, x, eps, _Resizes(bufs[k], 1)),
+                     lambda: _core.adam_update(*bufs[:3], bufs[3], 1, lr=_Resizes(bufs[k], 0)),
+                     lambda: m.forward(bufs[0], x, None, [_Resizes(x, 0)], grad=bufs[3])):
+            try:
+                call()
+            except (TypeError, ValueError):
+                pass
+            for b in bufs:
+                b.resize(P, refcheck=False)
+            x.resize((3, D), refcheck=False)
 
 
 if __name__ == "__main__":
