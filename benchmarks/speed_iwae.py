@@ -98,6 +98,14 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=0.3, help="seconds of warm-up per case")
     p.add_argument("--settle", type=float, default=0.1,
                    help="seconds idle before each block with 2+ threads")
+    p.add_argument("--step-lr", type=float, default=0.0,
+                   help="Adam's learning rate in the timed steps: 0 does the same arithmetic "
+                        "and keeps the parameters at their initialisation, so every block times "
+                        "the same work (training moves the importance weights into float32's "
+                        "subnormal range, which slows hvae's core: see --drift-steps)")
+    p.add_argument("--drift-steps", type=int, default=20,
+                   help="training steps (lr 1e-3) on the pool before the subnormal section "
+                        "times hvae (with and without flush-to-zero) and the twin (0: skipped)")
     p.add_argument("--gemm-size", type=int, default=2048,
                    help="n of the n^3 SGEMM of the core's OpenBLAS that measures the peak")
     p.add_argument("--torch-adam", choices=("default", "foreach", "fused"), default="default",
@@ -125,7 +133,7 @@ def parse_args(argv=None):
     p.add_argument("--phase-examples", type=int, default=10,
                    help="test examples (at --full-k) on which the phases are timed")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=("steps", "breakdown", "eval", "full", "phases"),
+                   choices=("steps", "breakdown", "drift", "eval", "full", "phases"),
                    help="sections to leave out")
     p.add_argument("--data", type=Path,
                    default=Path(os.environ.get("HVAE_DATA", ROOT.parent / "shared" / "data"))
@@ -146,7 +154,7 @@ def parse_args(argv=None):
         args.ks = [5] if args.quick else [5, 50]
     if args.quick:
         args.threads, args.passes, args.repeats = [1], 1, 2
-        args.gemm_size = 512
+        args.gemm_size, args.drift_steps = 512, 3
         args.min_time, args.warmup, args.settle = 0.01, 0.01, 0.0
         args.eval_examples, args.eval_repeats = 2, 1
         if args.full_examples is None:
@@ -340,7 +348,7 @@ def guard_eval(model, X, k, seed):
 # ----------------------------------------------------------------------------------------------
 # the training step
 
-def hvae_stepper(m, pool, k, threads):
+def hvae_stepper(m, pool, k, threads, lr=LR):
     """step(): one fused IWAE training step of hvae on the next batch of the pool."""
     g = np.empty_like(m.params)
     m1, m2 = np.zeros_like(g), np.zeros_like(g)
@@ -348,15 +356,17 @@ def hvae_stepper(m, pool, k, threads):
 
     def step():
         x, eps = next(batches)
-        m._core.train_step(m.params, m1, m2, g, x, eps, next(count), lr=LR, threads=threads,
+        m._core.train_step(m.params, m1, m2, g, x, eps, next(count), lr=lr, threads=threads,
                            objective="iwae", k=k, gradient="standard")
     return step
 
 
-def torch_stepper(m, pool, k, share, adam):
+def torch_stepper(m, pool, k, share, adam, lr=LR):
     """step(): one PyTorch IWAE training step of a twin on the next batch of the pool."""
     net = TorchIWAE(m)
     opt = speed.torch_adam(net, adam)
+    for group in opt.param_groups:
+        group["lr"] = lr
     batches = itertools.cycle([to_torch(x, eps) for x, eps in pool])
 
     def step():
@@ -364,6 +374,7 @@ def torch_stepper(m, pool, k, share, adam):
         opt.zero_grad(set_to_none=True)
         net.iwae_loss(x, eps, k, share).backward()
         opt.step()
+    step.net = net
     return step
 
 
@@ -383,10 +394,11 @@ def measure_steps(args, data, peaks):
         for name, k, th in cases:
             pool = iwae_pool(data, make_model(name, "float32", args.seed), args.batch, k,
                              args.seed)
-            steps = {"hvae": hvae_stepper(make_model(name, "float32", args.seed), pool, k, th)}
+            steps = {"hvae": hvae_stepper(make_model(name, "float32", args.seed), pool, k, th,
+                                          args.step_lr)}
             for twin in peers:
                 steps[twin] = torch_stepper(make_model(name, "float32", args.seed), pool, k,
-                                            twin == "shared", args.torch_adam)
+                                            twin == "shared", args.torch_adam, args.step_lr)
             if torch is not None:
                 torch.set_num_threads(th)
             with threadpoolctl.threadpool_limits(th, user_api="blas"):
@@ -505,7 +517,7 @@ def measure_breakdown(args, data, peaks):
 
             steps = {"hvae fwd": h_fwd, "hvae fwd+bwd": h_bwd,
                      "hvae step": hvae_stepper(make_model(name, "float32", args.seed), pool, k,
-                                               1)}
+                                               1, args.step_lr)}
             if torch is not None:
                 net = TorchIWAE(m)
                 tpool = itertools.cycle([to_torch(x, eps) for x, eps in pool])
@@ -520,7 +532,8 @@ def measure_breakdown(args, data, peaks):
 
                 steps.update({"torch fwd": t_fwd, "torch fwd+bwd": t_bwd,
                               "torch step": torch_stepper(make_model(name, "float32", args.seed),
-                                                          pool, k, True, args.torch_adam)})
+                                                          pool, k, True, args.torch_adam,
+                                                          args.step_lr)})
                 torch.set_num_threads(1)
             with threadpoolctl.threadpool_limits(1, user_api="blas"):
                 sec = speed.time_interleaved(steps, {s: args.repeats for s in steps},
@@ -537,6 +550,81 @@ def measure_breakdown(args, data, peaks):
                              f"{both / b / 1e9:.1f} ({both / b / 1e9 / peaks[1]:.0%})"])
                 print("    breakdown  " + "  ".join(map(str, rows[-1])), flush=True)
     return rows
+
+
+def subnormal_share(m, pool, k):
+    """Fraction of the pool's normalised importance weights (softmax over each example's k
+    log weights, computed in float64) below float32's smallest normal number."""
+    tiny, small, total = np.finfo(np.float32).tiny, 0, 0
+    for x, eps in pool:
+        _, _, lw = m._core.forward(m.params, x, None, eps, log_weight=True, objective="iwae",
+                                   k=k, threads=1)
+        lw = lw.astype(np.float64).reshape(-1, k)
+        w = np.exp(lw - lw.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        small, total = small + int(np.sum(w < tiny)), total + w.size
+    return small / total
+
+
+def measure_drift(args, data):
+    """After drift_steps training steps (lr 1e-3) on the pool, from the same initialisation for
+    hvae and the encoder-shared twin: one thread each, the step time (at lr 0) of hvae, of hvae
+    with the calling thread's flush-to-zero / denormals-are-zero on (torch.set_flush_denormal,
+    which sets the thread's MXCSR; with threads=1 the core runs on that thread), and of the twin.
+    Subnormal importance weights scale rows of the backward's buffers into the subnormal range,
+    and x86 arithmetic on subnormals is slow."""
+    rows = []
+    for name in args.models:
+        for k in args.ks:
+            pool = iwae_pool(data, make_model(name, "float32", args.seed), args.batch, k,
+                             args.seed)
+            m = make_model(name, "float32", args.seed)
+            before = subnormal_share(m, pool, k)
+            with threadpoolctl.threadpool_limits(1, user_api="blas"):
+                train = hvae_stepper(m, pool, k, 1)
+                for _ in range(args.drift_steps):
+                    train()
+                after = subnormal_share(m, pool, k)
+                plain = hvae_stepper(m, pool, k, 1, 0.0)
+
+                def flushed(step):
+                    def run():
+                        torch.set_flush_denormal(True)
+                        try:
+                            step()
+                        finally:
+                            torch.set_flush_denormal(False)
+                    return run
+
+                steps = {"hvae": plain, "hvae, FTZ/DAZ": flushed(plain)}
+                if torch is not None:
+                    torch.set_num_threads(1)
+                    twin = make_model(name, "float32", args.seed)
+                    net_step = torch_stepper(twin, pool, k, True, args.torch_adam)
+                    for _ in range(args.drift_steps):
+                        net_step()
+                    # the twin's trained parameters back into an hvae model, then timed at lr 0
+                    twin.params[:] = net_step.net.flat()
+                    after = f"{after:.0%} (torch-trained: {subnormal_share(twin, pool, k):.0%})"
+                    steps["torch"] = torch_stepper(twin, pool, k, True, args.torch_adam, 0.0)
+                    steps["torch, FTZ/DAZ"] = flushed(steps["torch"])
+                sec = speed.time_interleaved(steps, {s: args.repeats for s in steps},
+                                             args.min_time, args.warmup, 0.0)
+            rows.append([name, k, args.drift_steps, f"{before:.0%}",
+                         after if isinstance(after, str) else f"{after:.0%}",
+                         ms(sec["hvae"]), ms(sec["hvae, FTZ/DAZ"]),
+                         f"{sec['hvae'] / sec['hvae, FTZ/DAZ']:.2f}x",
+                         ms(sec.get("torch")), ms(sec.get("torch, FTZ/DAZ")),
+                         speed.ratio(sec.get("torch"), sec["hvae"]),
+                         speed.ratio(sec.get("torch, FTZ/DAZ"), sec["hvae, FTZ/DAZ"])])
+            print("    subnormal  " + "  ".join(map(str, rows[-1])), flush=True)
+    return rows
+
+
+DRIFT_HEADERS = ["model", "k", "training steps", "weights < float32 tiny at init",
+                 "after training", "hvae ms/step", "hvae FTZ/DAZ ms/step", "slowdown",
+                 "torch encoder shared ms/step", "torch FTZ/DAZ ms/step", "hvae / torch",
+                 "hvae / torch, both FTZ/DAZ"]
 
 
 BREAKDOWN_HEADERS = ["model", "k", "implementation", "forward ms (% GEMM peak)",
@@ -613,7 +701,7 @@ def measure_full(args, model, X):
         hh, mm = map(int, args.deadline.split(":"))
         now = time.localtime()
         deadline = time.mktime(now[:3] + (hh, mm, 0) + now[6:])
-    done, est, t0 = 0, [], time.perf_counter()
+    done, est, t0, chunk_rates = 0, [], time.perf_counter(), []
     with threadpoolctl.threadpool_limits(args.full_jobs, user_api="blas"):
         while done < n:
             if deadline is not None and time.time() >= deadline:
@@ -621,8 +709,10 @@ def measure_full(args, model, X):
                       flush=True)
                 break
             c = min(args.full_chunk, n - done)
+            tc = time.perf_counter()
             est.append(model.log_likelihood(X[done:done + c], k=args.full_k,
                                             n_jobs=args.full_jobs))
+            chunk_rates.append(c * args.full_k / (time.perf_counter() - tc))
             done += c
             sec = time.perf_counter() - t0
             print(f"    full split: {done} / {len(X)} examples, {sec:.1f} s, "
@@ -631,7 +721,7 @@ def measure_full(args, model, X):
     ll = np.concatenate(est) if est else np.empty(0)
     return dict(examples=done, of=len(X), sec=sec, rate=done * args.full_k / sec,
                 split_sec=sec * len(X) / max(done, 1), mean=float(ll.mean()) if done else None,
-                measured=done == len(X))
+                measured=done == len(X), chunk_rates=chunk_rates)
 
 
 def time_phases(args, model, X, threads):
@@ -664,6 +754,34 @@ def time_phases(args, model, X, threads):
     return t, len(X) * k
 
 
+def pipelined_rate(args, model, X, threads):
+    """samples/s of iwae_bound's loop for X at full_k (chunks of 4096) with the noise of the
+    next chunk drawn on a second Python thread while the core computes this one (NumPy's
+    Generator and the core both release the GIL): what overlapping the serial noise drawing
+    would give. Not hvae's code: a what-if timed from Python, the same numbers of samples."""
+    from concurrent.futures import ThreadPoolExecutor
+    k, rows = args.full_k, 4096
+    sizes = [min(rows, k - d) for d in range(0, k, rows)] * len(X)
+    owners = [i for i in range(len(X)) for _ in range(len(sizes) // len(X))]
+    lse = [[-np.inf, 0.0] for _ in X]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(model.draw_eps, sizes[0])
+        for c, (n, i) in enumerate(zip(sizes, owners)):
+            eps = nxt.result()
+            if c + 1 < len(sizes):
+                nxt = pool.submit(model.draw_eps, sizes[c + 1])
+            _, _, lw = model._core.forward(model.params, X[i:i + 1], None, eps,
+                                           log_weight=True, objective="iwae", k=n,
+                                           threads=threads)
+            lw = lw.astype(np.float64)
+            acc_max, acc_sum = lse[i]
+            m = max(acc_max, float(lw.max()))
+            lse[i] = [m, acc_sum * np.exp(acc_max - m) + np.exp(lw - m).sum()]
+    sec = time.perf_counter() - t0
+    return len(X) * k / sec, sec
+
+
 def per_sample_flops(m):
     """GEMM FLOPs of one sample's forward when q(z_1 | x)'s MLP is shared (2*in*out for every
     layer but encoder 1's), and those of encoder 1 (once per example)."""
@@ -686,6 +804,9 @@ def measure_phases(args, model, X, blas, peaks):
     for th in sorted({1, args.full_jobs}):
         with threadpoolctl.threadpool_limits(th, user_api="blas"):
             t, samples = time_phases(args, model, X, th)
+        with threadpoolctl.threadpool_limits(th, user_api="blas"):
+            rate, sec = pipelined_rate(args, model, X, th)
+        overlap = [f"{rate:,.0f}", f"{sec * 10000 / len(X) / 60:.1f} min"]
         if th not in peaks:
             peaks[th] = speed.gemm_peak(blas, "float32", th, args.gemm_size)
         gf = own * samples / t["core"] / 1e9
@@ -695,7 +816,7 @@ def measure_phases(args, model, X, blas, peaks):
                      f"({t['rest'] / t['total']:.0%})", f"{samples / t['core']:,.0f}",
                      f"{gf:.1f} of {peaks[th]:.1f} ({gf / peaks[th]:.0%})",
                      f"{samples / t['eps']:,.0f}",
-                     f"{t['total'] * 10000 / len(X) / 60:.1f} min"])
+                     f"{t['total'] * 10000 / len(X) / 60:.1f} min", *overlap])
         print("    phases  " + "  ".join(map(str, rows[-1])), flush=True)
     return rows
 
@@ -704,9 +825,9 @@ def eval_accounting(args, model, x, blas, repeats=7):
     """Rows splitting the core's IWAE forward of one chunk (one example, 4096 samples, one
     thread) into the GEMMs of its layers (every layer but encoder 1's, at 4096 rows, timed
     alone through the core's OpenBLAS, cblas_sgemm), the core's own elementwise math on the
-    same numbers of elements (`_core._vecmath`: tanh of every hidden unit, softplus of the 784
-    Bernoulli logits), and the rest (bias adds, the Gaussian densities, the log weights,
-    copies)."""
+    same numbers of elements (`_core._vecmath` on cache-sized pieces: tanh of every hidden unit,
+    softplus of the 784 Bernoulli logits), and the rest (bias adds, the Gaussian densities, the
+    log weights, copies)."""
     rows = 4096
     rng = np.random.default_rng(args.seed)
     eps = [rng.standard_normal((rows, d)).astype(np.float32) for d in model.latent_dims]
@@ -726,8 +847,17 @@ def eval_accounting(args, model, x, blas, repeats=7):
                            and q.endswith(".weight"))
             if int(layer) < n_layers - 1:
                 n_tanh += w.shape[0]
-    tanh_in = rng.standard_normal(rows * n_tanh).astype(np.float32)
-    soft_in = rng.standard_normal(rows * model.x_dim).astype(np.float32) * 4
+    # the elementwise math on cache-resident pieces (as the core meets them, layer by layer
+    # on blocks of rows), 32768 elements a call, as many elements in all as the chunk has
+    piece = 1 << 15
+    tanh_in = rng.standard_normal(piece).astype(np.float32)
+    soft_in = rng.standard_normal(piece).astype(np.float32) * 4
+    n_tanh_calls = rows * n_tanh // piece
+    n_soft_calls = rows * model.x_dim // piece
+
+    def elementwise(op, a, calls):
+        for _ in range(calls):
+            hvae._core._vecmath(op, a)
 
     def run_gemms():
         for a, w, c in gemms:  # C (R, out) = A (R, in) W^T, row-major
@@ -741,9 +871,9 @@ def eval_accounting(args, model, x, blas, repeats=7):
             model.params, x, None, eps, log_weight=True, objective="iwae", k=rows, threads=1),
         "its GEMMs alone (cblas_sgemm, same shapes)": run_gemms,
         f"tanh of {n_tanh} hidden units per sample (core's vecmath)":
-            lambda: hvae._core._vecmath("tanh", tanh_in),
+            lambda: elementwise("tanh", tanh_in, n_tanh_calls),
         f"softplus of {model.x_dim} logits per sample (core's vecmath)":
-            lambda: hvae._core._vecmath("softplus", soft_in),
+            lambda: elementwise("softplus", soft_in, n_soft_calls),
         "drawing eps (HVAE.draw_eps, NumPy)": lambda: model.draw_eps(rows),
     }
     with threadpoolctl.threadpool_limits(1, user_api="blas"):
@@ -784,7 +914,8 @@ ACCOUNT_HEADERS = ["part (one chunk: 1 example x 4096 samples)", "ms", "of the c
 
 PHASE_HEADERS = ["threads", "samples/s", "drawing eps s (share)", "core forward s (share)",
                  "rest s (share)", "core alone samples/s", "core GFLOP/s of GEMM peak",
-                 "eps alone samples/s", "the split at this rate"]
+                 "eps alone samples/s", "the split at this rate",
+                 "what-if: eps overlapped, samples/s", "the split at that rate"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -816,8 +947,13 @@ def render(args, info, sections, warning):
     method = (
         "float32 throughout (the guards also in float64). **Training step**: one call of the "
         "core's fused `train_step(..., objective=\"iwae\", k=k, gradient=\"standard\", "
-        "threads=n)` (forward + backward + Adam, lr 1e-3), what `fit(objective=\"iwae\", k=k)` "
-        "calls; torch: `zero_grad` + the twin's loss + `backward` + `torch.optim.Adam.step` "
+        f"threads=n)` (forward + backward + Adam at lr {args.step_lr:g}"
+        + ("; the same arithmetic as at any lr, the parameters staying at their initialisation "
+           "so that every block times the same work: training drifts the importance weights "
+           "into float32's subnormal range, see the subnormal section" if args.step_lr == 0
+           else "")
+        + "), what `fit(objective=\"iwae\", k=k)` calls; torch: `zero_grad` + the twin's loss "
+        "+ `backward` + `torch.optim.Adam.step` (the same lr) "
         f"({args.torch_adam}), `torch.set_num_threads(n)`. The twins "
         "(`TorchIWAE` in speed_iwae.py, on torch_peer.py's `TorchHVAE` network) compute "
         "log w = log p(x|z_1) + sum_i log p(z_i|z_{i+1}) + log p(z_T) - sum_i log q(z_i|.) with "
@@ -938,6 +1074,21 @@ def main(argv=None):
                          "Adam + rest: the step minus forward + backward. % GEMM peak: the "
                          "phase's dense FLOPs (encoder 1 shared) at the 1-thread SGEMM peak."))
         publish()
+    if "drift" not in args.skip and args.drift_steps > 0 and torch is not None:
+        rows = section("drift", lambda: measure_drift(args, train))
+        sections.append(("Subnormal importance weights: a training step after training "
+                         "(float32, batch 100, one thread each)", DRIFT_HEADERS, rows,
+                         f"Both models trained {args.drift_steps} steps (Adam, lr 1e-3) from "
+                         "the same initialisation on the pool's batches, then timed at lr 0. "
+                         "'weights < float32 tiny': the share of the normalised importance "
+                         "weights (softmax over each example's k log weights) below "
+                         "1.18e-38. FTZ/DAZ: the same hvae step with the calling thread's "
+                         "flush-to-zero and denormals-are-zero bits set "
+                         "(`torch.set_flush_denormal(True)`, hvae on one thread so the core "
+                         "computes on that thread); the gap is the cost of subnormal "
+                         "arithmetic inside the core; torch FTZ/DAZ likewise for the twin "
+                         "(one intra-op thread, the calling thread)."))
+        publish()
     if "eval" not in args.skip:
         Xe = test[:args.eval_examples]
         if torch is not None:
@@ -963,7 +1114,11 @@ def main(argv=None):
                          f"images at k = {args.full_k}, batch_size 4096)", PHASE_HEADERS,
                          rows, f"GEMM FLOPs per sample {own:,} (encoder 1, {shared:,} "
                          "FLOPs, once per example and chunk). 'eps alone' and 'core alone': "
-                         "the samples/s each phase would allow by itself."))
+                         "the samples/s each phase would allow by itself. What-if: the same loop "
+                         "with the next chunk's eps drawn on a second Python thread while the "
+                         "core computes (NumPy's Generator and the core release the GIL) - not "
+                         "hvae's code (hvae/evaluation.py draws eps serially), timed here to "
+                         "show what the serial draw costs."))
         rows = section("batch_size", lambda: batch_size_sweep(args, model,
                                                              test[:args.phase_examples]))
         sections.append((f"log_likelihood's batch_size ({args.phase_examples} test images at "
@@ -987,7 +1142,10 @@ def main(argv=None):
                          [[full["examples"], f"{full['sec']:.1f}", f"{full['rate']:,.0f}",
                            f"{full['split_sec']:.0f} s ({full['split_sec'] / 60:.2f} min)",
                            "-" if full["mean"] is None else f"{full['mean']:.3f}", label]],
-                         None))
+                         f"samples/s of each call of {args.full_chunk} examples, in order: " +
+                         ", ".join(f"{r / 1e3:.0f}k" for r in full["chunk_rates"]) +
+                         f". Other processes took {shares['full']:.1%} of the CPU time during "
+                         "this section."))
         targets.extend(full_target(args, full))
         publish()
     print("\n" + publish(final=True))
