@@ -36,11 +36,16 @@ static void F(rows_sum)(real *a, int n, int k, int w) {
     }
 }
 
+/* Normalised weights below this are stored as 0: each example's largest weight is at least 1/k,
+ * so what the row would add to the gradient is below the rounding of the others, while weights
+ * in (or products reaching) the subnormal range slow every GEMM of the backward severalfold. */
+#define IW_MIN (REAL_EPSILON * REAL_EPSILON)
+
 /* The bound of n examples with k samples each: log w_r at beta from rec_r = -log p(x | z_1) and
  * lw_r = log p(x, z) - log q(z | x) at the samples, lwb_r = -rec_r + beta (lw_r + rec_r); then
  * per example L_b = log (1/k) sum_j exp(lwb_{bk+j}) (stable) and w (n k,) the normalised
- * weights softmax_j lwb (w may be lw: each row is read before it is written). Returns
- * -mean_b L_b, accumulated in double; not finite when a log-weight is not. */
+ * weights softmax_j lwb, 0 below IW_MIN (w may be lw: each row is read before it is written).
+ * Returns -mean_b L_b, accumulated in double; not finite when a log-weight is not. */
 static double F(iw_weights)(real *w, const real *lw, const real *rec, real beta, int n, int k) {
     double sum = 0;
     for (int b = 0; b < n; b++) {
@@ -61,7 +66,10 @@ static double F(iw_weights)(real *w, const real *lw, const real *rec, real beta,
             w[r0 + j] = (real)e; /* unnormalised for now */
             s += e;
         }
-        for (int j = 0; j < k; j++) w[r0 + j] = (real)((double)w[r0 + j] / s);
+        for (int j = 0; j < k; j++) {
+            const real wj = (real)((double)w[r0 + j] / s);
+            w[r0 + j] = wj < IW_MIN ? (real)0 : wj;
+        }
         sum += -(mx + log(s / k));
     }
     return sum / n;

@@ -14,6 +14,7 @@ typedef double real;
 #define F(name) name##_f64
 #define GEMM cblas_dgemm
 #define REAL_MAX DBL_MAX
+#define REAL_EPSILON DBL_EPSILON
 #define EXP exp
 #define LOG log
 #define LOG1P log1p
@@ -25,6 +26,7 @@ typedef float real;
 #define F(name) name##_f32
 #define GEMM cblas_sgemm
 #define REAL_MAX FLT_MAX
+#define REAL_EPSILON FLT_EPSILON
 #define EXP expf
 #define LOG logf
 #define LOG1P log1pf
