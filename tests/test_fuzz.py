@@ -522,31 +522,12 @@ import threading  # noqa: E402
 import time  # noqa: E402
 
 import hvae  # noqa: E402
+from test_state_safety import interrupted_reference  # noqa: E402
 
 
 def _binary(n, d, seed=0):
     rng = np.random.default_rng(seed)
     return (rng.random((n, d)) < 0.4).astype(np.float32)
-
-
-def _stopped_after(steps_done, X, epochs, fit):
-    """A model of the same run stopped cleanly after steps_done steps, the reference."""
-    ref = hvae.HVAE(12, [4, 2], [[8], [5]], seed=3)
-    calls = [0]
-    draw = ref.draw_eps
-
-    def counting(batch):
-        calls[0] += 1
-        if calls[0] > steps_done:
-            raise KeyboardInterrupt
-        return draw(batch)
-
-    ref.draw_eps = counting
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref.fit(X, epochs=epochs, **fit)
-    del ref.draw_eps
-    return ref
 
 
 class UserSignal(Exception):
@@ -587,7 +568,7 @@ def test_signals_at_random_moments_of_a_step():
             s = 0 if m.optimizer_ is None else m.optimizer_.step
             if s == 0:
                 continue
-            ref = _stopped_after(s, X, 10 ** 6, fit)
+            ref = interrupted_reference(s, X, 10 ** 6, **fit)
             np.testing.assert_array_equal(m.params, ref.params)
             np.testing.assert_array_equal(m.optimizer_.m, ref.optimizer_.m)
             np.testing.assert_array_equal(m.optimizer_.v, ref.optimizer_.v)
