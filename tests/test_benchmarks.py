@@ -24,14 +24,25 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
         pytest.skip(f"binarized_mnist.npz not found in {datasets.data_dir()} (set HVAE_DATA)")
     mnist = load_script("mnist")
     out = tmp_path / "mnist.md"
-    assert mnist.main(["--vae1", "--hvae2-mc", "--hvae2-topdown", "--vae1-iwae5", "--quick", "--output", str(out),
-                       "--checkpoint-dir", str(tmp_path)]) == 0
+    assert mnist.main(["--vae1", "--hvae2-mc", "--hvae2-topdown", "--vae1-iwae5", "--vae1-iwae50",
+                       "--hvae2-topdown-iwae", "--hvae5-topdown", "--free-bits", "0.1", "--quick",
+                       "--output", str(out), "--checkpoint-dir", str(tmp_path)]) == 0
     text = out.read_text()
     assert "| vae1 |" in text and "| hvae2-mc |" in text and "| hvae2-topdown |" in text
     assert "| vae1-iwae5 |" in text and "objective=iwae, k=5" in text
+    assert "| vae1-iwae50 |" in text and "objective=iwae, k=50" in text
+    assert "| hvae2-topdown-iwae |" in text and "| hvae5-topdown |" in text
     rows = json.loads((tmp_path / "mnist.md.json").read_text())
+    assert len(rows) == 7
     for r in rows.values():
         assert r["epochs"] == 2 and -800 < r["test_ll"] < 0 and r["test_ll"] >= r["test_elbo"] - 5
+        assert len(r["kl_levels"]) == len(r["active_units"]) == len(r["latent_dims"])
+        assert all(0 <= a <= d for a, d in zip(r["active_units"], r["latent_dims"]))
+        assert r["clock"] == "CPU"
+    assert rows["hvae5-topdown"]["latent_dims"] == [64, 32, 16, 8, 4]
+    # free bits go to the ELBO's models only (the IWAE bound has no per-level KL to floor)
+    assert "free bits 0.1" in rows["hvae5-topdown"]["kl"]
+    assert "free bits" not in rows["vae1-iwae5"]["kl"]
     assert (tmp_path / "vae1.npz").exists() and (tmp_path / "hvae2-mc.npz").exists()
     # the two-level model is the IWAE architecture (learned variance of p(z1|z2)) and waits
     # before its KL warm-up
