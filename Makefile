@@ -1,5 +1,5 @@
 # Makefile - every set-up step on a fresh machine: OpenBLAS (apt-get), the .venv, the editable
-# install with its dependency groups (test and docs), the in-place build of hvae._core; then the jobs.
+# install with its dependency groups (test, docs and mpi), the in-place build of hvae._core; then the jobs.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml setup.py | blas
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(filter scipy-openblas32,$(HVAE_BLAS_PKG)),env -u HVAE_BLAS_PKG) \
-	  $(PY) -m pip install -q -e ".[test,docs]"
+	  $(PY) -m pip install -q -e ".[test,docs,mpi]"
 	touch $@
 
 # the old library is unlinked first: a running process keeps its copy instead of seeing it change;

@@ -784,8 +784,9 @@ static int beta_arg(PyObject *obj, int tn, double *beta) {
 }
 
 /* free_bits: None (-> *present 0), or a sequence of T numbers >= 0, finite in the precision tn,
- * into out (T,) and out32 (T,). A tuple copy is read, so an item's conversion cannot change what
- * is being read. 0, or -1. */
+ * or -inf (a level never floored: what the data-parallel step gives a level whose whole batch
+ * is above its floor), into out (T,) and out32 (T,). A tuple copy is read, so an item's
+ * conversion cannot change what is being read. 0, or -1. */
 static int free_bits_arg(PyObject *obj, int T, int tn, double *out, float *out32, int *present) {
     *present = 0;
     if (!obj || obj == Py_None) return 0;
@@ -805,12 +806,14 @@ static int free_bits_arg(PyObject *obj, int T, int tn, double *out, float *out32
     for (int i = 0; i < T; i++) {
         char item[32];
         snprintf(item, sizeof item, "free_bits[%d]", i);
-        if (as_bounded_double(PyTuple_GET_ITEM(tup, i), item, 0, 0, INFINITY, 0, &out[i]) < 0) {
+        if (as_double(PyTuple_GET_ITEM(tup, i), item, &out[i]) < 0 ||
+            (out[i] != -INFINITY &&
+             as_bounded_double(PyTuple_GET_ITEM(tup, i), item, 0, 0, INFINITY, 0, &out[i]) < 0)) {
             Py_DECREF(tup);
             return -1;
         }
         out32[i] = (float)out[i];
-        if (tn == NPY_FLOAT32 && !isfinite(out32[i])) {
+        if (tn == NPY_FLOAT32 && out[i] != -INFINITY && !isfinite(out32[i])) {
             PyErr_Format(PyExc_ValueError, "%s: expected a number finite in float32, got %R",
                          item, PyTuple_GET_ITEM(tup, i));
             Py_DECREF(tup);
@@ -829,10 +832,10 @@ PyDoc_STRVAR(forward_doc,
 "Loss terms of a batch, and optionally the gradient and the log importance weights.\n\n"
 "params: (P,); x: (B, D) encoder input; target: (B, D) what the likelihood scores (default x);\n"
 "eps: list of T arrays (B, d_i) of standard normal noise (required unless deterministic);\n"
-"beta: weight of the KL terms; free_bits: None or T numbers >= 0, the floor of each level's\n"
-"batch-mean KL in the loss (its gradient is zero below it); grad: None or a (P,) array of the\n"
-"model's dtype, overwritten\n"
-"with the gradient of the loss; log_weight: when true, also return log p(x,z) - log q(z|x);\n"
+"beta: weight of the KL terms; free_bits: None or T numbers >= 0 (or -inf: never floored),\n"
+"the floor of each level's batch-mean KL in the loss (its gradient is zero below it); grad:\n"
+"None or a (P,) array of the model's dtype, overwritten with the gradient of the loss;\n"
+"log_weight: when true, also return log p(x,z) - log q(z|x);\n"
 "threads: the model's team of threads splits the work (the same numbers up to rounding; the\n"
 "linked OpenBLAS runs at one thread meanwhile).\n\n"
 "objective, k, gradient: 'elbo' (k = 1), or 'iwae' with k samples per example, eps then of\n"

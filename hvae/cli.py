@@ -242,6 +242,11 @@ def build_parser():
                         "1); not saved, the results depend on it only up to rounding")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar (one line per epoch instead)")
+    g.add_argument("--mpi", action="store_true",
+                   help="data-parallel training over the ranks of an MPI job: mpiexec -n N "
+                        "hvae train ... --mpi (needs pip install 'hvae[mpi]'); each batch is "
+                        "split over the ranks, the result equals a one-process run with the "
+                        "same --batch-size; rank 0 prints and writes the checkpoint")
     g = p.add_argument_group("checkpoint")
     g.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="the .npz file written atomically after every epoch (required; missing "
@@ -274,6 +279,9 @@ def build_parser():
                    help="seed of the importance samples (default: the checkpoint's saved "
                         "random state)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mpi", action="store_true",
+                   help="split the examples over the ranks of an MPI job: mpiexec -n N hvae "
+                        "eval ... --mpi (needs pip install 'hvae[mpi]'); rank 0 prints")
 
     # sample -----------------------------------------------------------------------------------
     p = sub.add_parser(
@@ -554,7 +562,7 @@ def cmd_train(args, out):
         warnings.filterwarnings("ignore", message="fit: ", category=UserWarning)  # said above
         try:
             model.fit(X, **given, validation_data=valid, progress=progress, checkpoint=path,
-                      callbacks=[report], n_jobs=args.n_jobs)
+                      callbacks=[report], n_jobs=args.n_jobs, comm=args.comm)
         except FloatingPointError as exc:
             raise CLIError(f"{exc} {_saved(path, model)}") from None
     if getattr(model, "interrupted_", False):
@@ -604,7 +612,7 @@ def cmd_eval(args, out):
     how = " (binarized)" if binarizes(data, model.likelihood, no_binarize) else ""
     print(f"data: {data} {args.split}, {len(x)} examples{how}", file=out, flush=True)
     t0 = time.perf_counter()
-    mean, se = _mean_se(model.elbo(x, k=1))
+    mean, se = _mean_se(model.elbo(x, k=1, comm=args.comm))
     t_elbo = time.perf_counter() - t0
     print(f"ELBO (k=1): {mean:.3f} +- {se:.3f} nats", file=out, flush=True)
     print(f"log-likelihood with k={args.k}: about {_duration(t_elbo * args.k)} (the ELBO, one "
@@ -612,7 +620,7 @@ def cmd_eval(args, out):
           file=out, flush=True)
     t0 = time.perf_counter()
     ll = model.log_likelihood(x, k=args.k, batch_size=args.batch_size,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, comm=args.comm)
     mean, se = _mean_se(ll)
     print(f"log-likelihood (importance-sampled, k={args.k}): {mean:.3f} +- {se:.3f} nats "
           f"(mean +- standard error over {len(x)} examples; {time.perf_counter() - t0:.1f}s)",
@@ -713,22 +721,71 @@ def main(argv=None):
             return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
             raise UsageError("choose a command: " + ", ".join(COMMANDS) + " (see 'hvae --help')")
-        return COMMANDS[args.command](args, sys.stdout)
+        args.comm = _comm(args)
+        out = sys.stdout if args.comm is None or args.comm.Get_rank() == 0 else _Null()
+        return COMMANDS[args.command](args, out)
     except UsageError as exc:
         if debug:
             raise
-        print(f"hvae: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"hvae: error: {_rank(argv)}{exc}", file=sys.stderr)
+        return _end_job(EXIT_USAGE, argv)
     except KeyboardInterrupt:
         if debug:
             raise
-        print("hvae: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (CLIError, ValueError, FloatingPointError, ImportError, MemoryError, OSError) as exc:
+        print(f"hvae: {_rank(argv)}interrupted", file=sys.stderr)
+        return _end_job(EXIT_INTERRUPTED, argv)
+    except (CLIError, ValueError, FloatingPointError, ImportError, MemoryError, OSError,
+            RuntimeError) as exc:
         if debug:
             raise
-        print(f"hvae: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_ERROR
+        print(f"hvae: error: {_rank(argv)}{_one_line(exc)}", file=sys.stderr)
+        return _end_job(EXIT_ERROR, argv)
+
+
+class _Null:
+    """Where the output of the ranks other than 0 goes."""
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def _comm(args):
+    """MPI.COMM_WORLD with --mpi, else None."""
+    if not getattr(args, "mpi", False):
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise CLIError("--mpi needs mpi4py and an MPI: pip install 'hvae[mpi]'") from None
+    return MPI.COMM_WORLD
+
+
+def _mpi_world(argv):
+    """MPI.COMM_WORLD of a --mpi run of more than one rank whose MPI is up, else None."""
+    if "--mpi" not in argv or "mpi4py.MPI" not in sys.modules:
+        return None
+    MPI = sys.modules["mpi4py.MPI"]
+    if not MPI.Is_initialized() or MPI.Is_finalized() or MPI.COMM_WORLD.Get_size() == 1:
+        return None
+    return MPI.COMM_WORLD
+
+
+def _rank(argv):
+    world = _mpi_world(argv)
+    return "" if world is None else f"rank {world.Get_rank()} of {world.Get_size()}: "
+
+
+def _end_job(code, argv):
+    """The exit status; in an MPI job, the end of every rank (the others may be waiting for
+    this one, which is not coming)."""
+    world = _mpi_world(argv)
+    if world is not None:
+        sys.stderr.flush()
+        world.Abort(code)
+    return code
 
 
 def _one_line(exc):

@@ -7,7 +7,7 @@ import numpy as np
 
 import warnings
 
-from . import _core, checkpoint, evaluation, training
+from . import _core, checkpoint, evaluation, parallel, training
 
 LIKELIHOODS = ("bernoulli", "gaussian", "gaussian_learned")
 ACTIVATIONS = ("tanh", "relu", "leaky_relu")
@@ -585,7 +585,7 @@ class HVAE:
     def fit(self, X, y=None, *, epochs=None, batch_size=None, lr=None, lr_decay=None,
             validation_data=None, kl_warmup_epochs=None, kl_warmup_delay=None, beta=None,
             free_bits=None, objective=None, k=None, gradient=None, patience=None, progress=True,
-            checkpoint=None, callbacks=None, n_jobs=None):
+            checkpoint=None, callbacks=None, n_jobs=None, comm=None):
         """Train with Adam on shuffled minibatches until the run has done ``epochs`` epochs.
 
         A run continues from the current state: parameters, Adam moments, the random stream,
@@ -648,6 +648,18 @@ class HVAE:
             OpenBLAS hvae links runs at one thread (its count is restored afterwards). Results
             are reproducible for a given n_jobs and equal the one-thread results up to
             rounding.
+        comm : mpi4py communicator, optional
+            Data-parallel training over MPI (``mpiexec -n N python ...``; README, "More than one
+            machine"). Every rank passes the same X, settings and model (a memory map of X is
+            fine); rank 0's state (parameters, Adam, random stream, history) is broadcast; each
+            batch is split into disjoint rank shards, whose gradients one Allreduce sums; every
+            rank takes the same Adam step, so the fit equals the one-process fit with the same
+            batch size up to summation order, and the ranks stay bit for bit identical. Only
+            rank 0 shows the bar, warns and writes the checkpoint; ``history_`` records gain
+            ``ranks`` and ``allreduce_seconds``. Validation is not split (every rank scores all
+            of ``validation_data``, drawing the noise a one-process fit draws). A bad argument
+            on any rank raises on every rank; a failure on one rank during training ends the
+            whole job (MPI_Abort) with its traceback.
 
         Returns
         -------
@@ -665,7 +677,7 @@ class HVAE:
                             beta=beta, free_bits=free_bits, objective=objective, k=k,
                             gradient=gradient, patience=patience, progress=progress,
                             checkpoint=checkpoint, callbacks=callbacks, n_jobs=n_jobs,
-                            restart=not self.warm_start)
+                            restart=not self.warm_start, comm=comm)
 
     def fit_transform(self, X, y=None, **fit_params):
         """:meth:`fit` then :meth:`transform` (scikit-learn's protocol).
@@ -685,13 +697,14 @@ class HVAE:
         return self.fit(X, **fit_params).transform(X)
 
     def partial_fit(self, X, y=None, *, batch_size=None, lr=None, beta=None, free_bits=None,
-                    objective=None, k=None, gradient=None, progress=False, n_jobs=None):
+                    objective=None, k=None, gradient=None, progress=False, n_jobs=None, comm=None):
         """One more shuffled pass of minibatches over X (one epoch) of the run's schedule; the
-        settings as in :meth:`fit`; always continuing, whatever ``warm_start``; y is ignored.
-        Returns self."""
+        settings (``comm`` too) as in :meth:`fit`; always continuing, whatever ``warm_start``;
+        y is ignored. Returns self."""
         return training.fit(self, X, batch_size=batch_size, lr=lr, beta=beta,
                             free_bits=free_bits, objective=objective, k=k, gradient=gradient,
-                            progress=progress, n_jobs=n_jobs, stop_after=len(self.history_) + 1)
+                            progress=progress, n_jobs=n_jobs, stop_after=len(self.history_) + 1,
+                            comm=comm)
 
     # ------------------------------------------------------------------------------------------
     # what was learned
@@ -889,21 +902,21 @@ class HVAE:
         if self.deterministic:
             raise ValueError(f"{what}: not defined for a deterministic autoencoder")
 
-    def elbo(self, x, k=1, *, n_jobs=None):
+    def elbo(self, x, k=1, *, n_jobs=None, comm=None):
         """Per-example importance-weighted ELBO with k samples (k = 1: the plain ELBO estimate).
 
         Computed from exact densities, log p(x, z) - log q(z | x), never the analytic shortcut.
-        n_jobs: threads of the core (see :meth:`fit`).
+        n_jobs: threads of the core (see :meth:`fit`); comm: split the examples over MPI ranks
+        (see :meth:`log_likelihood`).
 
         Returns
         -------
         ndarray, shape (n,), float64, nats
         """
-        self._check_stochastic("elbo")
-        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _k(k),
-                                     threads=training.resolve_n_jobs(n_jobs))
+        return self._bound("elbo", x, k, n_jobs, comm)
 
-    def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False, n_jobs=None):
+    def log_likelihood(self, x, k=5000, *, batch_size=4096, progress=False, n_jobs=None,
+                       comm=None):
         """Importance-sampled estimate of log p(x) per example (the IWAE bound with k samples).
 
         What an example's k samples share (bottom-up: encoder 1; top-down: the bottom-up pass)
@@ -920,18 +933,43 @@ class HVAE:
             A progress bar over examples.
         n_jobs : int, optional
             Threads of the core (None: 1; -1: every CPU), as in :meth:`fit`.
+        comm : mpi4py communicator, optional
+            Split the examples over the MPI ranks (contiguous shards, sizes within one), each
+            on its own ``n_jobs`` threads; every rank returns the whole result. Every rank
+            passes the same x, k and model; rank r's examples draw their noise from the r-th of
+            ``comm.size`` seeds taken from the model's Generator (which so advances alike on
+            every rank), so the numbers equal a one-process run's in distribution, not bit for
+            bit. A bad argument on any rank raises on every rank.
 
         Returns
         -------
         ndarray, shape (n,), float64, nats
         """
-        self._check_stochastic("log_likelihood")
-        self._warn_if_untrained("log_likelihood")
-        rows = _positive_int(batch_size, "batch_size")
-        _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
-                      * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
-        return evaluation.iwae_bound(self, self._check_x(x, scored=True), _k(k), rows=rows, progress=progress,
-                                     threads=training.resolve_n_jobs(n_jobs))
+        return self._bound("log_likelihood", x, k, n_jobs, comm, batch_size, progress)
+
+    def _bound(self, what, x, k, n_jobs, comm, batch_size=4096, progress=False):
+        """elbo / log_likelihood: the arguments checked (on every rank, agreeing, with comm),
+        then evaluation.iwae_bound."""
+        if comm is not None:
+            parallel.check_comm(comm)
+        error = None
+        try:
+            self._check_stochastic(what)
+            if what == "log_likelihood":
+                self._warn_if_untrained(what)
+            rows = _positive_int(batch_size, "batch_size")
+            _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
+                          * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
+            x, k, threads = self._check_x(x, scored=True), _k(k), training.resolve_n_jobs(n_jobs)
+        except Exception as e:
+            if comm is None:
+                raise
+            error = e
+        if comm is not None:
+            parallel.agree(comm, error, what)
+            parallel.check_same(comm, x=parallel.fingerprint(x), k=k)
+        return evaluation.iwae_bound(self, x, k, rows=rows, progress=progress, threads=threads,
+                                     comm=comm)
 
     def score_samples(self, X, k=5000, *, n_jobs=None):
         """Per-example log-likelihood, importance-sampled with k samples (scikit-learn's

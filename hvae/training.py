@@ -1,5 +1,6 @@
 """The training loop behind HVAE.fit / partial_fit: Adam on the flat buffer, KL warm-up, early
-stopping, progress bar, per-epoch history, checkpoints, safe stops (NaN, Ctrl-C), threads."""
+stopping, progress bar, per-epoch history, checkpoints, safe stops (NaN, Ctrl-C), threads, and
+data-parallel training over MPI (through :mod:`hvae.parallel`)."""
 import os
 import signal
 import threading
@@ -8,7 +9,7 @@ import warnings
 
 import numpy as np
 
-from . import _core
+from . import _core, parallel
 from .atomic import destination
 
 try:  # the C function behind signal.signal, without its enum conversions (a step pays twice)
@@ -166,10 +167,13 @@ class _Bar:
 
 
 def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoch, n_jobs,
-              free_bits=None, estimator=None, signums=()):
+              free_bits=None, estimator=None, signums=(), step=None):
     """One shuffled pass of minibatches, each step one core call on n_jobs threads (free_bits:
     None or T floats; estimator: None or HVAE.estimator's dict). Returns the epoch's mean loss
     and terms.
+
+    With ``step`` (a :class:`hvae.parallel.DataParallelStep`) the steps are data-parallel: every
+    rank draws the same order and the whole batch's noise, and ``step`` does this rank's rows.
 
     A step (its noise from the model's Generator, the update of parameters and Adam moments, the
     step counter) happens under the model's lock with the signals ``signums`` deferred, so it
@@ -185,17 +189,28 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoc
     opt = model.optimizer_
     T = model.n_levels
     sums = np.zeros(T + 2)  # loss, rec, kl_1..kl_T, weighted by batch size
+    k = estimator["k"] if estimator else 1
+    part = slice(None)
     for s in range(steps):
         idx = order[s * batch_size:(s + 1) * batch_size]
-        xb = X[idx]
+        if step is not None:  # this rank's rows of the batch
+            part = parallel.shard(len(idx), step.comm.Get_rank(), step.comm.Get_size())
+        xb = X[idx[part]]
         with model._lock, _Deferred(signums):
             state = model._rng.bit_generator.state
             try:
-                eps = model.draw_eps(len(idx) * (estimator["k"] if estimator else 1))
+                eps = model.draw_eps(len(idx) * k)  # the whole batch's, on every rank
                 b = warmup_beta(beta, warmup_epochs, opt.step, steps, warmup_delay)
-                loss, terms, ok = opt.train_step(model._core, model.params, grad, xb,
-                                                 None if model.deterministic else eps, b, n_jobs,
-                                                 free_bits, estimator)
+                if model.deterministic:
+                    eps = None
+                if step is None:
+                    loss, terms, ok = opt.train_step(model._core, model.params, grad, xb, eps, b,
+                                                     n_jobs, free_bits, estimator)
+                    means = terms.mean(axis=1)
+                else:
+                    if eps is not None:
+                        eps = [e[part.start * k:part.stop * k] for e in eps]
+                    loss, means, ok = step(xb, eps, len(idx), b, n_jobs, free_bits, estimator)
                 if not ok:
                     model._rng.bit_generator.state = state
             except BaseException:
@@ -207,7 +222,6 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoc
                 f"non-finite {what} at epoch {epoch + 1}, step {s + 1} (loss={loss}); training "
                 "stopped and the model keeps its last finite parameters. Try a lower lr, "
                 "float64, or check the data.")
-        means = terms.mean(axis=1)
         sums += len(idx) * np.r_[loss, means]
         if bar.bar is not None:
             bar.update(1, loss=f"{loss:.2f}", rec=f"{means[0]:.2f}",
@@ -337,12 +351,46 @@ def notes(model, settings, overrides, whole_run=True):
 
 
 def fit(model, X, *, validation_data=None, progress=True, checkpoint=None, callbacks=None,
-        n_jobs=None, stop_after=None, restart=False, **given):
+        n_jobs=None, stop_after=None, restart=False, comm=None, **given):
     """The body of HVAE.fit (see there); ``given`` holds the settings of
     :data:`TRAIN_DEFAULTS` as passed (None: the run's saved value). ``stop_after``: end this
     call after that many epochs in all (partial_fit), without ending the run; a run that
     reaches its planned epochs so grows by one. ``restart``: a new run from the seed, begun
-    once the arguments are checked (``warm_start=False``)."""
+    once the arguments are checked (``warm_start=False``). ``comm``: an mpi4py communicator
+    for data-parallel training (DESIGN.md §8); every rank's arguments are checked, and a bad
+    one on any rank raises on every rank before any training starts."""
+    if comm is not None:
+        parallel.check_comm(comm)
+    error = checked = None
+    try:
+        checked = _check(model, X, validation_data, checkpoint, callbacks, n_jobs, stop_after,
+                         restart, given)
+    except Exception as e:
+        if comm is None:
+            raise
+        error = e
+    if comm is not None:
+        try:
+            parallel.agree(comm, error, "fit")
+            settings, _, X, X_val = checked[:4]
+            parallel.check_same(
+                comm, X=parallel.fingerprint(X),
+                validation_data=None if X_val is None else parallel.fingerprint(X_val),
+                settings=settings, stop_after=stop_after, restart=restart,
+                model=sorted((k, repr(v)) for k, v in model.get_params().items() if k != "seed"))
+        except BaseException:
+            if checked is not None:
+                model._fit_thread = None
+            raise
+    try:
+        return _fit(model, *checked, progress, checkpoint, stop_after, restart, comm)
+    finally:
+        model._fit_thread = None
+
+
+def _check(model, X, validation_data, checkpoint, callbacks, n_jobs, stop_after, restart, given):
+    """fit's arguments checked, and the model claimed for this call (``_fit_thread``).
+    Returns (settings, overrides, X, X_val, callbacks, n_jobs)."""
     settings, overrides = resolve_settings(model, given, {} if restart else None)
     if stop_after is not None:
         settings["epochs"] = max(settings["epochs"], stop_after)
@@ -370,8 +418,7 @@ def fit(model, X, *, validation_data=None, progress=True, checkpoint=None, callb
         callbacks = list(given_cbs) if isinstance(given_cbs, (list, tuple)) else None
         if callbacks is None or not all(callable(cb) for cb in callbacks):
             raise TypeError(f"callbacks: expected a list of callables, got {given_cbs!r}")
-    patience = settings["patience"]
-    if patience and X_val is None:
+    if settings["patience"] and X_val is None:
         raise ValueError("patience: early stopping needs validation_data")
     n_jobs = resolve_n_jobs(n_jobs)
     with model._lock:
@@ -381,34 +428,35 @@ def fit(model, X, *, validation_data=None, progress=True, checkpoint=None, callb
                 f"{model._fit_thread}); one model trains in one call at a time (copy.deepcopy "
                 "it to train a copy)")
         model._fit_thread = threading.get_ident()
-    try:
-        return _fit(model, X, X_val, settings, overrides, progress, checkpoint, callbacks,
-                    n_jobs, stop_after, restart)
-    finally:
-        model._fit_thread = None
+    return settings, overrides, X, X_val, callbacks, n_jobs
 
 
-def _fit(model, X, X_val, settings, overrides, progress, checkpoint, callbacks, n_jobs,
-         stop_after, restart):
+def _fit(model, settings, overrides, X, X_val, callbacks, n_jobs, progress, checkpoint,
+         stop_after, restart, comm):
     patience = settings["patience"]
+    lead = comm is None or comm.Get_rank() == 0  # shows the bar, warns, writes checkpoints
     if restart:
         with model._lock:  # a new run's state, all of it at once
             model._restart()
+    model._ensure_optimizer()
+    step = None
+    if comm is not None:
+        parallel.broadcast_state(comm, model)
+        step = parallel.DataParallelStep(model, comm)
     done = len(model.history_)
     last = settings["epochs"] if stop_after is None else stop_after
-    for message in notes(model, settings, overrides, stop_after is None):
+    for message in notes(model, settings, overrides, stop_after is None) if lead else ():
         warnings.warn(f"fit: {message}", UserWarning, stacklevel=3)
     model.train_config_.update(settings)
     estimator = model.estimator(settings["objective"], settings["k"], settings["gradient"])
-    if checkpoint is not None:
+    if checkpoint is not None and lead:
         os.makedirs(os.path.dirname(destination(checkpoint, "checkpoint")), exist_ok=True)
-    model._ensure_optimizer()
     batch_size = min(int(settings["batch_size"]), len(X))
     steps = (len(X) + batch_size - 1) // batch_size
     best = model.best_ if patience else None  # (val_loss, epoch, params) of the best epoch
     if not patience:
         model.best_ = None
-    bar = _Bar(max(0, last - done) * steps, progress, "epoch")
+    bar = _Bar(max(0, last - done) * steps, progress and lead, "epoch")
     model.interrupted_ = False
     ended = True  # the run is over when this call returns (plan done, early stop, callback)
     try:
@@ -417,12 +465,18 @@ def _fit(model, X, X_val, settings, overrides, progress, checkpoint, callbacks, 
             model.optimizer_.lr = epoch_lr(settings, epoch)
             t0 = time.perf_counter()
             signums = handled_signals()  # once an epoch: a callback may install a handler
+            waited = 0.0 if step is None else step.seconds
             record = run_epoch(model, X, batch_size, settings["beta"],
                                settings["kl_warmup_epochs"], settings["kl_warmup_delay"], bar,
-                               epoch, n_jobs, settings["free_bits"], estimator, signums)
+                               epoch, n_jobs, settings["free_bits"], estimator, signums, step)
             record["epoch"] = epoch + 1
             record["lr"] = model.optimizer_.lr
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
+            if comm is not None:  # every rank's validation is the same, up to its n_jobs
+                parallel.check_identical(comm, model)
+                record["val_loss"] = comm.bcast(record["val_loss"])
+                record["ranks"] = comm.Get_size()
+                record["allreduce_seconds"] = step.seconds - waited
             record["seconds"] = time.perf_counter() - t0
             stop = False
             with _Deferred(signums):  # Ctrl-C waits for the record and its checkpoint
@@ -434,15 +488,23 @@ def _fit(model, X, X_val, settings, overrides, progress, checkpoint, callbacks, 
                     if epoch + 1 - best[1] >= patience:  # early stop: the run ends here
                         stop = True
                         model.train_config_["epochs"] = epoch + 1
-                if checkpoint is not None:
+                if checkpoint is not None and lead:
                     model.save(checkpoint)
             for cb in callbacks or ():
                 stop = cb(model, record) is True or stop
+            if comm is not None:  # one rank's callback stops every rank
+                stop = any(comm.allgather(stop))
             if stop:
                 break
         else:
             ended = stop_after is None or last >= settings["epochs"]
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if comm is not None and not isinstance(e, FloatingPointError):
+            # FloatingPointError comes from the reduced numbers, on every rank alike; anything
+            # else happened on this rank alone, and the others would wait for it forever
+            parallel.abort(comm, e)
+        if not isinstance(e, KeyboardInterrupt):
+            raise
         ended = False
         model.interrupted_ = True
         warnings.warn(f"fit interrupted in epoch {len(model.history_) + 1}: the model keeps the "
@@ -452,6 +514,6 @@ def _fit(model, X, X_val, settings, overrides, progress, checkpoint, callbacks, 
     if ended and best is not None:
         model.params[:] = best[2]  # early stopping keeps the best validation loss
         model.best_ = None
-        if checkpoint is not None:
+        if checkpoint is not None and lead:
             model.save(checkpoint)
     return model
