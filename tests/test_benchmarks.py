@@ -1,4 +1,4 @@
-"""The MNIST benchmark script runs end to end on a tiny budget, so it cannot rot."""
+"""The benchmark scripts run end to end on tiny budgets, so they cannot rot."""
 import importlib.util
 import json
 import os
@@ -64,3 +64,21 @@ def test_speed_iwae_quick(tmp_path):
     assert "| vae | 5 | 100 | 1 |" in text
     assert "| hvae: HVAE.log_likelihood | 1 |" in text
     assert "EXTRAPOLATION from 4 of" in text and "(extrapolated)" in text
+
+
+def test_scaling_quick(tmp_path, capsys):
+    """benchmarks/scaling.py --quick: the three configurations at two batches (the 2-rank one
+    under mpiexec), the bare Allreduce, and the model's table."""
+    if not (datasets.data_dir() / "binarized_mnist.npz").exists():
+        pytest.skip(f"binarized_mnist.npz not found in {datasets.data_dir()} (set HVAE_DATA)")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install 'hvae[mpi]')")
+    scaling = load_script("scaling")
+    out = tmp_path / "scaling.md"
+    assert scaling.main(["--quick", "--batches", "100", "400", "--output", str(out)]) == 0
+    text = out.read_text()
+    for batch in (100, 400):
+        for config in ("1 x 1", "1 x 2", "2 x 1"):
+            assert f"| {batch} | {config} |" in text
+    assert text.count("| 10 Gb Ethernet |") == len(scaling.NODES)
+    assert text.count("| 100 Gb InfiniBand |") == len(scaling.NODES)
+    assert "bare Allreduce" in capsys.readouterr().out

@@ -585,6 +585,26 @@ def test_c_bad_free_bits(inference, bad, exc):
     np.testing.assert_array_equal(m.params, before)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_core_free_bits_minus_inf_is_no_floor(dtype):
+    """The binding takes -inf (a level never floored: what the data-parallel step gives a level
+    whose whole batch is above its floor); the public API refuses it as negative."""
+    m, x, eps, _ = c_model(2, "bernoulli", "tanh", "mc", "learned", batch=5, dtype=dtype)
+    g_none, g_inf = np.empty(m.n_params, m.dtype), np.empty(m.n_params, m.dtype)
+    loss0, terms0, _ = m._core.forward(m.params, x, None, eps, 0.7, g_none)
+    loss1, terms1, _ = m._core.forward(m.params, x, None, eps, 0.7, g_inf,
+                                       free_bits=[-np.inf, -np.inf])
+    assert loss1 == loss0 and np.array_equal(g_inf, g_none) and np.array_equal(terms1, terms0)
+    big = float(np.abs(terms0[1]).max()) * 2 + 1  # level 1 floored, level 2 not
+    m._core.forward(m.params, x, None, eps, 0.7, g_inf, free_bits=[big, -np.inf])
+    assert not np.array_equal(g_inf, g_none)
+    for bad in ([np.inf, 0.0], [0.0, np.nan], [-1.0, 0.0]):
+        with pytest.raises(ValueError, match="free_bits"):
+            m._core.forward(m.params, x, None, eps, 0.7, g_inf, free_bits=bad)
+    with pytest.raises(ValueError, match="free_bits"):
+        m.loss_and_grad(x, eps, free_bits=[-np.inf, 0.0])
+
+
 def test_c_bad_free_bits_in_fit_and_partial_fit():
     m, x, _, _ = c_model(2, "bernoulli", "tanh", "analytic", "learned", batch=8)
     if "free_bits" not in inspect.signature(m.fit).parameters:
