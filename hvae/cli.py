@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 
 import numpy as np
@@ -710,9 +711,25 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "info": 
 
 
 def main(argv=None):
-    """Run the ``hvae`` command line; returns the exit status (0 on success)."""
-    parser = build_parser()
+    """Run the ``hvae`` command line; returns the exit status (0 on success). In an MPI job
+    (--mpi on more than one rank), a failure on this rank ends every rank (MPI_Abort): the
+    others may be waiting for this one, which is not coming."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    world = []  # MPI.COMM_WORLD once --mpi has started it
+    try:
+        code = _main(argv, world)
+    except BaseException:  # --traceback, or what _main does not turn into a status
+        if _in_job(world):
+            traceback.print_exc()
+            _end_job(world, 1)
+        raise
+    if code and _in_job(world):
+        _end_job(world, code)
+    return code
+
+
+def _main(argv, world):
+    parser = build_parser()
     debug = "--traceback" in argv
     try:
         try:
@@ -722,24 +739,26 @@ def main(argv=None):
         if args.command is None:
             raise UsageError("choose a command: " + ", ".join(COMMANDS) + " (see 'hvae --help')")
         args.comm = _comm(args)
+        if args.comm is not None:
+            world.append(args.comm)
         out = sys.stdout if args.comm is None or args.comm.Get_rank() == 0 else _Null()
         return COMMANDS[args.command](args, out)
     except UsageError as exc:
         if debug:
             raise
-        print(f"hvae: error: {_rank(argv)}{exc}", file=sys.stderr)
-        return _end_job(EXIT_USAGE, argv)
+        print(f"hvae: error: {_rank(world)}{exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"hvae: {_rank(argv)}interrupted", file=sys.stderr)
-        return _end_job(EXIT_INTERRUPTED, argv)
+        print(f"hvae: {_rank(world)}interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (CLIError, ValueError, FloatingPointError, ImportError, MemoryError, OSError,
             RuntimeError) as exc:
         if debug:
             raise
-        print(f"hvae: error: {_rank(argv)}{_one_line(exc)}", file=sys.stderr)
-        return _end_job(EXIT_ERROR, argv)
+        print(f"hvae: error: {_rank(world)}{_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 class _Null:
@@ -763,29 +782,22 @@ def _comm(args):
     return MPI.COMM_WORLD
 
 
-def _mpi_world(argv):
-    """MPI.COMM_WORLD of a --mpi run of more than one rank whose MPI is up, else None."""
-    if "--mpi" not in argv or "mpi4py.MPI" not in sys.modules:
-        return None
+def _in_job(world):
+    """True in an MPI job of more than one rank whose MPI is up."""
+    if not world:
+        return False
     MPI = sys.modules["mpi4py.MPI"]
-    if not MPI.Is_initialized() or MPI.Is_finalized() or MPI.COMM_WORLD.Get_size() == 1:
-        return None
-    return MPI.COMM_WORLD
+    return MPI.Is_initialized() and not MPI.Is_finalized() and world[0].Get_size() > 1
 
 
-def _rank(argv):
-    world = _mpi_world(argv)
-    return "" if world is None else f"rank {world.Get_rank()} of {world.Get_size()}: "
+def _rank(world):
+    return f"rank {world[0].Get_rank()} of {world[0].Get_size()}: " if _in_job(world) else ""
 
 
-def _end_job(code, argv):
-    """The exit status; in an MPI job, the end of every rank (the others may be waiting for
-    this one, which is not coming)."""
-    world = _mpi_world(argv)
-    if world is not None:
-        sys.stderr.flush()
-        world.Abort(code)
-    return code
+def _end_job(world, code):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    world[0].Abort(code)
 
 
 def _one_line(exc):

@@ -658,8 +658,10 @@ class HVAE:
             rank 0 shows the bar, warns and writes the checkpoint; ``history_`` records gain
             ``ranks`` and ``allreduce_seconds``. Validation is not split (every rank scores all
             of ``validation_data``, drawing the noise a one-process fit draws). A bad argument
-            on any rank raises on every rank; a failure on one rank during training ends the
-            whole job (MPI_Abort) with its traceback.
+            on any rank raises on every rank. During training, an exception on one rank (of any
+            kind, Ctrl-C included) ends the whole job (MPI_Abort) with that rank's traceback;
+            the last checkpoint stays. Only the FloatingPointError of a non-finite step comes
+            back from fit, on every rank alike.
 
         Returns
         -------
@@ -955,11 +957,12 @@ class HVAE:
         error = None
         try:
             self._check_stochastic(what)
+            rows = batch_size
             if what == "log_likelihood":
                 self._warn_if_untrained(what)
-            rows = _positive_int(batch_size, "batch_size")
-            _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
-                          * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
+                rows = _positive_int(batch_size, "batch_size")
+                _check_memory(rows * (3 * self.x_dim + 3 * sum(self.latent_dims))
+                              * np.dtype(self.dtype).itemsize, f"batch_size={rows}")
             x, k, threads = self._check_x(x, scored=True), _k(k), training.resolve_n_jobs(n_jobs)
         except Exception as e:
             if comm is None:
@@ -967,7 +970,8 @@ class HVAE:
             error = e
         if comm is not None:
             parallel.agree(comm, error, what)
-            parallel.check_same(comm, x=parallel.fingerprint(x), k=k)
+            parallel.check_same(comm, x=parallel.fingerprint(x), k=k,
+                                model=parallel.model_digest(self))
         return evaluation.iwae_bound(self, x, k, rows=rows, progress=progress, threads=threads,
                                      comm=comm)
 

@@ -67,6 +67,16 @@ def fingerprint(X):
     return h.hexdigest()
 
 
+def model_digest(model):
+    """A digest of a model's architecture (its constructor's arguments but the seed) and
+    parameters: what must be the same on every rank for evaluation to be one model's."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr(sorted((k, repr(v)) for k, v in model.get_params().items()
+                         if k != "seed")).encode())
+    h.update(np.ascontiguousarray(model.params).data)
+    return h.hexdigest()
+
+
 def check_same(comm, **values):
     """Collective: a ValueError on every rank when one of ``values`` (name -> a picklable
     value or digest) differs between the ranks, naming it and the first rank that differs."""
@@ -160,7 +170,10 @@ class DataParallelStep:
             sums, top = kl.sum(axis=1), np.abs(kl).max(axis=1)
         self._allreduce(sums)
         means = sums / n_global
-        floors = [2 * t + 1 if not (K > lam) else -np.inf
+        # a non-finite KL anywhere makes the reduced loss non-finite, and the step is skipped on
+        # every rank: any valid floor will do then
+        big = float(np.finfo(self.model.dtype).max)
+        floors = [min(2 * t + 1, big) if not (K > lam) and np.isfinite(t) else -np.inf
                   for t, K, lam in zip(top, means, free_bits)]
         return floors, means
 

@@ -90,6 +90,11 @@ def handled_signals():
     return tuple(out)
 
 
+class NonFiniteStep(FloatingPointError):
+    """A step whose loss or gradient is not finite (fit stops, keeping the last finite
+    parameters). Under MPI every rank raises it alike: it comes from the reduced numbers."""
+
+
 class Adam:
     """Bias-corrected Adam state over a flat parameter vector (the update runs in C).
 
@@ -218,7 +223,7 @@ def run_epoch(model, X, batch_size, beta, warmup_epochs, warmup_delay, bar, epoc
                 raise
         if not ok:
             what = "loss" if not np.isfinite(loss) else "gradient"
-            raise FloatingPointError(
+            raise NonFiniteStep(
                 f"non-finite {what} at epoch {epoch + 1}, step {s + 1} (loss={loss}); training "
                 "stopped and the model keeps its last finite parameters. Try a lower lr, "
                 "float64, or check the data.")
@@ -384,6 +389,12 @@ def fit(model, X, *, validation_data=None, progress=True, checkpoint=None, callb
             raise
     try:
         return _fit(model, *checked, progress, checkpoint, stop_after, restart, comm)
+    except NonFiniteStep:
+        raise  # decided on the reduced numbers: every rank raises it alike
+    except BaseException as e:
+        if comm is not None:  # this rank alone: the others would wait for it forever
+            parallel.abort(comm, e)
+        raise
     finally:
         model._fit_thread = None
 
@@ -478,6 +489,8 @@ def _fit(model, settings, overrides, X, X_val, callbacks, n_jobs, progress, chec
                 record["ranks"] = comm.Get_size()
                 record["allreduce_seconds"] = step.seconds - waited
             record["seconds"] = time.perf_counter() - t0
+            if comm is not None:  # rank 0's timings: the same history on every rank
+                record = comm.bcast(record)
             stop = False
             with _Deferred(signums):  # Ctrl-C waits for the record and its checkpoint
                 model.history_.append(record)
@@ -498,12 +511,8 @@ def _fit(model, settings, overrides, X, X_val, callbacks, n_jobs, progress, chec
                 break
         else:
             ended = stop_after is None or last >= settings["epochs"]
-    except BaseException as e:
-        if comm is not None and not isinstance(e, FloatingPointError):
-            # FloatingPointError comes from the reduced numbers, on every rank alike; anything
-            # else happened on this rank alone, and the others would wait for it forever
-            parallel.abort(comm, e)
-        if not isinstance(e, KeyboardInterrupt):
+    except KeyboardInterrupt:
+        if comm is not None:  # one rank's Ctrl-C: fit (above) ends the whole job
             raise
         ended = False
         model.interrupted_ = True

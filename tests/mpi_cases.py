@@ -21,6 +21,8 @@ FIT_CASES = {
     "free_bits": ({}, dict(free_bits=[1.7, 0.8])),
     "autoencoder": (dict(deterministic=True, likelihood="gaussian"), {}),
     "batch_of_two": ({}, dict(batch_size=2, epochs=2)),  # a rank of 3 has no row in a step
+    "free_bits_batch_of_two": ({}, dict(free_bits=[1.7, 0.8], batch_size=2, epochs=2)),
+    "float32_top_down": (dict(dtype="float32", inference="top_down", kl="analytic"), {}),
     "partial_fit": ({}, dict(partial=True, batch_size=7)),
 }
 

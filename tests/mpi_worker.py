@@ -20,10 +20,11 @@ rank = comm.Get_rank()
 
 
 class NaNOnRank:
-    """model._core with the gradient of one step on one rank made NaN."""
+    """model._core with one step on one rank made NaN: its gradient, or (kl=True) the KL terms
+    of the forward that free bits do first."""
 
-    def __init__(self, core, rank, step):
-        self.core, self.rank, self.step, self.calls = core, rank, step, 0
+    def __init__(self, core, rank, step, kl=False):
+        self.core, self.rank, self.step, self.kl, self.calls = core, rank, step, kl, 0
 
     def __getattr__(self, name):
         return getattr(self.core, name)
@@ -31,10 +32,13 @@ class NaNOnRank:
     def forward(self, *args, **kwargs):
         out = self.core.forward(*args, **kwargs)
         grad = kwargs.get("grad", args[5] if len(args) > 5 else None)
-        if grad is not None:
+        if (grad is None) == self.kl:
             self.calls += 1
             if rank == self.rank and self.calls == self.step:
-                grad[0] = np.nan
+                if self.kl:
+                    out[1][1, 0] = np.nan
+                else:
+                    grad[0] = np.nan
         return out
 
 
@@ -44,18 +48,21 @@ def fit_cases(out):
     for name in mpi_cases.FIT_CASES:
         m = mpi_cases.run_case(name, comm)
         res[name + "/params"] = m.params
-        res[name + "/loss"] = np.array([r["loss"] for r in m.history_])
+        for key in ("loss", "reconstruction", "kl", "val_loss"):
+            res[f"{name}/{key}"] = np.array([r[key] for r in m.history_], dtype=float)
         res[name + "/ranks"] = np.array([r["ranks"] for r in m.history_])
     np.savez(out, **res)
 
 
-def nan(out):
-    """NaN in the last rank's gradient of step 3: every rank stops with the same error."""
+def nan(out, where="gradient"):
+    """NaN in the last rank's step 3 (its gradient, or its KL under free bits): every rank
+    stops with the same error."""
     m = mpi_cases.model()
     X, _ = mpi_cases.data(m)
-    m._core = NaNOnRank(m._core, comm.Get_size() - 1, 3)
+    kl = where == "kl"
+    m._core = NaNOnRank(m._core, comm.Get_size() - 1, 3, kl)
     try:
-        m.fit(X, comm=comm, **mpi_cases.FIT)
+        m.fit(X, comm=comm, free_bits=[1.7, 0.8] if kl else None, **mpi_cases.FIT)
         error = ""
     except FloatingPointError as e:
         error = str(e)
@@ -75,6 +82,14 @@ def raises(out):
     np.savez(out, finished=True)
 
 
+def rank0_fails(out):
+    """Rank 0 cannot create the checkpoint's folder (only rank 0 writes): the job must end."""
+    m = mpi_cases.model()
+    X, _ = mpi_cases.data(m)
+    m.fit(X, comm=comm, checkpoint="/proc/hvae-no-such-folder/run.npz", **mpi_cases.FIT)
+    np.savez(out, finished=True)
+
+
 def bad_args(out):
     """A bad argument on one rank (before training): every rank raises, none hangs."""
     m = mpi_cases.model()
@@ -88,11 +103,13 @@ def bad_args(out):
             errors.append("")
         except (ValueError, RuntimeError) as e:
             errors.append(f"{type(e).__name__}: {e}")
-    try:
-        m.log_likelihood(X[:5] if rank == 2 else X[:6], k=3, comm=comm)
-        errors.append("")
-    except (ValueError, RuntimeError) as e:
-        errors.append(f"{type(e).__name__}: {e}")
+    for what in ("x", "model"):
+        other = mpi_cases.model(seed=4) if what == "model" and rank == 2 else m
+        try:
+            other.log_likelihood(X[:5] if what == "x" and rank == 2 else X[:6], k=3, comm=comm)
+            errors.append("")
+        except (ValueError, RuntimeError) as e:
+            errors.append(f"{type(e).__name__}: {e}")
     np.savez(out, errors=np.array(errors))
 
 
@@ -117,5 +134,5 @@ def evaluate(out):
 if __name__ == "__main__":
     scenario, outdir, *rest = sys.argv[1:]
     path = os.path.join(outdir, f"rank{rank}.npz")
-    {"fit": fit_cases, "nan": nan, "raises": raises, "bad_args": bad_args, "resume": resume,
-     "evaluate": evaluate}[scenario](path, *rest)
+    {"fit": fit_cases, "nan": nan, "raises": raises, "rank0_fails": rank0_fails,
+     "bad_args": bad_args, "resume": resume, "evaluate": evaluate}[scenario](path, *rest)

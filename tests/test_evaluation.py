@@ -121,3 +121,11 @@ def test_evaluation_rejects():
     ae = hvae.HVAE(4, [2], seed=0, deterministic=True)
     with pytest.raises(ValueError, match="autoencoder"):
         ae.elbo(np.zeros((2, 4)))
+
+
+def test_elbo_of_a_wide_model_needs_no_log_likelihood_batch():
+    """elbo scores its rows as they come: no check sized to log_likelihood's 4096-row batches
+    (which would refuse a very wide model's three rows)."""
+    m = hvae.HVAE(300_000, [2], hidden_dims=[[2]], likelihood="gaussian", seed=0)
+    x = np.random.default_rng(0).random((3, 300_000)).astype(np.float32)
+    assert m.elbo(x).shape == (3,)
