@@ -116,22 +116,17 @@ def test_nan_on_one_rank_stops_every_rank(where, tmp_path):
     np.testing.assert_allclose(ranks[0]["params"], ref["params"], rtol=0, atol=1e-10)
 
 
-def test_a_rank_that_raises_ends_the_job(tmp_path):
-    out = tmp_path / "raises"
+@pytest.mark.parametrize("scenario,rank,message", [
+    ("raises", 1, "callback failed on purpose"),       # rank 1's callback, in epoch 2
+    ("rank0_fails", 0, "hvae-no-such-folder"),          # rank 0 alone writes the checkpoint
+])
+def test_a_rank_that_fails_alone_ends_the_job(scenario, rank, message, tmp_path):
+    out = tmp_path / scenario
     out.mkdir()
-    res = run(3, WORKER, "raises", str(out), timeout=60, check=False)
+    res = run(3, WORKER, scenario, str(out), timeout=60, check=False)
     assert res.returncode != 0
-    assert "rank 1 of 3 failed" in res.stderr and "callback failed on purpose" in res.stderr
+    assert f"rank {rank} of 3 failed" in res.stderr and message in res.stderr
     assert not list(out.iterdir())  # no rank went on to finish
-
-
-def test_rank_0_failing_alone_ends_the_job(tmp_path):
-    out = tmp_path / "rank0_fails"
-    out.mkdir()
-    res = run(3, WORKER, "rank0_fails", str(out), timeout=60, check=False)
-    assert res.returncode != 0
-    assert "rank 0 of 3 failed" in res.stderr and "hvae-no-such-folder" in res.stderr
-    assert not list(out.iterdir())
 
 
 def test_bad_argument_on_one_rank_raises_everywhere(tmp_path):
