@@ -483,14 +483,13 @@ def _fit(model, settings, overrides, X, X_val, callbacks, n_jobs, progress, chec
             record["epoch"] = epoch + 1
             record["lr"] = model.optimizer_.lr
             record["val_loss"] = None if X_val is None else validation_loss(model, X_val)
-            if comm is not None:  # every rank's validation is the same, up to its n_jobs
+            if comm is not None:
                 parallel.check_identical(comm, model)
-                record["val_loss"] = comm.bcast(record["val_loss"])
                 record["ranks"] = comm.Get_size()
                 record["allreduce_seconds"] = step.seconds - waited
             record["seconds"] = time.perf_counter() - t0
-            if comm is not None:  # rank 0's timings: the same history on every rank
-                record = comm.bcast(record)
+            if comm is not None:  # rank 0's record (its timings, its val_loss, which may differ
+                record = comm.bcast(record)  # by rounding where n_jobs does) on every rank
             stop = False
             with _Deferred(signums):  # Ctrl-C waits for the record and its checkpoint
                 model.history_.append(record)
