@@ -125,12 +125,15 @@ def parse_args(argv=None):
     p.add_argument("--output", default=os.path.join(RESULTS, "mnist.md"),
                    help="markdown table to write (rows of earlier runs of other models are kept)")
     p.add_argument("--checkpoint-dir", default=RESULTS, help="where the trained models go")
+    p.add_argument("--level-stats", action="store_true",
+                   help="train nothing: fill in the KL and active units per level of the table's "
+                        "rows from their checkpoints (rows written before those columns)")
     p.add_argument("--quick", action="store_true",
                    help="tiny settings for a smoke test: 1000 examples, 2 epochs, k=20, 100 "
                         "test examples")
     args = p.parse_args(argv)
     args.models = [name for name in MODELS if getattr(args, name.replace("-", "_"))]
-    if not args.models:
+    if not args.models and not args.level_stats:
         p.error("choose at least one of " + ", ".join(f"--{name}" for name in MODELS))
     if args.quick:
         args.max_examples, args.max_epochs, args.k = 1000, 2, 20
@@ -228,6 +231,25 @@ def level_stats(m, X):
     return kl, active
 
 
+def fill_level_stats(args):
+    """The KL and active units per level of every stored row that lacks them, from its
+    checkpoint, over the test examples its log-likelihood was estimated on."""
+    with open(args.output + ".json") as f:
+        data = json.load(f)
+    X_test = datasets.load_binarized_mnist("test", args.data_dir)
+    rows = []
+    for name, row in data.items():
+        path = os.path.join(args.checkpoint_dir, f"{name}.npz")
+        if "kl_levels" in row or not os.path.exists(path):
+            continue
+        m = hvae.load(path)
+        kl, active = level_stats(m, X_test[:row.get("test_examples")])
+        rows.append(dict(row, kl_levels=kl, active_units=active, latent_dims=m.latent_dims))
+        print(f"{name}: KL per level {kl}, active units {active}", flush=True)
+    write_table(args.output, rows)
+    return 0
+
+
 def git_commit():
     """The short commit of the checkout, with '+' when the working tree differs from it."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -308,6 +330,8 @@ def main(argv=None):
     def log(msg):
         print(msg, flush=True)
 
+    if args.level_stats:
+        return fill_level_stats(args)
     commit = git_commit()  # the code that trains: recorded before anything else can change
     X = datasets.load_binarized_mnist("train", args.data_dir)[:args.max_examples]
     X_val = datasets.load_binarized_mnist("valid", args.data_dir)

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 import hvae
@@ -50,6 +51,15 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
     assert hvae.load(tmp_path / "hvae2-topdown.npz").inference == "top_down"
     assert rows["hvae2-mc"]["warmup"] == "0.5 + 1" and rows["vae1"]["warmup"] == "0.5 + 1"
     assert "test log-likelihood" in capsys.readouterr().out
+    # --level-stats fills in the columns of a row written before they existed
+    store = tmp_path / "mnist.md.json"
+    rows = json.loads(store.read_text())
+    kl, active = rows["hvae2-mc"].pop("kl_levels"), rows["hvae2-mc"].pop("active_units")
+    store.write_text(json.dumps(rows))
+    assert mnist.main(["--level-stats", "--output", str(out), "--checkpoint-dir",
+                       str(tmp_path)]) == 0
+    again = json.loads(store.read_text())["hvae2-mc"]
+    assert again["active_units"] == active and np.allclose(again["kl_levels"], kl, rtol=1e-6)
 
 
 def test_speed_iwae_quick(tmp_path):
