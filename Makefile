@@ -29,10 +29,18 @@ $(VENV)/.installed: pyproject.toml setup.py | blas
 
 # the old library is unlinked first: a running process keeps its copy instead of seeing it change;
 # --force: setuptools would reuse objects and a library built with other flags (another BLAS)
-hvae/_core.stamp: $(CSRC) setup.py $(VENV)/.installed
+hvae/_core.stamp: $(CSRC) setup.py $(VENV)/.installed build/blas-choice
 	rm -f hvae/_core*.so
 	$(PY) setup.py -q build_ext --inplace --force
 	touch $@
+
+# the BLAS settings of the last build: rewritten (so the extension is rebuilt) when they change
+BLAS_CHOICE := $(HVAE_BLAS_PKG)|$(HVAE_BLAS_CFLAGS)|$(HVAE_BLAS_LIBS)
+build/blas-choice: FORCE
+	@mkdir -p build
+	@[ "$$(cat $@ 2>/dev/null)" = '$(BLAS_CHOICE)' ] || echo '$(BLAS_CHOICE)' > $@
+
+FORCE:
 
 test: build
 	$(PY) -m pytest -q tests

@@ -4,7 +4,7 @@ never with fast-math.
 
 Override the BLAS with environment variables:
   HVAE_BLAS_PKG      "scipy-openblas32" (the default): the OpenBLAS of that wheel (symbols
-                     prefixed, as NumPy and SciPy ship it), found through the pkg-config data
+                     prefixed, the build SciPy ships), found through the pkg-config data
                      the wheel carries (no pkg-config program is needed); the library is found
                      at run time beside the installed hvae ($ORIGIN/../scipy_openblas32/lib)
                      or where it was at build time (an in-place build). Any other value: the
@@ -37,8 +37,9 @@ def wheel_flags():
     try:
         import scipy_openblas32
     except ImportError:
-        raise SystemExit("hvae: HVAE_BLAS_PKG=scipy-openblas32, but the building Python has no "
-                         "scipy_openblas32 module: pip install scipy-openblas32") from None
+        raise SystemExit("hvae: the default BLAS is the scipy-openblas32 wheel's, but the building "
+                         "Python has no scipy_openblas32 module: pip install scipy-openblas32 "
+                         "(or set HVAE_BLAS_PKG=openblas for a system OpenBLAS)") from None
     fields = {}
     for line in scipy_openblas32.get_pkg_config().splitlines():
         found = re.match(r"\s*([A-Za-z_.]+)\s*([=:])\s*(.*)", line)

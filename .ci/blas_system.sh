@@ -9,7 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PY:-$ROOT/.venv/bin/python}
-pkg-config --exists openblas || { echo "blas_system.sh: pkg-config cannot find openblas" >&2; exit 2; }
+pkg-config --exists openblas || {
+    echo "blas_system.sh: pkg-config cannot find openblas (make blas-system installs it)" >&2
+    exit 2
+}
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hvae-blas-system.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -17,8 +20,9 @@ SRC=$WORK/src
 mkdir -p "$SRC/hvae"
 cp -r csrc tests setup.py pyproject.toml README.md "$SRC/"
 cp hvae/*.py "$SRC/hvae/"
-(cd "$SRC" && HVAE_BLAS_PKG=openblas "$PY" setup.py -q build_ext --inplace \
-    --build-temp "$WORK/build" 2>&1 | grep -v -E "^$|BetaConfiguration|warnings.warn" || true)
+(cd "$SRC" && env -u HVAE_BLAS_CFLAGS -u HVAE_BLAS_LIBS HVAE_BLAS_PKG=openblas \
+    "$PY" setup.py -q build_ext --inplace --build-temp "$WORK/build" 2>&1 \
+    | grep -v -E "^$|BetaConfiguration|warnings.warn" || true)
 export PYTHONPATH=$SRC${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONDONTWRITEBYTECODE=1
 cd "$SRC"
