@@ -1,19 +1,22 @@
-# Makefile - every set-up step on a fresh machine: OpenBLAS (apt-get), the .venv, the editable
-# install with its dependency groups (test, docs and mpi), the in-place build of hvae._core; then the jobs.
+# Makefile - every set-up step on a fresh machine: the .venv, the editable install with its
+# dependency groups (test, docs and mpi; OpenBLAS comes from PyPI's scipy-openblas32 wheel), the
+# in-place build of hvae._core; then the jobs. HVAE_BLAS_PKG=openblas builds against Debian's
+# libopenblas-dev instead (installed with apt-get when pkg-config cannot find it).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CSRC   := $(wildcard csrc/*.c csrc/*.h)
 
-.PHONY: build test docs demo blas blas-wheel clean bench-speed bench-mnist bench-mnist2 \
-        notebooks lab sanitize valgrind
+.PHONY: build test docs demo blas blas-system clean bench-speed bench-mnist bench-mnist2 \
+        notebooks lab sanitize valgrind FORCE
 
 build: $(VENV)/.installed hvae/_core.stamp
 
-# OpenBLAS and pkg-config from Debian's packages, when pkg-config cannot find them
+# with HVAE_BLAS_PKG=openblas: OpenBLAS and pkg-config from Debian's packages, when pkg-config
+# cannot find them (the default BLAS is the scipy-openblas32 wheel: nothing to install here)
 blas:
-	@pkg-config --exists openblas 2>/dev/null || { \
+	@[ "$(HVAE_BLAS_PKG)" != openblas ] || pkg-config --exists openblas 2>/dev/null || { \
 	  echo "installing libopenblas-dev and pkg-config with apt-get"; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq libopenblas-dev pkg-config; }
@@ -21,19 +24,23 @@ blas:
 $(VENV)/.installed: pyproject.toml setup.py | blas
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(if $(filter scipy-openblas32,$(HVAE_BLAS_PKG)),env -u HVAE_BLAS_PKG) \
-	  $(PY) -m pip install -q -e ".[test,docs,mpi]"
+	$(PY) -m pip install -q -e ".[test,docs,mpi]"
 	touch $@
 
 # the old library is unlinked first: a running process keeps its copy instead of seeing it change;
-# --force: setuptools would reuse objects and a library built with other flags (another BLAS);
-# HVAE_BLAS_PKG=scipy-openblas32 links the OpenBLAS of that wheel, installed into .venv first
-# (the editable install above builds a throwaway copy with the default BLAS)
-hvae/_core.stamp: $(CSRC) setup.py $(VENV)/.installed
+# --force: setuptools would reuse objects and a library built with other flags (another BLAS)
+hvae/_core.stamp: $(CSRC) setup.py $(VENV)/.installed build/blas-choice
 	rm -f hvae/_core*.so
-	[ "$$HVAE_BLAS_PKG" != scipy-openblas32 ] || $(PY) -m pip install -q scipy-openblas32
 	$(PY) setup.py -q build_ext --inplace --force
 	touch $@
+
+# the BLAS settings of the last build: rewritten (so the extension is rebuilt) when they change
+BLAS_CHOICE := $(HVAE_BLAS_PKG)|$(HVAE_BLAS_CFLAGS)|$(HVAE_BLAS_LIBS)
+build/blas-choice: FORCE
+	@mkdir -p build
+	@[ "$$(cat $@ 2>/dev/null)" = '$(BLAS_CHOICE)' ] || echo '$(BLAS_CHOICE)' > $@
+
+FORCE:
 
 test: build
 	$(PY) -m pytest -q tests
@@ -52,9 +59,14 @@ demo: build
 sanitize: build
 	.ci/sanitize.sh
 
-# the core built against the scipy-openblas32 wheel's OpenBLAS (in a temporary copy), its tests
-blas-wheel: build
-	.ci/blas_wheel.sh
+# the core built against Debian's OpenBLAS (in a temporary copy; libopenblas-dev installed with
+# apt-get when missing), its tests: the BLAS other than the default still builds and passes
+blas-system: build
+	@pkg-config --exists openblas 2>/dev/null || { \
+	  echo "installing libopenblas-dev and pkg-config with apt-get"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq libopenblas-dev pkg-config; }
+	.ci/blas_system.sh
 
 # valgrind memcheck on a tour of the core (installs valgrind with apt-get when missing)
 valgrind: build

@@ -1,11 +1,14 @@
-"""Build of the C extension hvae._core: finds OpenBLAS with pkg-config, compiles with -O3 -std=c11
--Wall -Wextra and never with fast-math.
+"""Build of the C extension hvae._core: links the OpenBLAS of the scipy-openblas32 wheel from PyPI
+(a build and run dependency: no system package), compiles with -O3 -std=c11 -Wall -Wextra and
+never with fast-math.
 
 Override the BLAS with environment variables:
-  HVAE_BLAS_PKG      pkg-config package name to ask for (default: openblas), or
-                     "scipy-openblas32": the OpenBLAS of that PyPI wheel (symbols prefixed, as
-                     NumPy and SciPy ship it), which must be installed in the building Python;
-                     its own pkg-config data are read, no pkg-config program is needed
+  HVAE_BLAS_PKG      "scipy-openblas32" (the default): the OpenBLAS of that wheel (symbols
+                     prefixed, the build SciPy ships), found through the pkg-config data
+                     the wheel carries (no pkg-config program is needed); the library is found
+                     at run time beside the installed hvae ($ORIGIN/../scipy_openblas32/lib)
+                     or where it was at build time (an in-place build). Any other value: the
+                     pkg-config package to ask for, e.g. "openblas" for Debian's libopenblas-dev
   HVAE_BLAS_CFLAGS   compiler flags, e.g. "-I/opt/openblas/include" (skips pkg-config)
   HVAE_BLAS_LIBS     linker flags, e.g. "-L/opt/openblas/lib -lopenblas"
   HVAE_EXTRA_CFLAGS  more compiler flags (the sanitizer build uses this)
@@ -34,15 +37,19 @@ def wheel_flags():
     try:
         import scipy_openblas32
     except ImportError:
-        raise SystemExit("hvae: HVAE_BLAS_PKG=scipy-openblas32, but the building Python has no "
-                         "scipy_openblas32 module: pip install scipy-openblas32") from None
+        raise SystemExit("hvae: the default BLAS is the scipy-openblas32 wheel's, but the building "
+                         "Python has no scipy_openblas32 module: pip install scipy-openblas32 "
+                         "(or set HVAE_BLAS_PKG=openblas for a system OpenBLAS)") from None
     fields = {}
     for line in scipy_openblas32.get_pkg_config().splitlines():
         found = re.match(r"\s*([A-Za-z_.]+)\s*([=:])\s*(.*)", line)
         if found:
             name, _, value = found.groups()
             fields[name] = re.sub(r"\$\{(\w+)\}", lambda m: fields.get(m.group(1), ""), value)
-    return shlex.split(fields.get("Cflags", "")), shlex.split(fields.get("Libs", ""))
+    # beside the installed package first: pip builds in a throwaway environment whose path the
+    # wheel's own rpath names
+    libs = ["-Wl,-rpath,$ORIGIN/../scipy_openblas32/lib", *shlex.split(fields.get("Libs", ""))]
+    return shlex.split(fields.get("Cflags", "")), libs
 
 
 def blas_flags():
@@ -50,7 +57,7 @@ def blas_flags():
     cflags, libs = os.environ.get("HVAE_BLAS_CFLAGS"), os.environ.get("HVAE_BLAS_LIBS")
     if cflags is not None or libs is not None:
         return shlex.split(cflags or ""), shlex.split(libs or "-lopenblas")
-    pkg = os.environ.get("HVAE_BLAS_PKG", "openblas")
+    pkg = os.environ.get("HVAE_BLAS_PKG", "scipy-openblas32")
     if pkg == "scipy-openblas32":
         return wheel_flags()
     found_c, found_l = pkg_config("--cflags", pkg), pkg_config("--libs", pkg)

@@ -2,7 +2,7 @@
 in one process on the GEMM shapes of the speed benchmark's layers and on its training steps.
 
 Both builds of hvae._core (the in-place one and one against the other BLAS, built here into a
-temporary copy of the sources, as .ci/blas_wheel.sh does) are loaded side by side; each
+temporary copy of the sources, as .ci/blas_system.sh does) are loaded side by side; each
 measurement alternates short blocks of the two for several rounds and reports the median of
 the paired ratios, so that a machine whose speed drifts from minute to minute moves both alike.
 Float32, one thread (the core's team runs OpenBLAS at one thread). Writes

@@ -187,12 +187,13 @@ def run(cmd):
 
 def linked_openblas():
     """Path of the OpenBLAS that hvae._core links (ldd: Debian's libopenblas or the
-    scipy-openblas32 wheel's libscipy_openblas), else pkg-config's libdir."""
+    scipy-openblas32 wheel's libscipy_openblas), else the wheel's (loaded by hvae's import)."""
     for line in run(["ldd", _core.__file__]).splitlines():
         found = re.search(r"(lib(?:scipy_)?openblas\S*) => (\S+)", line)
-        if found:
+        if found and found.group(2) != "not":
             return found.group(2)
-    return str(Path(run(["pkg-config", "--variable=libdir", "openblas"])) / "libopenblas.so.0")
+    import scipy_openblas32
+    return str(Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True))
 
 
 class OpenBLAS:
