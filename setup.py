@@ -75,8 +75,9 @@ extra = shlex.split(os.environ.get("HVAE_EXTRA_CFLAGS", ""))
 core = Extension(
     "hvae._core",
     sources=["csrc/_core.c", "csrc/pyargs.c", "csrc/f32.c", "csrc/f64.c", "csrc/table.c",
-             "csrc/team.c"],
-    depends=["csrc/hvae.h", "csrc/pyargs.h", "csrc/real.h", "csrc/blas.h", "csrc/vecmath.c", "csrc/layers.c", "csrc/sparse.c",
+             "csrc/team.c", "csrc/noise.c"],
+    depends=["csrc/hvae.h", "csrc/pyargs.h", "csrc/real.h", "csrc/blas.h", "csrc/noise.h",
+             "csrc/vecmath.c", "csrc/layers.c", "csrc/noise_fill.c", "csrc/sparse.c",
              "csrc/iwae.c", "csrc/model.c", "csrc/topdown.c", "csrc/step.c"],
     include_dirs=["csrc", numpy.get_include()],
     extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-fno-fast-math",

@@ -726,10 +726,11 @@ def measure_full(args, model, X):
 
 def time_phases(args, model, X, threads):
     """evaluation.iwae_bound's loop for X at full_k, rows = the default batch_size, with each
-    part timed: drawing eps (NumPy, the caller's thread), the core's forward (threads), the
-    rest (log-sum-exp, Python). Returns seconds by phase and the samples done."""
+    part timed: the core's noise (`_core.Model.noise`, on the team; inside forward in
+    iwae_bound), the core's forward given that noise (threads), the rest (log-sum-exp, Python).
+    Returns seconds by phase and the samples done."""
     from hvae.evaluation import iwae_bound  # noqa: F401  (the loop replicated below)
-    k, rows = args.full_k, 4096
+    k, rows, seed = args.full_k, 4096, args.seed
     t = dict(eps=0.0, core=0.0, rest=0.0)
     t_all = time.perf_counter()
     for i in range(len(X)):
@@ -737,7 +738,7 @@ def time_phases(args, model, X, threads):
         while done < k:
             c = min(rows, k - done)
             t0 = time.perf_counter()
-            eps = model.draw_eps(c)
+            eps = model._core.noise(c, seed, i * k + done, threads=threads)
             t1 = time.perf_counter()
             _, _, lw = model._core.forward(model.params, xb, None, eps, log_weight=True,
                                            objective="iwae", k=c, threads=threads)
@@ -752,34 +753,6 @@ def time_phases(args, model, X, threads):
     t["total"] = time.perf_counter() - t_all
     t["rest"] = t["total"] - t["eps"] - t["core"]
     return t, len(X) * k
-
-
-def pipelined_rate(args, model, X, threads):
-    """samples/s of iwae_bound's loop for X at full_k (chunks of 4096) with the noise of the
-    next chunk drawn on a second Python thread while the core computes this one (NumPy's
-    Generator and the core both release the GIL): what overlapping the serial noise drawing
-    would give. Not hvae's code: a what-if timed from Python, the same numbers of samples."""
-    from concurrent.futures import ThreadPoolExecutor
-    k, rows = args.full_k, 4096
-    sizes = [min(rows, k - d) for d in range(0, k, rows)] * len(X)
-    owners = [i for i in range(len(X)) for _ in range(len(sizes) // len(X))]
-    lse = [[-np.inf, 0.0] for _ in X]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(1) as pool:
-        nxt = pool.submit(model.draw_eps, sizes[0])
-        for c, (n, i) in enumerate(zip(sizes, owners)):
-            eps = nxt.result()
-            if c + 1 < len(sizes):
-                nxt = pool.submit(model.draw_eps, sizes[c + 1])
-            _, _, lw = model._core.forward(model.params, X[i:i + 1], None, eps,
-                                           log_weight=True, objective="iwae", k=n,
-                                           threads=threads)
-            lw = lw.astype(np.float64)
-            acc_max, acc_sum = lse[i]
-            m = max(acc_max, float(lw.max()))
-            lse[i] = [m, acc_sum * np.exp(acc_max - m) + np.exp(lw - m).sum()]
-    sec = time.perf_counter() - t0
-    return len(X) * k / sec, sec
 
 
 def per_sample_flops(m):
@@ -804,9 +777,6 @@ def measure_phases(args, model, X, blas, peaks):
     for th in sorted({1, args.full_jobs}):
         with threadpoolctl.threadpool_limits(th, user_api="blas"):
             t, samples = time_phases(args, model, X, th)
-        with threadpoolctl.threadpool_limits(th, user_api="blas"):
-            rate, sec = pipelined_rate(args, model, X, th)
-        overlap = [f"{rate:,.0f}", f"{sec * 10000 / len(X) / 60:.1f} min"]
         if th not in peaks:
             peaks[th] = speed.gemm_peak(blas, "float32", th, args.gemm_size)
         gf = own * samples / t["core"] / 1e9
@@ -816,7 +786,7 @@ def measure_phases(args, model, X, blas, peaks):
                      f"({t['rest'] / t['total']:.0%})", f"{samples / t['core']:,.0f}",
                      f"{gf:.1f} of {peaks[th]:.1f} ({gf / peaks[th]:.0%})",
                      f"{samples / t['eps']:,.0f}",
-                     f"{t['total'] * 10000 / len(X) / 60:.1f} min", *overlap])
+                     f"{t['total'] * 10000 / len(X) / 60:.1f} min"])
         print("    phases  " + "  ".join(map(str, rows[-1])), flush=True)
     return rows
 
@@ -874,7 +844,9 @@ def eval_accounting(args, model, x, blas, repeats=7):
             lambda: elementwise("tanh", tanh_in, n_tanh_calls),
         f"softplus of {model.x_dim} logits per sample (core's vecmath)":
             lambda: elementwise("softplus", soft_in, n_soft_calls),
-        "drawing eps (HVAE.draw_eps, NumPy)": lambda: model.draw_eps(rows),
+        "the core's noise (_core.Model.noise), 1 thread": lambda: model._core.noise(
+            rows, args.seed, 0),
+        "drawing eps with NumPy (HVAE.draw_eps), for comparison": lambda: model.draw_eps(rows),
     }
     with threadpoolctl.threadpool_limits(1, user_api="blas"):
         sec = speed.time_interleaved(parts, {p: repeats for p in parts}, 0.02, 0.05, 0.0)
@@ -912,10 +884,9 @@ ACCOUNT_HEADERS = ["part (one chunk: 1 example x 4096 samples)", "ms", "of the c
                    "samples/s it alone allows"]
 
 
-PHASE_HEADERS = ["threads", "samples/s", "drawing eps s (share)", "core forward s (share)",
+PHASE_HEADERS = ["threads", "samples/s", "core noise s (share)", "core forward s (share)",
                  "rest s (share)", "core alone samples/s", "core GFLOP/s of GEMM peak",
-                 "eps alone samples/s", "the split at this rate",
-                 "what-if: eps overlapped, samples/s", "the split at that rate"]
+                 "noise alone samples/s", "the split at this rate"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -984,8 +955,9 @@ def render(args, info, sections, warning):
         f"default batch_size (4096), called on chunks of {args.full_chunk} examples for "
         f"progress (at k = {args.full_k} > batch_size the evaluation goes one example at a "
         "time in any case); samples/s = examples * k / wall seconds. **Phases**: the loop of "
-        "`hvae.evaluation.iwae_bound` replicated in Python with its parts timed: drawing eps "
-        "(`HVAE.draw_eps`, NumPy's Generator, on the caller's thread), the core's IWAE forward "
+        "`hvae.evaluation.iwae_bound` replicated in Python with its parts timed: the core's "
+        "noise (`_core.Model.noise`, on the team of n threads; `iwae_bound` has the core draw it "
+        "inside its forward call), the core's IWAE forward given it "
         "(`_core.Model.forward(..., log_weight=True, objective=\"iwae\")`, on the team of n "
         "threads), the rest; core GFLOP/s counts 2*in*out per sample for every layer but "
         "encoder 1's (shared), against the core's OpenBLAS SGEMM peak at n threads.")
@@ -1113,12 +1085,8 @@ def main(argv=None):
         sections.append((f"Where the evaluation's time goes ({args.phase_examples} test "
                          f"images at k = {args.full_k}, batch_size 4096)", PHASE_HEADERS,
                          rows, f"GEMM FLOPs per sample {own:,} (encoder 1, {shared:,} "
-                         "FLOPs, once per example and chunk). 'eps alone' and 'core alone': "
-                         "the samples/s each phase would allow by itself. What-if: the same loop "
-                         "with the next chunk's eps drawn on a second Python thread while the "
-                         "core computes (NumPy's Generator and the core release the GIL) - not "
-                         "hvae's code (hvae/evaluation.py draws eps serially), timed here to "
-                         "show what the serial draw costs."))
+                         "FLOPs, once per example and chunk). 'noise alone' and 'core alone': "
+                         "the samples/s each phase would allow by itself."))
         rows = section("batch_size", lambda: batch_size_sweep(args, model,
                                                              test[:args.phase_examples]))
         sections.append((f"log_likelihood's batch_size ({args.phase_examples} test images at "

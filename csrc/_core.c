@@ -38,6 +38,8 @@ static const char *const DTYPES[] = {"float32", "float64", NULL};
 static const char *const INFERENCES[] = {"bottom_up", "top_down", NULL};
 static const char *const OBJECTIVES[] = {"elbo", "iwae", NULL};
 static const char *const GRADIENTS[] = {"standard", "dreg", NULL};
+static const char *const NOISE_NAMES[2] = {"seed", "first_row"};
+static const char *const FORWARD_NOISE_NAMES[2] = {"noise_seed", "noise_row"};
 
 /* The length of a sized sequence, -1 when it has none (e.g. an iterator): checked before
  * PySequence_Tuple, which would copy a huge one (range(10**10)) into a tuple first. */
@@ -355,10 +357,11 @@ static int batch_unchanged(ModelObject *self, const batch_args *a, int k) {
     return 0;
 }
 
-/* Convert and check x, target, eps into *a (zeroed first); 0, or -1 with an exception (the
- * caller still calls batch_release). */
+/* Convert and check x, target, eps into *a (zeroed first); with `draw`, eps_obj is None and
+ * a->eps new arrays for the core to fill (noise_args checked the rest). 0, or -1 with an
+ * exception (the caller still calls batch_release). */
 static int batch_parse(ModelObject *self, PyObject *x_obj, PyObject *target_obj,
-                       PyObject *eps_obj, int k, batch_args *a) {
+                       PyObject *eps_obj, int k, int draw, batch_args *a) {
     const hvae_model *m = &self->model;
     memset(a, 0, sizeof *a);
     if (!(a->x = input_2d(x_obj, "x", self->typenum, -1, m->cfg.x_dim))) return -1;
@@ -370,14 +373,22 @@ static int batch_parse(ModelObject *self, PyObject *x_obj, PyObject *target_obj,
         return -1;
     }
     if (m->cfg.deterministic) return batch_unchanged(self, a, k);
-    if (eps_obj == Py_None) {
-        PyErr_Format(PyExc_ValueError, "eps: expected a list of %d noise arrays, got None",
-                     m->cfg.n_levels);
-        return -1;
-    }
     if (a->B > INT_MAX / k) {
         PyErr_Format(PyExc_ValueError, "x: %zd examples of k = %d samples are more rows than a "
                      "call takes (%d)", (Py_ssize_t)a->B, k, INT_MAX);
+        return -1;
+    }
+    if (draw) {
+        for (int i = 0; i < m->cfg.n_levels; i++) {
+            npy_intp dims[2] = {a->B * k, m->cfg.z_dim[i]};
+            if (!(a->eps[i] = (PyArrayObject *)PyArray_SimpleNew(2, dims, self->typenum)))
+                return -1;
+        }
+        return batch_unchanged(self, a, k);
+    }
+    if (eps_obj == Py_None) {
+        PyErr_Format(PyExc_ValueError, "eps: expected a list of %d noise arrays, got None",
+                     m->cfg.n_levels);
         return -1;
     }
     if (eps_arg(self, eps_obj, "eps", m->cfg.n_levels, a->B * k, a->eps) < 0) return -1;
@@ -466,9 +477,102 @@ static int batch_call_error(int team_failed, int threads, hvae_status st, const 
     return st == HVAE_OK ? 0 : batch_status_error(st, m, typenum, B, "x");
 }
 
+static PyObject *list_of(PyArrayObject **arrs, int n) {
+    PyObject *list = PyList_New(n);
+    if (!list) return NULL;
+    for (int i = 0; i < n; i++) {
+        PyList_SET_ITEM(list, i, (PyObject *)arrs[i]);
+        arrs[i] = NULL;
+    }
+    return list;
+}
+
+/* The seed and first row of a call whose core draws its noise (named `names`: forward's
+ * noise_seed and noise_row, or noise's seed and first_row): integers in [0, LONG_MAX]; eps must
+ * be None and the model stochastic. 0, or -1 with an exception naming the argument. */
+static int noise_args(ModelObject *self, PyObject *seed_obj, PyObject *row_obj,
+                      PyObject *eps_obj, const char *const names[2], long *seed,
+                      long *first_row) {
+    if (as_long(seed_obj, names[0], 0, LONG_MAX, seed) < 0 ||
+        (row_obj && as_long(row_obj, names[1], 0, LONG_MAX, first_row) < 0))
+        return -1;
+    if (self->model.cfg.deterministic) {
+        PyErr_Format(PyExc_ValueError, "%s: a deterministic autoencoder draws no noise",
+                     names[0]);
+        return -1;
+    }
+    if (eps_obj != Py_None) {
+        PyErr_SetString(PyExc_ValueError,
+                        "eps: must be None when noise_seed is given (the core draws the noise)");
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(noise_doc,
+"noise(rows, seed, first_row=0, threads=1)\n"
+"--\n\n"
+"The core's standard normal noise: a list of T arrays (rows, d_i) of the model's dtype, row r\n"
+"of every level from the stream of row first_row + r under seed (Philox4x64-10 keys a\n"
+"xoshiro256++ stream, Marsaglia and Tsang's ziggurat): the same numbers however the rows are\n"
+"split over calls and threads; float32 noise is the float64 noise rounded. seed, first_row:\n"
+"integers in [0, 2**63 - 1].");
+
+static PyObject *Model_noise(ModelObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"rows", "seed", "first_row", "threads", NULL};
+    PyObject *rows_obj, *seed_obj, *row_obj = NULL, *threads_obj = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OO", kwlist, &rows_obj, &seed_obj, &row_obj,
+                                     &threads_obj))
+        return NULL;
+    int rows, threads = 1, team_failed = 0;
+    long seed, first_row = 0;
+    if (as_int(rows_obj, "rows", 0, INT_MAX, &rows) < 0 ||
+        (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0))
+        return NULL;
+    if (not_ready(self) || noise_args(self, seed_obj, row_obj, Py_None, NOISE_NAMES, &seed, &first_row) < 0)
+        return NULL;
+    const hvae_model *m = &self->model;
+    const int T = m->cfg.n_levels, tn = self->typenum;
+    PyArrayObject *eps[HVAE_MAX_LEVELS] = {0};
+    void *ptr[HVAE_MAX_LEVELS];
+    for (int i = 0; i < T; i++) {
+        npy_intp dims[2] = {rows, m->cfg.z_dim[i]};
+        if (!(eps[i] = (PyArrayObject *)PyArray_SimpleNew(2, dims, tn))) {
+            release_all(eps, T);
+            return NULL;
+        }
+        ptr[i] = PyArray_DATA(eps[i]);
+    }
+    hvae_status st = HVAE_OK;
+    hvae_team *team;
+    CORE_CALL(self, {
+        if (team_begin(self, threads, &team) < 0) {
+            team_failed = 1;
+        } else {
+            hvae_team_set_current(team);
+            st = tn == NPY_FLOAT32 ? hvae_noise_f32((float *const *)ptr, m, rows, (uint64_t)seed,
+                                                    (uint64_t)first_row)
+                                   : hvae_noise_f64((double *const *)ptr, m, rows,
+                                                    (uint64_t)seed, (uint64_t)first_row);
+            hvae_team_set_current(NULL);
+            team_end(team);
+        }
+    });
+    if (team_failed || st != HVAE_OK) {
+        if (team_failed)
+            PyErr_Format(PyExc_RuntimeError, "threads: could not start %d threads", threads);
+        else
+            set_status_error(st);
+        release_all(eps, T);
+        return NULL;
+    }
+    return list_of(eps, T);
+}
+
 PyDoc_STRVAR(forward_doc,
 "forward(params, x, target=None, eps=None, beta=1.0, grad=None, log_weight=False, threads=1,\n"
-"        free_bits=None, objective='elbo', k=1, gradient='standard')\n"
+"        free_bits=None, objective='elbo', k=1, gradient='standard', noise_seed=None,\n"
+"        noise_row=0)\n"
 "--\n\n"
 "Loss terms of a batch, and optionally the gradient and the log importance weights.\n\n"
 "params: (P,); x: (B, D) encoder input; target: (B, D) what the likelihood scores (default x);\n"
@@ -481,28 +585,36 @@ PyDoc_STRVAR(forward_doc,
 "linked OpenBLAS runs at one thread meanwhile).\n\n"
 "objective, k, gradient: 'elbo' (k = 1), or 'iwae' with k samples per example, eps then of\n"
 "B k rows (sample j of example b in row b k + j), the gradient 'standard' or (T = 1) 'dreg'.\n\n"
+"noise_seed, noise_row: with eps None, the core draws eps itself on the team, equal to\n"
+"noise(B k, noise_seed, noise_row) (row r from the stream of row noise_row + r).\n\n"
 "Returns (loss, terms, log_weight): loss the batch mean of rec + beta * sum(kl) (IWAE: minus\n"
 "the batch mean of the bound), terms (T+1, B k) with row 0 the reconstruction term\n"
 "-log p(x|z_1) and row i the KL term of level i, log_weight (B k,) or None.");
 
 static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"params", "x", "target", "eps", "beta", "grad", "log_weight",
-                             "threads", "free_bits", "objective", "k", "gradient", NULL};
+                             "threads", "free_bits", "objective", "k", "gradient", "noise_seed",
+                             "noise_row", NULL};
     PyObject *params_obj, *x_obj, *target_obj = Py_None, *eps_obj = Py_None, *grad_obj = Py_None;
     PyObject *beta_obj = NULL, *lw_obj = NULL, *threads_obj = NULL, *fb_obj = NULL;
     PyObject *objective_obj = NULL, *k_obj = NULL, *gradient_obj = NULL;
+    PyObject *seed_obj = Py_None, *row_obj = NULL;
     double beta = 1.0, fb[HVAE_MAX_LEVELS];
     int want_lw = 0, threads = 1, team_failed = 0, has_fb = 0;
+    long seed = 0, first_row = 0;
     hvae_estimator est;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOOOOOOOOO", kwlist, &params_obj, &x_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|OOOOOOOOOOOO", kwlist, &params_obj, &x_obj,
                                      &target_obj, &eps_obj, &beta_obj, &grad_obj, &lw_obj,
                                      &threads_obj, &fb_obj, &objective_obj, &k_obj,
-                                     &gradient_obj))
+                                     &gradient_obj, &seed_obj, &row_obj))
         return NULL;
     if (lw_obj && as_flag(lw_obj, "log_weight", &want_lw) < 0) return NULL;
     if (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0)
         return NULL;
     if (not_ready(self)) return NULL;
+    const int draw = seed_obj != Py_None;
+    if (draw && noise_args(self, seed_obj, row_obj, eps_obj, FORWARD_NOISE_NAMES, &seed,
+                            &first_row) < 0) return NULL;
     const hvae_model *m = &self->model;
     const int T = m->cfg.n_levels, tn = self->typenum;
     PyArrayObject *params = NULL, *terms = NULL, *lw = NULL;
@@ -517,7 +629,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
         estimator_args(objective_obj, k_obj, gradient_obj, &m->cfg, has_fb, &est) < 0)
         return NULL;
     if (!(params = params_arg(self, params_obj))) goto done;
-    if (batch_parse(self, x_obj, target_obj, eps_obj, est.k, &in) < 0) goto done;
+    if (batch_parse(self, x_obj, target_obj, eps_obj, est.k, draw, &in) < 0) goto done;
     if (unchanged(params, "params", tn, (npy_intp)m->n_params, -1) < 0) goto done;
     npy_intp B = in.B, R = in.B * est.k;
     if (m->cfg.deterministic && want_lw) {
@@ -551,7 +663,13 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
             team_failed = 1;
         } else {
             hvae_team_set_current(team);
-            if (tn == NPY_FLOAT32) {
+            if (draw) /* the arrays batch_parse made for it */
+                st = tn == NPY_FLOAT32
+                         ? hvae_noise_f32((float *const *)ep, m, (int)R, (uint64_t)seed,
+                                          (uint64_t)first_row)
+                         : hvae_noise_f64((double *const *)ep, m, (int)R, (uint64_t)seed,
+                                          (uint64_t)first_row);
+            if (st == HVAE_OK && tn == NPY_FLOAT32) {
                 float lossf = 0;
                 st = hvae_forward_f32(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &lossf,
                                       &self->ws, m, pp, xp, tp, (const float *const *)ep, (int)B,
@@ -563,7 +681,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
                                            has_fb ? fb32 : NULL, &est);
                 }
                 loss = lossf;
-            } else {
+            } else if (st == HVAE_OK) {
                 st = hvae_forward_f64(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &loss,
                                       &self->ws, m, pp, xp, tp, (const double *const *)ep, (int)B,
                                       beta, has_fb ? fb : NULL, &est);
@@ -684,7 +802,7 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
     PyArrayObject *outs[4] = {(PyArrayObject *)p_obj, (PyArrayObject *)m_obj,
                               (PyArrayObject *)v_obj, (PyArrayObject *)g_obj};
     static const char *const names[4] = {"params", "m", "v", "grad"};
-    if (batch_parse(self, x_obj, target_obj, eps_obj, est.k, &in) < 0) goto done;
+    if (batch_parse(self, x_obj, target_obj, eps_obj, est.k, 0, &in) < 0) goto done;
     if (check_output(p_obj, "params", tn, P) < 0 || check_output(m_obj, "m", tn, P) < 0 ||
         check_output(v_obj, "v", tn, P) < 0 || check_output(g_obj, "grad", tn, P) < 0)
         goto done;
@@ -730,16 +848,6 @@ done:
 }
 
 /* A Python list of the n arrays (steals the references in arrs, which are set to NULL). */
-static PyObject *list_of(PyArrayObject **arrs, int n) {
-    PyObject *list = PyList_New(n);
-    if (!list) return NULL;
-    for (int i = 0; i < n; i++) {
-        PyList_SET_ITEM(list, i, (PyObject *)arrs[i]);
-        arrs[i] = NULL;
-    }
-    return list;
-}
-
 PyDoc_STRVAR(encode_doc,
 "encode(params, x, eps=None)\n"
 "--\n\n"
@@ -931,6 +1039,7 @@ static PyMethodDef Model_methods[] = {
     {"train_step", (PyCFunction)(void (*)(void))Model_train_step, METH_VARARGS | METH_KEYWORDS,
      train_step_doc},
     {"encode", (PyCFunction)(void (*)(void))Model_encode, METH_VARARGS | METH_KEYWORDS, encode_doc},
+    {"noise", (PyCFunction)(void (*)(void))Model_noise, METH_VARARGS | METH_KEYWORDS, noise_doc},
     {"decode", (PyCFunction)(void (*)(void))Model_decode, METH_VARARGS | METH_KEYWORDS, decode_doc},
     {"param_table", (PyCFunction)Model_param_table, METH_NOARGS, param_table_doc},
     {NULL, NULL, 0, NULL},

@@ -1,8 +1,9 @@
-/* f64.c - the float64 build of the generic core (vecmath.c, layers.c, sparse.c,
- * iwae.c, model.c, topdown.c, step.c). */
+/* f64.c - the float64 build of the generic core (vecmath.c, layers.c, noise_fill.c,
+ * sparse.c, iwae.c, model.c, topdown.c, step.c). */
 #define HVAE_DOUBLE 1
 #include "vecmath.c"
 #include "layers.c"
+#include "noise_fill.c"
 #include "sparse.c"
 #include "iwae.c"
 #include "model.c"

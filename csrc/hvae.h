@@ -15,6 +15,7 @@
 #define HVAE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #define HVAE_MAX_LEVELS 16 /* T at most */
 #define HVAE_MAX_HIDDEN 8  /* hidden layers in one MLP at most */
@@ -183,6 +184,11 @@ typedef struct {
     /* Elementwise math of the core, for accuracy tests: op 0 exp, 1 expm1, 2 log1p on [0, 1],    \
      * 3 tanh, 4 softplus, 5 sigmoid. */                                                         \
     hvae_status hvae_vecmath_##sfx(real *out, const real *in, size_t n, int op);                  \
+    /* Standard normal noise (noise.h) over the current team: eps[i] (rows, d_{i+1}) for every    \
+     * level, row r's values (level 1 first) a function of seed and first_row + r alone.         \
+     * HVAE_EINVAL for rows < 0 or a NULL pointer. */                                            \
+    hvae_status hvae_noise_##sfx(real *const *eps, const hvae_model *m, int rows, uint64_t seed,  \
+                                 uint64_t first_row);                                             \
     int adam_update_##sfx(real *params, real *m1, real *m2, const real *grad, size_t n,          \
                            real lr, real beta1, real beta2, real eps, long t);                  \
     /* One training step over `team` (NULL: the calling thread alone): hvae_forward (no         \

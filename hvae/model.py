@@ -938,10 +938,17 @@ class HVAE:
         comm : mpi4py communicator, optional
             Split the examples over the MPI ranks (contiguous shards, sizes within one), each
             on its own ``n_jobs`` threads; every rank returns the whole result. Every rank
-            passes the same x, k and model; rank r's examples draw their noise from the r-th of
-            ``comm.size`` seeds taken from the model's Generator (which so advances alike on
-            every rank), so the numbers equal a one-process run's in distribution, not bit for
-            bit. A bad argument on any rank raises on every rank.
+            passes the same x, k and model; every rank takes the same seed from the model's
+            Generator (which so advances alike everywhere), and sample j of example e gets the
+            same noise on whichever rank scores it, so the numbers equal a one-process run's up
+            to rounding. A bad argument on any rank raises on every rank.
+
+        Notes
+        -----
+        The noise is drawn by the core on its threads: one seed from the model's Generator per
+        call, then sample j of example e (counted over the whole x) gets row e k + j of that
+        seed's counter-based stream. The result depends on the seed alone, not on
+        ``batch_size``, ``n_jobs`` or the ranks.
 
         Returns
         -------

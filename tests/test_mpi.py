@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import hvae
-from hvae import evaluation, parallel
+from hvae import parallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mpi_cases  # noqa: E402
@@ -162,21 +162,18 @@ def test_checkpoint_resumes_across_rank_counts(tmp_path):
 
 
 def test_evaluation_split_over_ranks(tmp_path):
+    """Every rank takes one seed from the model's Generator and scores its shard; the noise of
+    an example depends on the seed and its place in X, not on the rank: one process's numbers
+    (the batch sizes differ, so GEMM rounding may)."""
     ranks = worker(3, "evaluate", tmp_path)
     m = mpi_cases.model()
     X, _ = mpi_cases.data(m)
-    # rank r scores its shard with the r-th of 3 seeds from the model's Generator
-    expected = {}
-    for key, k, rows in (("ll", 7, 10), ("elbo", 2, 4096)):
-        seeds = m._rng.integers(0, 2 ** 63, size=3)
-        expected[key] = np.concatenate([
-            evaluation.iwae_bound(m, X[parallel.shard(len(X), r, 3)], k, rows,
-                                  rng=np.random.default_rng(seeds[r])) for r in range(3)])
+    expected = {"ll": m.log_likelihood(X, k=7, batch_size=10), "elbo": m.elbo(X, k=2)}
     after = int(m._rng.integers(0, 2 ** 63))  # the Generator advanced alike on every rank
     for r in ranks:
         assert r["ll"].shape == (mpi_cases.N,) and np.all(np.isfinite(r["ll"]))
-        np.testing.assert_allclose(r["ll"], expected["ll"], rtol=1e-13)
-        np.testing.assert_allclose(r["elbo"], expected["elbo"], rtol=1e-13)
+        np.testing.assert_allclose(r["ll"], expected["ll"], rtol=1e-12)
+        np.testing.assert_allclose(r["elbo"], expected["elbo"], rtol=1e-12)
         assert np.array_equal(r["ll"], ranks[0]["ll"])
         assert int(r["rng_after"]) == after
 

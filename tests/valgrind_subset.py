@@ -1,5 +1,5 @@
 """A small tour of the C core for valgrind (.ci/valgrind.sh): forward, backward, encode, decode,
-Adam, the fused training step (on one thread and on a team of two, with and without free bits)
+the core's noise, Adam, the fused training step (on one thread and on a team of two, with and without free bits)
 and the elementwise math on tiny models of every kind, both inference chains, both precisions,
 odd layouts, the error paths (after conversions), a grow-and-reuse of the workspace, the sparse
 first layer, two threads. Prints "ok".
@@ -63,6 +63,10 @@ def tour(m, rng, B, density=0.5, iwae=True):
             for threads in (1, 2):
                 m.train_step(p, opt[0], opt[1], g, x, eps_k, 6, objective="iwae", k=k,
                              gradient=gradient, threads=threads)
+        for threads in (1, 2):  # the core drawing the noise itself
+            m.noise(B * k, 5, 2 ** 62, threads=threads)
+            m.forward(p, x, None, None, log_weight=True, objective="iwae", k=k,
+                      noise_seed=11, noise_row=7, threads=threads)
     g[0] = np.nan
     _core.adam_update(p, opt[0], opt[1], g, 6)  # refused: non-finite gradient
     for bad in (lambda: m.forward(p, x, None, [eps[0][:, :0]] + eps[1:], grad=g),
