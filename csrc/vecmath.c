@@ -167,7 +167,7 @@ static inline int F(all_below)(const real *restrict v, size_t n, real limit) {
 
 /* Public for the accuracy tests (hvae.h): out (n,) = op(in) with op 0 exp, 1 expm1, 2 log1p on
  * [0, 1], 3 tanh, 4 softplus, 5 sigmoid. HVAE_EINVAL for another op. */
-hvae_status F(hvae_vecmath)(real *out, const real *in, size_t n, int op) {
+HVAE_CLONES hvae_status F(hvae_vecmath)(real *out, const real *in, size_t n, int op) {
     switch (op) {
     case 0: for (size_t k = 0; k < n; k++) out[k] = F(vexp)(in[k]); break;
     case 1: for (size_t k = 0; k < n; k++) out[k] = F(vexpm1)(in[k]); break;
