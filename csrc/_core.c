@@ -14,6 +14,7 @@
 
 #include "blas.h"
 #include "hvae.h"
+#include "noise.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* the Model type: a validated description, its parameter table and a reusable workspace        */
@@ -387,8 +388,8 @@ static int batch_parse(ModelObject *self, PyObject *x_obj, PyObject *target_obj,
         return batch_unchanged(self, a, k);
     }
     if (eps_obj == Py_None) {
-        PyErr_Format(PyExc_ValueError, "eps: expected a list of %d noise arrays, got None",
-                     m->cfg.n_levels);
+        PyErr_Format(PyExc_ValueError, "eps: expected a list of %d noise arrays (or noise_seed "
+                     "for the core to draw them), got None", m->cfg.n_levels);
         return -1;
     }
     if (eps_arg(self, eps_obj, "eps", m->cfg.n_levels, a->B * k, a->eps) < 0) return -1;
@@ -477,6 +478,8 @@ static int batch_call_error(int team_failed, int threads, hvae_status st, const 
     return st == HVAE_OK ? 0 : batch_status_error(st, m, typenum, B, "x");
 }
 
+/* A Python list of the n arrays (steals the references in arrs, which are set to NULL), or NULL
+ * with an exception (arrs untouched). */
 static PyObject *list_of(PyArrayObject **arrs, int n) {
     PyObject *list = PyList_New(n);
     if (!list) return NULL;
@@ -502,8 +505,8 @@ static int noise_args(ModelObject *self, PyObject *seed_obj, PyObject *row_obj,
         return -1;
     }
     if (eps_obj != Py_None) {
-        PyErr_SetString(PyExc_ValueError,
-                        "eps: must be None when noise_seed is given (the core draws the noise)");
+        PyErr_Format(PyExc_ValueError, "eps: must be None when %s is given (the core draws the "
+                     "noise)", names[0]);
         return -1;
     }
     return 0;
@@ -529,7 +532,8 @@ static PyObject *Model_noise(ModelObject *self, PyObject *args, PyObject *kwds) 
     if (as_int(rows_obj, "rows", 0, INT_MAX, &rows) < 0 ||
         (threads_obj && as_int(threads_obj, "threads", 1, HVAE_MAX_THREADS, &threads) < 0))
         return NULL;
-    if (not_ready(self) || noise_args(self, seed_obj, row_obj, Py_None, NOISE_NAMES, &seed, &first_row) < 0)
+    if (not_ready(self) ||
+        noise_args(self, seed_obj, row_obj, Py_None, NOISE_NAMES, &seed, &first_row) < 0)
         return NULL;
     const hvae_model *m = &self->model;
     const int T = m->cfg.n_levels, tn = self->typenum;
@@ -566,7 +570,9 @@ static PyObject *Model_noise(ModelObject *self, PyObject *args, PyObject *kwds) 
         release_all(eps, T);
         return NULL;
     }
-    return list_of(eps, T);
+    PyObject *list = list_of(eps, T);
+    if (!list) release_all(eps, T);
+    return list;
 }
 
 PyDoc_STRVAR(forward_doc,
@@ -613,8 +619,13 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
         return NULL;
     if (not_ready(self)) return NULL;
     const int draw = seed_obj != Py_None;
+    if (!draw && row_obj) {
+        PyErr_SetString(PyExc_ValueError, "noise_row: given without noise_seed");
+        return NULL;
+    }
     if (draw && noise_args(self, seed_obj, row_obj, eps_obj, FORWARD_NOISE_NAMES, &seed,
-                            &first_row) < 0) return NULL;
+                            &first_row) < 0)
+        return NULL;
     const hvae_model *m = &self->model;
     const int T = m->cfg.n_levels, tn = self->typenum;
     PyArrayObject *params = NULL, *terms = NULL, *lw = NULL;
@@ -653,6 +664,8 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
 
     const void *eps_ptr[HVAE_MAX_LEVELS];
     const void *const *ep = batch_eps(&in, m, eps_ptr);
+    void *drawn[HVAE_MAX_LEVELS]; /* with draw: the arrays batch_parse made, for the core to fill */
+    for (int i = 0; draw && i < T; i++) drawn[i] = PyArray_DATA(in.eps[i]);
     void *gp = grad_obj == Py_None ? NULL : PyArray_DATA((PyArrayObject *)grad_obj);
     const void *pp = PyArray_DATA(params), *xp = PyArray_DATA(in.x), *tp = PyArray_DATA(in.target);
     size_t P = m->n_params;
@@ -663,11 +676,11 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
             team_failed = 1;
         } else {
             hvae_team_set_current(team);
-            if (draw) /* the arrays batch_parse made for it */
+            if (draw)
                 st = tn == NPY_FLOAT32
-                         ? hvae_noise_f32((float *const *)ep, m, (int)R, (uint64_t)seed,
+                         ? hvae_noise_f32((float *const *)drawn, m, (int)R, (uint64_t)seed,
                                           (uint64_t)first_row)
-                         : hvae_noise_f64((double *const *)ep, m, (int)R, (uint64_t)seed,
+                         : hvae_noise_f64((double *const *)drawn, m, (int)R, (uint64_t)seed,
                                           (uint64_t)first_row);
             if (st == HVAE_OK && tn == NPY_FLOAT32) {
                 float lossf = 0;
@@ -847,7 +860,6 @@ done:
     return result;
 }
 
-/* A Python list of the n arrays (steals the references in arrs, which are set to NULL). */
 PyDoc_STRVAR(encode_doc,
 "encode(params, x, eps=None)\n"
 "--\n\n"
@@ -1181,6 +1193,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__core(void) {
     import_array();
+    (void)hvae_noise_tables(); /* built now, not lazily in a core call a fork might interrupt */
     if (PyType_Ready(&ModelType) < 0) return NULL;
     static int atfork_done;
     if (!atfork_done) {

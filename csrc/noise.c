@@ -12,14 +12,28 @@
 #define PHILOX_W1 UINT64_C(0xBB67AE8584CAA73B)
 #define PHILOX_ROUNDS 10
 
+/* *hi, *lo = the 128-bit product a * b */
+static void mul128(uint64_t a, uint64_t b, uint64_t *hi, uint64_t *lo) {
+#if defined(__SIZEOF_INT128__)
+    const unsigned __int128 p = (unsigned __int128)a * b;
+    *hi = (uint64_t)(p >> 64);
+    *lo = (uint64_t)p;
+#else /* four 32 x 32 -> 64 products */
+    const uint64_t a0 = a & 0xffffffffu, a1 = a >> 32, b0 = b & 0xffffffffu, b1 = b >> 32;
+    const uint64_t p00 = a0 * b0, p01 = a0 * b1, p10 = a1 * b0, p11 = a1 * b1;
+    const uint64_t mid = (p00 >> 32) + (p01 & 0xffffffffu) + (p10 & 0xffffffffu);
+    *lo = (mid << 32) | (p00 & 0xffffffffu);
+    *hi = p11 + (p01 >> 32) + (p10 >> 32) + (mid >> 32);
+#endif
+}
+
 void hvae_philox4x64(uint64_t out[4], const uint64_t ctr[4], const uint64_t key[2]) {
     uint64_t c0 = ctr[0], c1 = ctr[1], c2 = ctr[2], c3 = ctr[3], k0 = key[0], k1 = key[1];
     for (int round = 0; round < PHILOX_ROUNDS; round++) {
         if (round > 0) k0 += PHILOX_W0, k1 += PHILOX_W1;
-        const unsigned __int128 p0 = (unsigned __int128)PHILOX_M0 * c0;
-        const unsigned __int128 p1 = (unsigned __int128)PHILOX_M1 * c2;
-        const uint64_t hi0 = (uint64_t)(p0 >> 64), lo0 = (uint64_t)p0;
-        const uint64_t hi1 = (uint64_t)(p1 >> 64), lo1 = (uint64_t)p1;
+        uint64_t hi0, lo0, hi1, lo1;
+        mul128(PHILOX_M0, c0, &hi0, &lo0);
+        mul128(PHILOX_M1, c2, &hi1, &lo1);
         c0 = hi1 ^ c1 ^ k0;
         c1 = lo1;
         c2 = hi0 ^ c3 ^ k1;
@@ -37,7 +51,7 @@ static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 
 static void build_tables(void) {
     const double r = ZIG_R, fr = exp(-0.5 * r * r);
-    const double v = r * fr + sqrt(acos(-1.0) / 2) * erfc(r / sqrt(2.0));
+    const double v = r * fr + sqrt(3.14159265358979323846 / 2) * erfc(r / sqrt(2.0));
     tables.x[0] = v / fr;
     tables.x[1] = r;
     for (int i = 1; i < HVAE_ZIG_LAYERS - 1; i++)

@@ -1,6 +1,8 @@
 /* noise.h - counter-based standard normal noise for the core (noise.c, noise_fill.c): the values
  * of row r are a function of (seed, r) alone, so they do not depend on how the rows are split
- * over calls, threads or MPI ranks. Precision-independent; pure C11, no Python.
+ * over calls, threads or MPI ranks (for a given libm: the tables and the wedge test call exp,
+ * log, erfc). Precision-independent; C11 (with GCC's 128-bit integers where they exist), no
+ * Python.
  *
  * Row r's stream: Philox4x64-10 (Salmon et al. 2011) of the counter (r, 0, 0, 0) under the key
  * (seed, 0) gives the 256-bit state of a xoshiro256++ generator (Blackman & Vigna 2021), whose
@@ -17,7 +19,8 @@
 #define HVAE_ZIG_LAYERS 256
 
 /* The ziggurat's layer edges x[0..256] (x[0] = v / f(r), x[1] = r, x[256] = 0) and the density
- * f(x) = exp(-x^2 / 2) at them; filled once by hvae_noise_tables (thread safe). */
+ * f(x) = exp(-x^2 / 2) at them; filled on the first call of hvae_noise_tables (thread safe; the
+ * binding calls it when the module loads). */
 typedef struct {
     double x[HVAE_ZIG_LAYERS + 1];
     double f[HVAE_ZIG_LAYERS + 1];

@@ -36,9 +36,10 @@ def iwae_bound(model, x, k, rows=4096, progress=False, threads=1, comm=None, rng
     threads : int
         The core's threads.
     comm : mpi4py communicator, optional
-        Each rank scores its shard (:func:`hvae.parallel.shard`) of the examples, with the same
-        seed; every rank returns all n, equal to one process's up to rounding. Collective; a
-        failure on one rank ends the job (the others would wait for it).
+        Each rank scores its shard (:func:`hvae.parallel.shard`) of the examples with rank 0's
+        seed (every rank draws one, so every Generator advances alike); every rank returns all
+        n, equal to one process's up to rounding. Collective; a failure on one rank ends the job
+        (the others would wait for it).
     rng : numpy.random.Generator, optional
         Where the seed of the noise comes from (default: the model's Generator, which advances
         by one draw).
@@ -54,6 +55,7 @@ def iwae_bound(model, x, k, rows=4096, progress=False, threads=1, comm=None, rng
     else:
         seed = int(rng.integers(0, 2 ** 63))
     if comm is not None:
+        seed = comm.bcast(seed, root=0)  # every Generator drew one; rank 0's is the seed
         part = parallel.shard(len(x), comm.Get_rank(), comm.Get_size())
         try:
             local = _bound(model, x[part], k, rows, progress and comm.Get_rank() == 0, threads,

@@ -938,10 +938,10 @@ class HVAE:
         comm : mpi4py communicator, optional
             Split the examples over the MPI ranks (contiguous shards, sizes within one), each
             on its own ``n_jobs`` threads; every rank returns the whole result. Every rank
-            passes the same x, k and model; every rank takes the same seed from the model's
-            Generator (which so advances alike everywhere), and sample j of example e gets the
-            same noise on whichever rank scores it, so the numbers equal a one-process run's up
-            to rounding. A bad argument on any rank raises on every rank.
+            passes the same x, k and model; every rank draws a seed from the model's Generator
+            (which so advances alike everywhere) and uses rank 0's, and sample j of example e
+            gets the same noise on whichever rank scores it, so the numbers equal a one-process
+            run's up to rounding. A bad argument on any rank raises on every rank.
 
         Notes
         -----

@@ -128,7 +128,12 @@ def evaluate(out):
     X, _ = mpi_cases.data(m)
     ll = m.log_likelihood(X, k=7, batch_size=10, comm=comm)
     elbo = m.elbo(X, k=2, comm=comm)
-    np.savez(out, ll=ll, elbo=elbo, rng_after=m._rng.integers(0, 2 ** 63))
+    chunked = m.log_likelihood(X, k=7, batch_size=3, comm=comm)  # k > batch_size
+    rng_after = m._rng.integers(0, 2 ** 63)
+    if rank == 1:
+        m._rng.random()  # this rank's Generator out of step: rank 0's seed is still used
+    skewed = m.log_likelihood(X, k=7, batch_size=10, comm=comm)
+    np.savez(out, ll=ll, elbo=elbo, chunked=chunked, skewed=skewed, rng_after=rng_after)
 
 
 if __name__ == "__main__":

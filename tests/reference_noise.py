@@ -33,10 +33,16 @@ X, FX = _tables()
 
 def philox_state(seed, row):
     """Philox4x64-10 of counter (row, 0, 0, 0), key (seed, 0), by NumPy (whose generator adds
-    one to its counter before each block)."""
+    one to its counter before each block). The counter goes in through the state as uint64
+    words: Philox(counter=...) loses the low bits of counters above 2**53 (it converts them
+    through float64)."""
     counter = (row - 1) % (1 << 256)
-    bg = np.random.Philox(counter=[(counter >> (64 * w)) & MASK for w in range(4)],
-                          key=[seed, 0])
+    bg = np.random.Philox(key=[seed, 0])
+    state = bg.state
+    state["state"]["counter"] = np.array([(counter >> (64 * w)) & MASK for w in range(4)],
+                                         dtype=np.uint64)
+    state["buffer_pos"] = 4  # the buffer used up: the next output starts a new block
+    bg.state = state
     s = [int(v) for v in bg.random_raw(4)]
     return s if any(s) else [1, 0, 0, 0]
 
@@ -59,8 +65,12 @@ class Xoshiro256pp:
         return out
 
 
-def normal(gen):
-    """One standard normal by the ziggurat."""
+def normal(gen, counts=None):
+    """One standard normal by the ziggurat; counts (a dict), when given, counts the branches
+    taken: 'tail' entries and 'tail_retry' rejections beyond R, 'wedge' tests and
+    'wedge_reject' rejections."""
+    count = (lambda key: counts.__setitem__(key, counts.get(key, 0) + 1)) if counts is not None \
+        else (lambda key: None)
     while True:
         u = gen.next()
         i, sign = u & 255, -1.0 if (u >> 8) & 1 else 1.0
@@ -68,22 +78,26 @@ def normal(gen):
         if z < X[i + 1]:
             return sign * z
         if i == 0:  # beyond R: Marsaglia's tail
+            count("tail")
             while True:
                 a = -math.log(((gen.next() >> 11) + 1) * 2.0 ** -53) / R
                 b = -math.log(((gen.next() >> 11) + 1) * 2.0 ** -53)
                 if b + b >= a * a:
                     return sign * (R + a)
+                count("tail_retry")
+        count("wedge")
         y = FX[i] + (gen.next() >> 11) * 2.0 ** -53 * (FX[i + 1] - FX[i])
         if y < math.exp(-0.5 * z * z):
             return sign * z
+        count("wedge_reject")
 
 
-def noise(dims, rows, seed, first_row=0):
-    """The core's noise: T float64 arrays (rows, d_i)."""
+def noise(dims, rows, seed, first_row=0, counts=None):
+    """The core's noise: T float64 arrays (rows, d_i); counts as in :func:`normal`."""
     out = [np.empty((rows, d)) for d in dims]
     for r in range(rows):
         gen = Xoshiro256pp(philox_state(seed, first_row + r))
         for a in out:
             for c in range(a.shape[1]):
-                a[r, c] = normal(gen)
+                a[r, c] = normal(gen, counts)
     return out

@@ -1,6 +1,6 @@
 """A small tour of the C core for valgrind (.ci/valgrind.sh): forward, backward, encode, decode,
-the core's noise, Adam, the fused training step (on one thread and on a team of two, with and without free bits)
-and the elementwise math on tiny models of every kind, both inference chains, both precisions,
+the core's noise, Adam, the fused training step (on one thread and on a team of two, with and
+without free bits) and the elementwise math on tiny models of every kind, both inference chains, both precisions,
 odd layouts, the error paths (after conversions), a grow-and-reuse of the workspace, the sparse
 first layer, two threads. Prints "ok".
 
