@@ -1,6 +1,7 @@
-/* noise.c - the precision-independent half of the core's noise (noise.h): Philox4x64-10 and the
- * ziggurat's tables. */
+/* noise.c - the precision-independent half of the core's noise (noise.h): Philox4x64-10, the
+ * xoshiro256++ streams and the ziggurat. */
 #define _POSIX_C_SOURCE 200809L
+#include <math.h>
 #include <pthread.h>
 
 #include "noise.h"
@@ -64,4 +65,86 @@ static void build_tables(void) {
 const hvae_zig_tables *hvae_noise_tables(void) {
     pthread_once(&tables_once, build_tables);
     return &tables;
+}
+
+void hvae_noise_seed_row(uint64_t s[4], uint64_t seed, uint64_t row) {
+    const uint64_t ctr[4] = {row, 0, 0, 0}, key[2] = {seed, 0};
+    hvae_philox4x64(s, ctr, key);
+    if (!(s[0] | s[1] | s[2] | s[3])) s[0] = 1; /* xoshiro's one state that stays 0 */
+}
+
+static uint64_t rotl64(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+/* xoshiro256++ on the state in four variables: u = the next 64 bits */
+#define XOSHIRO_NEXT(u, s0, s1, s2, s3)                                                           \
+    do {                                                                                          \
+        const uint64_t t_ = (s1) << 17;                                                           \
+        (u) = rotl64((s0) + (s3), 23) + (s0);                                                     \
+        (s2) ^= (s0);                                                                             \
+        (s3) ^= (s1);                                                                             \
+        (s1) ^= (s2);                                                                             \
+        (s0) ^= (s3);                                                                             \
+        (s2) ^= t_;                                                                               \
+        (s3) = rotl64((s3), 45);                                                                  \
+    } while (0)
+
+static uint64_t next_bits(uint64_t s[4]) {
+    uint64_t u;
+    XOSHIRO_NEXT(u, s[0], s[1], s[2], s[3]);
+    return u;
+}
+
+/* A uniform on [0, 1) (open: (0, 1]) from the top 53 bits. */
+static double uniform(uint64_t s[4], int open) {
+    return (double)(int64_t)((next_bits(s) >> 11) + (uint64_t)(open != 0)) * 0x1p-53;
+}
+
+/* The ziggurat's rare branches for the draw u whose point z = |candidate| fell outside the
+ * rectangle x[i+1] of its layer i: from layer 0, a draw from the tail beyond r (Marsaglia
+ * 1964); from layer i >= 1, the point kept when under f (its height uniform between f(x[i])
+ * and f(x[i+1])). 1 with *out set, or 0: draw again. Kept out of line so that the fast path
+ * holds the state in registers. */
+static __attribute__((noinline)) int slow_draw(double *out, uint64_t s[4], uint64_t u, double z,
+                                               const hvae_zig_tables *t) {
+    const int i = (int)(u & 0xff);
+    const double sign = (u >> 8) & 1 ? -1.0 : 1.0;
+    if (i == 0) {
+        const double r = t->x[1];
+        double a, b;
+        do {
+            a = -log(uniform(s, 1)) / r;
+            b = -log(uniform(s, 1));
+        } while (b + b < a * a);
+        *out = sign * (r + a);
+        return 1;
+    }
+    const double y = t->f[i] + uniform(s, 0) * (t->f[i + 1] - t->f[i]);
+    if (!(y < exp(-0.5 * z * z))) return 0;
+    *out = sign * z;
+    return 1;
+}
+
+/* Layer i >= 1 is the rectangle of width x[i] between heights f(x[i]) and f(x[i+1]); layer 0
+ * the base strip of width x[0] under f(r) plus the tail beyond r. A point inside x[i+1] is
+ * under the curve (about 99% of draws); the rest go to slow_draw. */
+void hvae_noise_normals(double *out, size_t n, uint64_t s[4]) {
+    const hvae_zig_tables *t = hvae_noise_tables();
+    uint64_t s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3];
+    for (size_t c = 0; c < n; c++) {
+        for (;;) {
+            uint64_t u;
+            XOSHIRO_NEXT(u, s0, s1, s2, s3);
+            const int i = (int)(u & 0xff);
+            const double z = (double)(int64_t)(u >> 11) * 0x1p-53 * t->x[i];
+            if (z < t->x[i + 1]) {
+                out[c] = (u >> 8) & 1 ? -z : z;
+                break;
+            }
+            uint64_t st[4] = {s0, s1, s2, s3};
+            const int done = slow_draw(out + c, st, u, z, t);
+            s0 = st[0], s1 = st[1], s2 = st[2], s3 = st[3];
+            if (done) break;
+        }
+    }
+    s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3;
 }
