@@ -90,7 +90,8 @@ def _check_split(split, choices):
 
 
 def _check_binary_images(x, where):
-    """Check a (n, 784) array of 0/1 values; return it as float32."""
+    """Check a (n, 784) array of 0/1 values; return it as C-contiguous float32 (an archive may
+    store it in Fortran order, whose rows are not contiguous: every core call would copy it)."""
     if x.ndim != 2 or x.shape[1] != MNIST_DIM:
         raise ValueError(f"{where}: expected shape (n, {MNIST_DIM}) (one 28x28 image per row), "
                          f"got {x.shape}")
@@ -101,7 +102,7 @@ def _check_binary_images(x, where):
         i, j = np.argwhere(bad)[0]
         raise ValueError(f"{where}: expected values 0 or 1, found {x[i, j]!r} "
                          f"(row {i}, column {j}; {int(bad.sum())} such values)")
-    return x.astype(np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def read_amat(path):

@@ -96,6 +96,18 @@ def test_loaders_use_env(monkeypatch, tmp_path):
 # binarized MNIST: .npz
 
 
+def test_npz_in_fortran_order_comes_back_row_major(tmp_path, monkeypatch):
+    """An archive that stores the images column-major (as the shared binarized_mnist.npz
+    does) loads as C-contiguous float32: rows contiguous, as the core and NumPy's row slicing
+    expect."""
+    x = np.asfortranarray(binary_images(6))
+    np.savez(tmp_path / "binarized_mnist.npz", train=x, valid=x, test=x)
+    monkeypatch.setenv("HVAE_DATA", str(tmp_path))
+    got = load_binarized_mnist("train")
+    assert got.flags["C_CONTIGUOUS"] and got.dtype == np.float32
+    np.testing.assert_array_equal(got, x)
+
+
 def test_npz(tmp_path):
     x = binary_images(5)
     np.savez_compressed(tmp_path / "binarized_mnist.npz", train=x, valid=x[:2], test=x[:3])
@@ -488,7 +500,7 @@ def test_real_binarized_mnist():
     shared_file("binarized_mnist.npz")
     for split, n in (("valid", 10000), ("test", 10000)):
         x = load_binarized_mnist(split)
-        assert x.dtype == np.float32 and x.shape == (n, 784)
+        assert x.dtype == np.float32 and x.shape == (n, 784) and x.flags["C_CONTIGUOUS"]
         assert set(np.unique(x)) == {0.0, 1.0}
         assert 0.10 < x.mean() < 0.16
 
