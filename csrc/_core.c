@@ -415,26 +415,28 @@ static const void *const *batch_eps(const batch_args *a, const hvae_model *m,
     return m->cfg.deterministic ? NULL : ptrs;
 }
 
-/* BLAS runs single-threaded inside a team (hvae.h): while any call with a team is in flight,
- * the linked OpenBLAS is set to one thread; the last such call to end restores the count it
- * had (a BLAS left at several threads would put its own threads beside the team's: 2-3x
- * slower). Another BLAS is left alone. Called with the GIL released. */
+/* BLAS runs single-threaded inside a core call (hvae.h), one of one thread too: while any
+ * call is in flight, the linked OpenBLAS is set to one thread; the last such call to end
+ * restores the count it had. A BLAS left at several threads would put its own threads beside
+ * the team's (2-3x slower), and a call asked to run on one thread would take every core
+ * (on a busy machine its spinning threads made a training step twice as slow). Another BLAS
+ * is left alone. Called with the GIL released. */
 extern int openblas_get_num_threads(void) __attribute__((weak)); /* NULL: not OpenBLAS */
 extern void openblas_set_num_threads(int) __attribute__((weak));
 static pthread_mutex_t blas_mutex = PTHREAD_MUTEX_INITIALIZER;
-static int blas_team_calls, blas_saved_threads;
+static int blas_calls, blas_saved_threads; /* core calls in flight; the count before them */
 
 /* pthread_atfork's child handler: the calls counted were the parent's threads' (the mutex may
  * have been held by one of them); the child starts with none. */
 static void blas_after_fork_child(void) {
     pthread_mutex_init(&blas_mutex, NULL);
-    blas_team_calls = 0;
+    blas_calls = 0;
 }
 
-static void blas_single_begin(const hvae_team *team) {
-    if (!team || !openblas_get_num_threads || !openblas_set_num_threads) return;
+static void blas_single_begin(void) {
+    if (!openblas_get_num_threads || !openblas_set_num_threads) return;
     pthread_mutex_lock(&blas_mutex);
-    if (blas_team_calls++ == 0) {
+    if (blas_calls++ == 0) {
         blas_saved_threads = openblas_get_num_threads();
         if (blas_saved_threads != 1) openblas_set_num_threads(1);
     }
@@ -442,10 +444,10 @@ static void blas_single_begin(const hvae_team *team) {
 }
 
 /* After a core call that team_begin prepared: BLAS back to its count when the last one ends */
-static void team_end(const hvae_team *team) {
-    if (!team || !openblas_get_num_threads || !openblas_set_num_threads) return;
+static void team_end(void) {
+    if (!openblas_get_num_threads || !openblas_set_num_threads) return;
     pthread_mutex_lock(&blas_mutex);
-    if (--blas_team_calls == 0 && blas_saved_threads != 1)
+    if (--blas_calls == 0 && blas_saved_threads != 1)
         openblas_set_num_threads(blas_saved_threads);
     pthread_mutex_unlock(&blas_mutex);
 }
@@ -463,7 +465,7 @@ static int team_begin(ModelObject *self, int threads, hvae_team **team) {
         if (threads > 1 && !self->team) return -1;
     }
     *team = self->team;
-    blas_single_begin(*team);
+    blas_single_begin();
     return 0;
 }
 
@@ -559,7 +561,7 @@ static PyObject *Model_noise(ModelObject *self, PyObject *args, PyObject *kwds) 
                                    : hvae_noise_f64((double *const *)ptr, m, rows,
                                                     (uint64_t)seed, (uint64_t)first_row);
             hvae_team_set_current(NULL);
-            team_end(team);
+            team_end();
         }
     });
     if (team_failed || st != HVAE_OK) {
@@ -706,7 +708,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
                 }
             }
             hvae_team_set_current(NULL);
-            team_end(team);
+            team_end();
         }
     });
     if (batch_call_error(team_failed, threads, st, m, tn, R) < 0) goto done;
@@ -849,7 +851,7 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
                                          &self->ws, m, xp, tp, (const double *const *)ep,
                                          (int)B, beta, has_fb ? fb : NULL, &est, &opt, team);
             }
-            team_end(team);
+            team_end();
         }
     });
     if (batch_call_error(team_failed, threads, st, m, tn, R) < 0) goto done;

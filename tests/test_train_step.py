@@ -281,15 +281,52 @@ def test_n_jobs_out_of_range():
         m.loss_and_grad(np.zeros((2, 4)), n_jobs=_core.MAX_THREADS + 1)
 
 
+def _our_openblas():
+    """threadpoolctl's controllers of hvae's OpenBLAS (not the copies NumPy and SciPy bundle;
+    hvae's may be the scipy-openblas32 wheel's)."""
+    import threadpoolctl
+    ctl = threadpoolctl.ThreadpoolController().select(internal_api="openblas")
+    ours = [c for c in ctl.lib_controllers
+            if not any(bundled in c.filepath for bundled in ("numpy.libs", "scipy.libs"))]
+    assert ours, [c.filepath for c in ctl.lib_controllers]
+    return ours
+
+
+def test_one_thread_call_runs_blas_at_one_thread():
+    """n_jobs = 1 means one thread: during a core call of one thread hvae's OpenBLAS is at one
+    thread too (seen from another Python thread while the call runs, the GIL released), and
+    afterwards back at the count it had."""
+    import threading
+
+    import threadpoolctl
+    ours = _our_openblas()
+    m = hvae.HVAE(784, [50], [[400, 400]], seed=0)
+    x = (np.random.default_rng(0).random((20000, 784)) < 0.4).astype(np.float32)
+    eps = m.draw_eps(20000)
+    seen, done = [], threading.Event()
+
+    def call():
+        try:
+            for _ in range(3):
+                m._core.forward(m.params, x, None, eps, threads=1)
+        finally:
+            done.set()
+
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        worker = threading.Thread(target=call)
+        worker.start()
+        while not done.wait(0.01):
+            seen.append([c.num_threads for c in ours])
+        worker.join()
+        assert [c.num_threads for c in ours] == [2] * len(ours)
+    assert len(seen) >= 3 and seen[1:-1] and all(s == [1] * len(ours) for s in seen[1:-1]), seen
+
+
 def test_team_call_restores_the_blas_thread_count():
     """While a call with a team runs, hvae's OpenBLAS runs at one thread (else its threads would
     compete with the team's); afterwards it has the count it had before."""
     import threadpoolctl
-    ctl = threadpoolctl.ThreadpoolController().select(internal_api="openblas")
-    # not the copies NumPy and SciPy bundle (hvae's may be the scipy-openblas32 wheel's)
-    ours = [c for c in ctl.lib_controllers
-            if not any(bundled in c.filepath for bundled in ("numpy.libs", "scipy.libs"))]
-    assert ours, [c.filepath for c in ctl.lib_controllers]
+    ours = _our_openblas()
     m = hvae.HVAE(**CONFIGS[6], seed=0)
     x = (np.random.default_rng(0).random((64, m.x_dim)) < 0.4).astype(np.float32)
     g, m1, m2 = np.zeros_like(m.params), np.zeros_like(m.params), np.zeros_like(m.params)
