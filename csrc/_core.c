@@ -514,6 +514,15 @@ static int noise_args(ModelObject *self, PyObject *seed_obj, PyObject *row_obj,
     return 0;
 }
 
+/* The core's noise into eps (T pointers to (rows, d_i) of the dtype tn), on the current team. */
+static hvae_status draw_noise(int tn, void *const *eps, const hvae_model *m, int rows, long seed,
+                              long first_row) {
+    return tn == NPY_FLOAT32
+               ? hvae_noise_f32((float *const *)eps, m, rows, (uint64_t)seed, (uint64_t)first_row)
+               : hvae_noise_f64((double *const *)eps, m, rows, (uint64_t)seed,
+                                (uint64_t)first_row);
+}
+
 PyDoc_STRVAR(noise_doc,
 "noise(rows, seed, first_row=0, threads=1)\n"
 "--\n\n"
@@ -556,10 +565,7 @@ static PyObject *Model_noise(ModelObject *self, PyObject *args, PyObject *kwds) 
             team_failed = 1;
         } else {
             hvae_team_set_current(team);
-            st = tn == NPY_FLOAT32 ? hvae_noise_f32((float *const *)ptr, m, rows, (uint64_t)seed,
-                                                    (uint64_t)first_row)
-                                   : hvae_noise_f64((double *const *)ptr, m, rows,
-                                                    (uint64_t)seed, (uint64_t)first_row);
+            st = draw_noise(tn, ptr, m, rows, seed, first_row);
             hvae_team_set_current(NULL);
             team_end();
         }
@@ -678,12 +684,7 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
             team_failed = 1;
         } else {
             hvae_team_set_current(team);
-            if (draw)
-                st = tn == NPY_FLOAT32
-                         ? hvae_noise_f32((float *const *)drawn, m, (int)R, (uint64_t)seed,
-                                          (uint64_t)first_row)
-                         : hvae_noise_f64((double *const *)drawn, m, (int)R, (uint64_t)seed,
-                                          (uint64_t)first_row);
+            if (draw) st = draw_noise(tn, drawn, m, (int)R, seed, first_row);
             if (st == HVAE_OK && tn == NPY_FLOAT32) {
                 float lossf = 0;
                 st = hvae_forward_f32(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &lossf,
