@@ -279,6 +279,9 @@ def build_parser():
     p.add_argument("--seed", type=int,
                    help="seed of the importance samples (default: the checkpoint's saved "
                         "random state)")
+    p.add_argument("--n-jobs", type=int, metavar="N",
+                   help="threads of the core (-1: every CPU; default: 1); the estimate does not "
+                        "depend on it (up to rounding)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--mpi", action="store_true",
                    help="split the examples over the ranks of an MPI job: mpiexec -n N hvae "
@@ -613,7 +616,7 @@ def cmd_eval(args, out):
     how = " (binarized)" if binarizes(data, model.likelihood, no_binarize) else ""
     print(f"data: {data} {args.split}, {len(x)} examples{how}", file=out, flush=True)
     t0 = time.perf_counter()
-    mean, se = _mean_se(model.elbo(x, k=1, comm=args.comm))
+    mean, se = _mean_se(model.elbo(x, k=1, n_jobs=args.n_jobs, comm=args.comm))
     t_elbo = time.perf_counter() - t0
     print(f"ELBO (k=1): {mean:.3f} +- {se:.3f} nats", file=out, flush=True)
     print(f"log-likelihood with k={args.k}: about {_duration(t_elbo * args.k)} (the ELBO, one "
@@ -621,7 +624,7 @@ def cmd_eval(args, out):
           file=out, flush=True)
     t0 = time.perf_counter()
     ll = model.log_likelihood(x, k=args.k, batch_size=args.batch_size,
-                              progress=not args.no_progress, comm=args.comm)
+                              progress=not args.no_progress, n_jobs=args.n_jobs, comm=args.comm)
     mean, se = _mean_se(ll)
     print(f"log-likelihood (importance-sampled, k={args.k}): {mean:.3f} +- {se:.3f} nats "
           f"(mean +- standard error over {len(x)} examples; {time.perf_counter() - t0:.1f}s)",

@@ -218,6 +218,20 @@ def test_eval_prints_finite_log_likelihood(trained, capsys):
     assert code == 0 and "digits valid, 150 examples" in out and err == ""
 
 
+def test_eval_n_jobs_gives_the_same_estimate(trained, capsys):
+    """The core's noise depends on the seed and the sample's place, not on the threads or the
+    batch size: --n-jobs 2 with another --batch-size prints the same numbers."""
+    outs = []
+    for extra in ((), ("--n-jobs", "2", "--batch-size", "13")):
+        code, out, err = run(capsys, "eval", trained, "-k", "20", "--max-examples", "30",
+                             "--seed", "3", "--no-progress", *extra)
+        assert code == 0, err
+        outs.append(re.findall(NUMBER, out))
+    assert len(outs[0]) == 2 and outs[0] == outs[1], outs
+    code, _, err = run(capsys, "eval", trained, "--n-jobs", "0")
+    assert_clean_error(code, err, 1, "n_jobs: expected None, -1 or an integer")
+
+
 def test_sample_writes_png(trained, tmp_path, capsys):
     out_png = tmp_path / "pics" / "s.png"
     code, out, err = run(capsys, "sample", trained, "-o", out_png, "--seed", "1")
