@@ -26,13 +26,14 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
     mnist = load_script("mnist")
     out = tmp_path / "mnist.md"
     assert mnist.main(["--vae1", "--hvae2-mc", "--hvae2-topdown", "--vae1-iwae5", "--vae1-iwae50",
-                       "--hvae2-topdown-iwae", "--hvae5-topdown", "--free-bits", "0.1", "--quick",
-                       "--output", str(out), "--checkpoint-dir", str(tmp_path)]) == 0
+                       "--hvae2-topdown-iwae", "--hvae2-iwae", "--hvae5-topdown", "--free-bits",
+                       "0.1", "--quick", "--output", str(out), "--checkpoint-dir", str(tmp_path)]) == 0
     text = out.read_text()
     assert "| vae1 |" in text and "| hvae2-mc |" in text and "| hvae2-topdown |" in text
     assert "| vae1-iwae5 |" in text and "objective=iwae, k=5" in text
     assert "| vae1-iwae50 |" in text and "objective=iwae, k=50" in text
     assert "| hvae2-topdown-iwae |" in text and "| hvae5-topdown |" in text
+    assert "| hvae2-iwae |" in text
     rows = json.loads((tmp_path / "mnist.md.json").read_text())
     assert len(rows) == 7
     for r in rows.values():

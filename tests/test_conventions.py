@@ -137,7 +137,7 @@ def test_shipped_checkpoints_load_with_their_settings(path, capsys):
     for key, value in saved.items():
         assert getattr(m, key) == value, key
     assert m.init == "glorot" and m.prior_variance == saved.get("prior_variance", "unit")
-    assert len(m.history_) > 400
+    assert len(m.history_) > 200  # real runs (hvae5-topdown stopped early at 218), not smoke
     if m.train_config_:  # the run's settings (checkpoints written since runs remember them)
         assert m.train_config_["epochs"] == len(m.history_)
         assert m.train_config_["objective"] == ("iwae" if "iwae" in path else "elbo")
