@@ -104,6 +104,7 @@ bench-mnist2: build
 	$(PY) benchmarks/mnist.py --hvae2-topdown-iwae $(MNIST2); wait
 	$(PY) benchmarks/mnist.py --hvae2-topdown $(MNIST2) & \
 	$(PY) benchmarks/mnist.py --hvae5-topdown $(MNIST2); wait
+	$(PY) benchmarks/mnist.py --hvae2-iwae $(MNIST2)
 
 clean:
 	rm -rf build *.egg-info hvae/*.so hvae/_core.stamp docs/_build docs/jupyter_execute

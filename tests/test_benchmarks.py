@@ -35,7 +35,7 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
     assert "| hvae2-topdown-iwae |" in text and "| hvae5-topdown |" in text
     assert "| hvae2-iwae |" in text
     rows = json.loads((tmp_path / "mnist.md.json").read_text())
-    assert len(rows) == 7
+    assert len(rows) == 8
     for r in rows.values():
         assert r["epochs"] == 2 and -800 < r["test_ll"] < 0 and r["test_ll"] >= r["test_elbo"] - 5
         assert len(r["kl_levels"]) == len(r["active_units"]) == len(r["latent_dims"])
@@ -45,6 +45,9 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
     # free bits go to the ELBO's models only (the IWAE bound has no per-level KL to floor)
     assert "free bits 0.1" in rows["hvae5-topdown"]["kl"]
     assert "free bits" not in rows["vae1-iwae5"]["kl"]
+    assert "free bits" not in rows["hvae2-iwae"]["kl"]
+    assert "top-down" not in rows["hvae2-iwae"]["architecture"]
+    assert "learned variance" in rows["hvae2-iwae"]["architecture"]
     assert (tmp_path / "vae1.npz").exists() and (tmp_path / "hvae2-mc.npz").exists()
     # the two-level model is the IWAE architecture (learned variance of p(z1|z2)) and waits
     # before its KL warm-up
