@@ -27,7 +27,8 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
     out = tmp_path / "mnist.md"
     assert mnist.main(["--vae1", "--hvae2-mc", "--hvae2-topdown", "--vae1-iwae5", "--vae1-iwae50",
                        "--hvae2-topdown-iwae", "--hvae2-iwae", "--hvae5-topdown", "--free-bits",
-                       "0.1", "--quick", "--output", str(out), "--checkpoint-dir", str(tmp_path)]) == 0
+                       "0.1", "--quick", "--output", str(out),
+                       "--checkpoint-dir", str(tmp_path)]) == 0
     text = out.read_text()
     assert "| vae1 |" in text and "| hvae2-mc |" in text and "| hvae2-topdown |" in text
     assert "| vae1-iwae5 |" in text and "objective=iwae, k=5" in text
@@ -96,3 +97,15 @@ def test_scaling_quick(tmp_path, capsys):
     assert text.count("| 10 Gb Ethernet |") == len(scaling.NODES)
     assert text.count("| 100 Gb InfiniBand |") == len(scaling.NODES)
     assert "bare Allreduce" in capsys.readouterr().out
+
+
+def test_gemm_ceiling_quick(tmp_path):
+    """benchmarks/gemm_ceiling.py on a small batch: every GEMM of the step timed, the table
+    written."""
+    bench = load_script("gemm_ceiling")
+    out = tmp_path / "gemm_ceiling.md"
+    assert bench.main(["--models", "hvae2-topdown", "--batch", "64", "--threads", "1",
+                       "--repeats", "1", "--gemm-size", "128", "--output", str(out)]) == 0
+    m = load_script("speed").make_model("hvae2-topdown", "float32", 0)
+    assert len(bench.step_gemms(m, 64)) == 3 * 12 - 1  # 12 layers, no input gradient of x
+    assert "| hvae2-topdown | 64 | 1 | 35 |" in out.read_text()
