@@ -96,8 +96,9 @@ bench-mnist: build
 	$(PY) benchmarks/mnist.py --hvae2-analytic --budget-minutes 100 --threads 1; wait
 	$(PY) benchmarks/mnist.py --vae1 --budget-minutes 55 --threads 2
 
-# the second table (top-down inference, the IWAE objective): two runs side by side, one core
-# each, 95 CPU minutes each, early stopping after 100 epochs without a better validation bound
+# the second table (top-down inference, the IWAE objective): runs side by side, one core each
+# (the last alone), 95 CPU minutes each, early stopping after 100 epochs without a better
+# validation bound
 MNIST2 := --threads 1 --budget-minutes 95 --patience 100
 bench-mnist2: build
 	$(PY) benchmarks/mnist.py --vae1-iwae5 $(MNIST2) & \

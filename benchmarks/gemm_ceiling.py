@@ -3,10 +3,12 @@ step (forward, weight and input gradients of every layer, the shapes and transpo
 uses), each timed alone through the OpenBLAS hvae links, against hvae's whole step.
 
 The speed benchmark's "% GEMM peak" is the dense step's GEMM FLOPs over the step's time, as a
-share of an n x n x n SGEMM's rate. A step cannot beat its own GEMMs: the FLOPs over the time
-of those GEMMs alone, at their real shapes (a 1024 x 100 x 100 product runs far below the
-square one's rate), is the ceiling of that measure for any implementation on this BLAS, before
-any elementwise work, Adam, or the sparse first layer (which does fewer FLOPs, so can pass it).
+share of an n x n x n SGEMM's rate. A dense step cannot beat its own GEMMs: the FLOPs over the
+time of those GEMMs alone, at their real shapes (a 1024 x 100 x 100 product runs far below the
+square one's rate) and issued one at a time at OpenBLAS's own threading, bounds that measure
+for such an implementation on this BLAS, before any elementwise work or Adam; hvae's sparse
+first layer does fewer FLOPs, so can pass it, and another split of a product over threads can
+do a little better than OpenBLAS's.
 
     python benchmarks/gemm_ceiling.py   # writes benchmarks/results/gemm_ceiling.md
 """
@@ -109,7 +111,8 @@ def main(argv=None):
     headers = ["model", "batch", "threads", "GEMMs", "dense GFLOP", "GEMMs alone ms",
                "ceiling: % of peak", "hvae step ms", "hvae: % of peak", "step / GEMMs alone"]
     md = ["# How much of the GEMM peak a step can reach: its GEMMs alone", "",
-          f"Command: `python benchmarks/gemm_ceiling.py {' '.join(argv or sys.argv[1:])}`".rstrip(),
+          "Command: `" + " ".join(["python benchmarks/gemm_ceiling.py",
+                                   *(argv or sys.argv[1:])]) + "`",
           "", *[f"- {k}: {v}" for k, v in info.items()],
           f"- SGEMM peak ({args.gemm_size}^3, GFLOP/s, by threads; the better of the start's "
           "and the end's): "

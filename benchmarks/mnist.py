@@ -50,7 +50,8 @@ MODELS = {
                     "IWAE paper appendix (IWAE, k=50)"),
     "hvae2-topdown-iwae": (dict(HVAE2, kl="analytic", inference="top_down"), -86.05,
                            HVAE2_SOURCE),
-    # the IWAE paper's own two-level model: bottom-up inference, learned variance of p(z1|z2)
+    # the IWAE paper's two-level architecture and inference: bottom-up, learned variance of
+    # p(z1|z2) (compared, as the other two-level rows, with the VampPrior paper's standard prior)
     "hvae2-iwae": (dict(HVAE2, kl="analytic", prior_variance="learned"), -86.05, HVAE2_SOURCE),
     "hvae5-topdown": (dict(latent_dims=[64, 32, 16, 8, 4],
                            hidden_dims=[[512, 512], [256, 256], [128, 128], [64, 64], [32, 32]],

@@ -222,12 +222,15 @@ static void Model_dealloc(ModelObject *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Take the model's lock with the GIL released; the caller releases it after the core call. */
+/* Run stmt, a core call, with the GIL released, the model's lock held and hvae's OpenBLAS at
+ * one thread (blas_single_begin below). */
 #define CORE_CALL(self, stmt)                                 \
     do {                                                      \
         Py_BEGIN_ALLOW_THREADS                                \
         PyThread_acquire_lock((self)->lock, WAIT_LOCK);       \
+        blas_single_begin();                                  \
         stmt;                                                 \
+        blas_single_end();                                    \
         PyThread_release_lock((self)->lock);                  \
         Py_END_ALLOW_THREADS                                  \
     } while (0)
@@ -426,25 +429,33 @@ extern void openblas_set_num_threads(int) __attribute__((weak));
 static pthread_mutex_t blas_mutex = PTHREAD_MUTEX_INITIALIZER;
 static int blas_calls, blas_saved_threads; /* core calls in flight; the count before them */
 
+static int blas_fork_saved; /* in a child forked during a call: the count to restore, else 0 */
+
 /* pthread_atfork's child handler: the calls counted were the parent's threads' (the mutex may
- * have been held by one of them); the child starts with none. */
+ * have been held by one of them); the child starts with none, and when one was in flight its
+ * OpenBLAS is still at one thread: the next call takes the parent's count as the one to
+ * restore (set lazily: calling OpenBLAS inside the fork handler could hang). */
 static void blas_after_fork_child(void) {
     pthread_mutex_init(&blas_mutex, NULL);
+    blas_fork_saved = blas_calls > 0 ? blas_saved_threads : 0;
     blas_calls = 0;
 }
 
+/* Before a core call (CORE_CALL): hvae's OpenBLAS at one thread, its count saved by the first
+ * of the calls in flight. A count set by the user while a call runs is overwritten at its end. */
 static void blas_single_begin(void) {
     if (!openblas_get_num_threads || !openblas_set_num_threads) return;
     pthread_mutex_lock(&blas_mutex);
     if (blas_calls++ == 0) {
-        blas_saved_threads = openblas_get_num_threads();
+        blas_saved_threads = blas_fork_saved ? blas_fork_saved : openblas_get_num_threads();
+        blas_fork_saved = 0;
         if (blas_saved_threads != 1) openblas_set_num_threads(1);
     }
     pthread_mutex_unlock(&blas_mutex);
 }
 
-/* After a core call that team_begin prepared: BLAS back to its count when the last one ends */
-static void team_end(void) {
+/* After a core call: BLAS back to its count when the last one in flight ends */
+static void blas_single_end(void) {
     if (!openblas_get_num_threads || !openblas_set_num_threads) return;
     pthread_mutex_lock(&blas_mutex);
     if (--blas_calls == 0 && blas_saved_threads != 1)
@@ -453,8 +464,7 @@ static void team_end(void) {
 }
 
 /* Before a core call: the model's team of `threads` threads (NULL for one thread), made or
- * remade on first use, and BLAS at one thread while it works (team_end after the call); called
- * with the model's lock held. 0, or -1 when the threads could not be started. */
+ * remade on first use; called inside CORE_CALL. 0, or -1 when the threads could not be started. */
 static int team_begin(ModelObject *self, int threads, hvae_team **team) {
     if (self->team && self->team_pid != getpid())
         self->team = NULL; /* a forked child: the workers stayed in the parent (leaked here) */
@@ -465,7 +475,6 @@ static int team_begin(ModelObject *self, int threads, hvae_team **team) {
         if (threads > 1 && !self->team) return -1;
     }
     *team = self->team;
-    blas_single_begin();
     return 0;
 }
 
@@ -567,7 +576,6 @@ static PyObject *Model_noise(ModelObject *self, PyObject *args, PyObject *kwds) 
             hvae_team_set_current(team);
             st = draw_noise(tn, ptr, m, rows, seed, first_row);
             hvae_team_set_current(NULL);
-            team_end();
         }
     });
     if (team_failed || st != HVAE_OK) {
@@ -709,7 +717,6 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
                 }
             }
             hvae_team_set_current(NULL);
-            team_end();
         }
     });
     if (batch_call_error(team_failed, threads, st, m, tn, R) < 0) goto done;
@@ -852,7 +859,6 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
                                          &self->ws, m, xp, tp, (const double *const *)ep,
                                          (int)B, beta, has_fb ? fb : NULL, &est, &opt, team);
             }
-            team_end();
         }
     });
     if (batch_call_error(team_failed, threads, st, m, tn, R) < 0) goto done;

@@ -218,6 +218,21 @@ def test_eval_prints_finite_log_likelihood(trained, capsys):
     assert code == 0 and "digits valid, 150 examples" in out and err == ""
 
 
+def test_eval_passes_n_jobs(trained, capsys, monkeypatch):
+    seen = []
+    for name in ("elbo", "log_likelihood"):
+        original = getattr(hvae.HVAE, name)
+
+        def spy(self, *a, _original=original, _name=name, **kw):
+            seen.append((_name, kw.get("n_jobs")))
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(hvae.HVAE, name, spy)
+    code, _, err = run(capsys, "eval", trained, "-k", "5", "--max-examples", "10",
+                       "--no-progress", "--n-jobs", "2")
+    assert code == 0, err
+    assert seen == [("elbo", 2), ("log_likelihood", 2)]
+
+
 def test_eval_n_jobs_gives_the_same_estimate(trained, capsys):
     """The core's noise depends on the seed and the sample's place, not on the threads or the
     batch size: --n-jobs 2 with another --batch-size prints the same numbers."""

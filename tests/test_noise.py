@@ -61,6 +61,14 @@ def test_layers_have_their_probabilities():
     assert chi2 < 330, chi2
 
 
+def test_rows_wider_than_a_chunk_equal_the_reference():
+    """Levels of 600 and 257 units: the fill draws a row's normals in chunks of 256."""
+    m = hvae.HVAE(12, [600, 257], [[8], [6]], dtype="float64", seed=1)
+    for got, want in zip(m._core.noise(3, SEED, 5, threads=2),
+                         reference_noise.noise([600, 257], 3, SEED, 5)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_float32_noise_is_the_float64_noise_rounded():
     got32 = model("float32")._core.noise(500, SEED, 9)
     got64 = model("float64")._core.noise(500, SEED, 9)

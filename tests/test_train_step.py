@@ -292,7 +292,8 @@ def _our_openblas():
     return ours
 
 
-def test_one_thread_call_runs_blas_at_one_thread():
+@pytest.mark.parametrize("entry", ["forward", "encode", "decode"])
+def test_one_thread_call_runs_blas_at_one_thread(entry):
     """n_jobs = 1 means one thread: during a core call of one thread hvae's OpenBLAS is at one
     thread too (seen from another Python thread while the calls run, the GIL released: all but
     the readings in the moments between calls, before the first and after the last), and
@@ -306,10 +307,15 @@ def test_one_thread_call_runs_blas_at_one_thread():
     eps = m.draw_eps(20000)
     seen, done = [], threading.Event()
 
+    z = np.zeros((20000, 50), np.float32)
+    calls = {"forward": lambda: m._core.forward(m.params, x, None, eps, threads=1),
+             "encode": lambda: m._core.encode(m.params, x, eps),
+             "decode": lambda: m._core.decode(m.params, z, 1)}
+
     def call():
         try:
             for _ in range(3):
-                m._core.forward(m.params, x, None, eps, threads=1)
+                calls[entry]()
         finally:
             done.set()
 
