@@ -19,6 +19,7 @@ import warnings
 
 import numpy as np
 
+from . import parallel
 from .datasets import SPLITS, subset
 from .training import TRAIN_DEFAULTS
 
@@ -724,10 +725,10 @@ def main(argv=None):
     except BaseException:  # --traceback, or what _main does not turn into a status
         if _in_job(world):
             traceback.print_exc()
-            _end_job(world, 1)
+            parallel.end_job(world[0], 1)
         raise
     if code and _in_job(world):
-        _end_job(world, code)
+        parallel.end_job(world[0], code)
     return code
 
 
@@ -797,10 +798,6 @@ def _rank(world):
     return f"rank {world[0].Get_rank()} of {world[0].Get_size()}: " if _in_job(world) else ""
 
 
-def _end_job(world, code):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    world[0].Abort(code)
 
 
 def _one_line(exc):

@@ -120,14 +120,29 @@ def check_identical(comm, model):
             comm.Bcast(a, root=0)
 
 
+# how long a failing rank waits between writing why and MPI_Abort: the launcher forwards a rank's
+# output through a pipe it polls, and MPI_Abort tears the job down without draining it, so a
+# message written just before can be lost (mpiexec then ends with no word of what failed)
+ABORT_GRACE_SECONDS = 1.0
+
+
+def end_job(comm, code):
+    """MPI_Abort(comm, code) once this rank's stdout and stderr have reached the launcher: the
+    buffers flushed, then ``ABORT_GRACE_SECONDS`` for mpiexec to forward them. The other ranks
+    are blocked in a collective until then, so the wait costs the job nothing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_SECONDS)
+    comm.Abort(code)
+
+
 def abort(comm, exc):
     """End the whole MPI job after ``exc`` on this rank: its traceback on stderr, then
     MPI_Abort, which makes mpiexec end every rank (instead of the others waiting forever)."""
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
     sys.stderr.write(f"hvae: rank {comm.Get_rank()} of {comm.Get_size()} failed; ending the "
                      "MPI job\n" + "".join(lines))
-    sys.stderr.flush()
-    comm.Abort(1)
+    end_job(comm, 1)
 
 
 class DataParallelStep:
