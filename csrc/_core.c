@@ -478,6 +478,21 @@ static int team_begin(ModelObject *self, int threads, hvae_team **team) {
     return 0;
 }
 
+/* A core call on the model's team of `threads` threads: CORE_CALL, the team made (team_failed
+ * set to 1 when its threads could not start, the statements then skipped) and current (see
+ * hvae_team_set_current) while the statements run; they see it as `team`. */
+#define TEAM_CALL(self, threads, team_failed, ...)                  \
+    CORE_CALL(self, {                                               \
+        hvae_team *team;                                            \
+        if (team_begin(self, threads, &team) < 0) {                 \
+            team_failed = 1;                                        \
+        } else {                                                    \
+            hvae_team_set_current(team);                            \
+            __VA_ARGS__;                                            \
+            hvae_team_set_current(NULL);                            \
+        }                                                           \
+    })
+
 /* After a core call on a batch of B rows of x: an exception when the team could not start or
  * the status is not HVAE_OK, and -1; else 0. */
 static int batch_call_error(int team_failed, int threads, hvae_status st, const hvae_model *m,
@@ -568,16 +583,7 @@ static PyObject *Model_noise(ModelObject *self, PyObject *args, PyObject *kwds) 
         ptr[i] = PyArray_DATA(eps[i]);
     }
     hvae_status st = HVAE_OK;
-    hvae_team *team;
-    CORE_CALL(self, {
-        if (team_begin(self, threads, &team) < 0) {
-            team_failed = 1;
-        } else {
-            hvae_team_set_current(team);
-            st = draw_noise(tn, ptr, m, rows, seed, first_row);
-            hvae_team_set_current(NULL);
-        }
-    });
+    TEAM_CALL(self, threads, team_failed, st = draw_noise(tn, ptr, m, rows, seed, first_row));
     if (team_failed || st != HVAE_OK) {
         if (team_failed)
             PyErr_Format(PyExc_RuntimeError, "threads: could not start %d threads", threads);
@@ -686,37 +692,30 @@ static PyObject *Model_forward(ModelObject *self, PyObject *args, PyObject *kwds
     const void *pp = PyArray_DATA(params), *xp = PyArray_DATA(in.x), *tp = PyArray_DATA(in.target);
     size_t P = m->n_params;
     double loss = 0;
-    hvae_team *team;
-    CORE_CALL(self, {
-        if (team_begin(self, threads, &team) < 0) {
-            team_failed = 1;
-        } else {
-            hvae_team_set_current(team);
-            if (draw) st = draw_noise(tn, drawn, m, (int)R, seed, first_row);
-            if (st == HVAE_OK && tn == NPY_FLOAT32) {
-                float lossf = 0;
-                st = hvae_forward_f32(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &lossf,
-                                      &self->ws, m, pp, xp, tp, (const float *const *)ep, (int)B,
-                                      (float)beta, has_fb ? fb32 : NULL, &est);
-                if (st == HVAE_OK && gp) {
-                    memset(gp, 0, P * sizeof(float));
-                    st = hvae_backward_f32(gp, &self->ws, m, pp, xp, tp,
-                                           (const float *const *)ep, (int)B, (float)beta,
-                                           has_fb ? fb32 : NULL, &est);
-                }
-                loss = lossf;
-            } else if (st == HVAE_OK) {
-                st = hvae_forward_f64(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &loss,
-                                      &self->ws, m, pp, xp, tp, (const double *const *)ep, (int)B,
-                                      beta, has_fb ? fb : NULL, &est);
-                if (st == HVAE_OK && gp) {
-                    memset(gp, 0, P * sizeof(double));
-                    st = hvae_backward_f64(gp, &self->ws, m, pp, xp, tp,
-                                           (const double *const *)ep, (int)B, beta,
-                                           has_fb ? fb : NULL, &est);
-                }
+    TEAM_CALL(self, threads, team_failed, {
+        if (draw) st = draw_noise(tn, drawn, m, (int)R, seed, first_row);
+        if (st == HVAE_OK && tn == NPY_FLOAT32) {
+            float lossf = 0;
+            st = hvae_forward_f32(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &lossf,
+                                  &self->ws, m, pp, xp, tp, (const float *const *)ep, (int)B,
+                                  (float)beta, has_fb ? fb32 : NULL, &est);
+            if (st == HVAE_OK && gp) {
+                memset(gp, 0, P * sizeof(float));
+                st = hvae_backward_f32(gp, &self->ws, m, pp, xp, tp,
+                                       (const float *const *)ep, (int)B, (float)beta,
+                                       has_fb ? fb32 : NULL, &est);
             }
-            hvae_team_set_current(NULL);
+            loss = lossf;
+        } else if (st == HVAE_OK) {
+            st = hvae_forward_f64(PyArray_DATA(terms), lw ? PyArray_DATA(lw) : NULL, &loss,
+                                  &self->ws, m, pp, xp, tp, (const double *const *)ep, (int)B,
+                                  beta, has_fb ? fb : NULL, &est);
+            if (st == HVAE_OK && gp) {
+                memset(gp, 0, P * sizeof(double));
+                st = hvae_backward_f64(gp, &self->ws, m, pp, xp, tp,
+                                       (const double *const *)ep, (int)B, beta,
+                                       has_fb ? fb : NULL, &est);
+            }
         }
     });
     if (batch_call_error(team_failed, threads, st, m, tn, R) < 0) goto done;
@@ -843,22 +842,17 @@ static PyObject *Model_train_step(ModelObject *self, PyObject *args, PyObject *k
          *gp = PyArray_DATA(outs[3]);
     const void *xp = PyArray_DATA(in.x), *tp = PyArray_DATA(in.target);
     double loss = 0;
-    hvae_team *team;
-    CORE_CALL(self, {
-        if (team_begin(self, threads, &team) < 0) {
-            team_failed = 1;
+    TEAM_CALL(self, threads, team_failed, {
+        if (tn == NPY_FLOAT32) {
+            float lossf = 0;
+            st = hvae_train_step_f32(PyArray_DATA(terms), &lossf, &updated, gp, pp, mp, vp,
+                                     &self->ws, m, xp, tp, (const float *const *)ep, (int)B,
+                                     (float)beta, has_fb ? fb32 : NULL, &est, &opt, team);
+            loss = lossf;
         } else {
-            if (tn == NPY_FLOAT32) {
-                float lossf = 0;
-                st = hvae_train_step_f32(PyArray_DATA(terms), &lossf, &updated, gp, pp, mp, vp,
-                                         &self->ws, m, xp, tp, (const float *const *)ep, (int)B,
-                                         (float)beta, has_fb ? fb32 : NULL, &est, &opt, team);
-                loss = lossf;
-            } else {
-                st = hvae_train_step_f64(PyArray_DATA(terms), &loss, &updated, gp, pp, mp, vp,
-                                         &self->ws, m, xp, tp, (const double *const *)ep,
-                                         (int)B, beta, has_fb ? fb : NULL, &est, &opt, team);
-            }
+            st = hvae_train_step_f64(PyArray_DATA(terms), &loss, &updated, gp, pp, mp, vp,
+                                     &self->ws, m, xp, tp, (const double *const *)ep,
+                                     (int)B, beta, has_fb ? fb : NULL, &est, &opt, team);
         }
     });
     if (batch_call_error(team_failed, threads, st, m, tn, R) < 0) goto done;
