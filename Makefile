@@ -102,7 +102,7 @@ bench-mnist: build
 MNIST2 := --threads 1 --budget-minutes 95 --patience 100
 bench-mnist2: build
 	$(PY) benchmarks/mnist.py --vae1-iwae5 $(MNIST2) & \
-	$(PY) benchmarks/mnist.py --hvae2-topdown-iwae $(MNIST2); wait
+	$(PY) benchmarks/mnist.py --hvae2-topdown-iwae --lr-final 3e-5 $(MNIST2); wait
 	$(PY) benchmarks/mnist.py --hvae2-topdown $(MNIST2) & \
 	$(PY) benchmarks/mnist.py --hvae5-topdown $(MNIST2); wait
 	$(PY) benchmarks/mnist.py --hvae2-iwae $(MNIST2)
