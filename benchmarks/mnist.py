@@ -66,6 +66,7 @@ TRAINING = {"vae1-iwae5": dict(objective="iwae", k=5), "vae1-iwae50": dict(objec
 TARGETS = {"vae1": -89.5, "hvae2-mc": -87.5, "hvae2-analytic": -87.5, "hvae2-unit": -87.5,
            "hvae2-topdown": -84.8, "hvae5-topdown": -84.0, "vae1-iwae5": -87.4,
            "vae1-iwae50": -87.1, "hvae2-topdown-iwae": -84.8, "hvae2-iwae": -84.0}
+RAW_EVERY = 10  # with --average: epochs between validations of the parameters themselves
 
 
 def parse_args(argv=None):
@@ -114,6 +115,10 @@ def parse_args(argv=None):
                    help="free bits in nats per level (Kingma et al. 2016): each level's KL term "
                         "of the training loss is at least this, for the models trained on the ELBO "
                         "(default: none)")
+    p.add_argument("--average", type=float, default=None, metavar="DECAY",
+                   help="validate (and keep) an exponential average of the parameters at the end "
+                        "of each epoch, DECAY its weight per epoch (e.g. 0.9); the parameters "
+                        f"themselves are validated every {RAW_EVERY} epochs beside it")
     p.add_argument("--patience", type=int, default=50,
                    help="stop after this many epochs without a better validation ELBO")
     p.add_argument("--eval-every", type=int, default=1, help="validate every N epochs")
@@ -176,6 +181,7 @@ def train(name, X, X_val, args, log):
     wall_limit = np.inf if args.wall_limit_minutes is None else 60 * args.wall_limit_minutes
     c0, t0 = time.process_time(), time.perf_counter()
     best_val, best_params, best_epoch, epoch, saved = np.inf, m.params.copy(), 0, 0, t0
+    average = None  # with --average: the exponential average of the end-of-epoch parameters
     while epoch < args.max_epochs:
         used = time.process_time() - c0
         if used > budget:
@@ -193,16 +199,26 @@ def train(name, X, X_val, args, log):
         rec = m.history_[-1]
         if epoch <= delay:  # an autoencoder so far: its ELBO says nothing yet
             continue
+        if args.average is not None:
+            if average is None:
+                average = m.params.copy()
+            average *= args.average
+            average += (1 - args.average) * m.params
         if epoch % args.eval_every == 0 or epoch == args.max_epochs:
-            val = float(-np.mean(m.elbo(X_val, k=val_k)))
-            rec["val_loss"] = val
-            if val < best_val:
-                best_val, best_params, best_epoch = val, m.params.copy(), epoch
+            scored = [("val_loss", m.params)] if average is None else [("val_loss", average)]
+            if average is not None and epoch % RAW_EVERY == 0:
+                scored.append(("val_loss_raw", m.params))
+            for key, params in scored:
+                rec[key] = validation_bound(m, params, X_val, val_k)
+                if rec[key] < best_val:
+                    best_val, best_params, best_epoch = rec[key], params.copy(), epoch
+            raw = f" (raw {rec['val_loss_raw']:.2f})" if "val_loss_raw" in rec else ""
             log(f"{name} epoch {epoch:4d}  {time.process_time() - c0:7.0f}s CPU  "
                 f"{time.perf_counter() - t0:7.0f}s  lr {lr:.2e}  "
                 f"train {rec['loss']:.2f}  kl {'/'.join(f'{k:.1f}' for k in rec['kl'])}  "
-                f"valid{'' if val_k == 1 else f' (k={val_k})'} {val:.2f}  best {best_val:.2f} @ "
-                f"{best_epoch}")
+                f"valid{'' if val_k == 1 else f' (k={val_k})'}"
+                f"{'' if average is None else ' averaged'} {rec['val_loss']:.2f}{raw}  "
+                f"best {best_val:.2f} @ {best_epoch}")
             if epoch - best_epoch >= args.patience:
                 log(f"{name}: no better validation bound for {args.patience} epochs, stopping")
                 break
@@ -212,6 +228,17 @@ def train(name, X, X_val, args, log):
     seconds = time.process_time() - c0
     m.params[:] = best_params
     return m, epoch, best_epoch, seconds
+
+
+def validation_bound(m, params, X_val, k):
+    """The negative mean k-sample bound over X_val of the model with the given parameters (the
+    model's own are restored)."""
+    current = m.params.copy()
+    m.params[:] = params
+    try:
+        return float(-np.mean(m.elbo(X_val, k=k)))
+    finally:
+        m.params[:] = current
 
 
 def checkpoint_path(name, args):
@@ -371,7 +398,9 @@ def main(argv=None):
             model=name, architecture=arch,
             kl=kwargs["kl"] + "".join(f", {k}={v}" for k, v in TRAINING.get(name, {}).items())
             + ("" if free_bits(name, args) is None
-               else f", free bits {free_bits(name, args):g} nats per level"),
+               else f", free bits {free_bits(name, args):g} nats per level")
+            + ("" if args.average is None
+               else f", parameters averaged (decay {args.average:g} per epoch)"),
             test_ll=float(ll.mean()),
             test_ll_se=float(ll.std() / np.sqrt(len(ll))), k=args.k,
             test_elbo=float(elbo.mean()), kl_levels=kl, active_units=active,
