@@ -10,6 +10,7 @@ a markdown table beside the published numbers plus a small checkpoint per model.
     python benchmarks/mnist.py --hvae2-mc --hvae2-analytic --budget-minutes 85
     python benchmarks/mnist.py --hvae2-topdown-iwae --threads 1 --budget-minutes 95 \
         --wall-limit-minutes 130                       # one core; stops at 130 min whatever
+    python benchmarks/mnist.py --hvae2-iwae --average 0.9   # validate, keep averaged parameters
     python benchmarks/mnist.py --vae1 --quick          # an end-to-end smoke run in seconds
 """
 import argparse
@@ -400,7 +401,8 @@ def main(argv=None):
             + ("" if free_bits(name, args) is None
                else f", free bits {free_bits(name, args):g} nats per level")
             + ("" if args.average is None
-               else f", parameters averaged (decay {args.average:g} per epoch)"),
+               else f", parameters averaged (decay {args.average:g} per epoch)")
+            + ("" if args.seed == 0 else f", seed {args.seed}"),
             test_ll=float(ll.mean()),
             test_ll_se=float(ll.std() / np.sqrt(len(ll))), k=args.k,
             test_elbo=float(elbo.mean()), kl_levels=kl, active_units=active,

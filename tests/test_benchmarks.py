@@ -27,7 +27,7 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
     out = tmp_path / "mnist.md"
     assert mnist.main(["--vae1", "--hvae2-mc", "--hvae2-topdown", "--vae1-iwae5", "--vae1-iwae50",
                        "--hvae2-topdown-iwae", "--hvae2-iwae", "--hvae5-topdown", "--free-bits",
-                       "0.1", "--quick", "--output", str(out),
+                       "0.1", "--average", "0.5", "--seed", "3", "--quick", "--output", str(out),
                        "--checkpoint-dir", str(tmp_path)]) == 0
     text = out.read_text()
     assert "| vae1 |" in text and "| hvae2-mc |" in text and "| hvae2-topdown |" in text
@@ -43,6 +43,8 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
         assert all(0 <= a <= d for a, d in zip(r["active_units"], r["latent_dims"]))
         assert r["clock"] == "CPU"
     assert rows["hvae5-topdown"]["latent_dims"] == [64, 32, 16, 8, 4]
+    assert all("parameters averaged (decay 0.5 per epoch), seed 3" in r["kl"]
+               for r in rows.values())
     # free bits go to the ELBO's models only (the IWAE bound has no per-level KL to floor)
     assert "free bits 0.1" in rows["hvae5-topdown"]["kl"]
     assert "free bits" not in rows["vae1-iwae5"]["kl"]
@@ -65,6 +67,43 @@ def test_mnist_benchmark_quick(tmp_path, capsys):
                        str(tmp_path)]) == 0
     again = json.loads(store.read_text())["hvae2-mc"]
     assert again["active_units"] == active and np.allclose(again["kl_levels"], kl, rtol=1e-6)
+
+
+def test_mnist_benchmark_averages_parameters(monkeypatch):
+    """--average: each epoch's end folds the parameters into an exponential average, which is
+    validated every epoch, the parameters themselves every RAW_EVERY epochs; the best of either
+    kind is the model that comes back."""
+    mnist = load_script("mnist")
+    rng = np.random.default_rng(0)
+    X = (rng.random((60, 784)) < 0.3).astype(np.float32)
+    args = mnist.parse_args(["--vae1-iwae5", "--quick", "--average", "0.75"])
+    args.max_epochs = 4
+    monkeypatch.setattr(mnist, "RAW_EVERY", 2)
+    scored = []
+    bounds = {("val_loss", 3): 5.0, ("val_loss_raw", 4): 6.0}  # the best: the average at 3
+
+    def fake_bound(m, params, X_val, k):
+        assert k == 5 and X_val is X  # the training k, not the ELBO's
+        epoch, key = len(m.history_), "val_loss_raw" if params is m.params else "val_loss"
+        scored.append((key, epoch, params.copy(), m.params.copy()))
+        return bounds.get((key, epoch), 10.0 + epoch)
+
+    monkeypatch.setattr(mnist, "validation_bound", fake_bound)
+    m, epochs, best_epoch, _ = mnist.train("vae1-iwae5", X, X, args, lambda msg: None)
+    assert [(key, e) for key, e, _, _ in scored] == [
+        ("val_loss", 1), ("val_loss", 2), ("val_loss_raw", 2), ("val_loss", 3), ("val_loss", 4),
+        ("val_loss_raw", 4)]
+    average = None
+    for key, epoch, params, current in scored:
+        if key == "val_loss":
+            expected = current.copy() if average is None else 0.75 * average + 0.25 * current
+            np.testing.assert_allclose(params, expected, rtol=1e-6, atol=1e-7)
+            average = params
+            assert not np.array_equal(params, current) or epoch == 1
+    assert (epochs, best_epoch) == (4, 3)
+    np.testing.assert_array_equal(m.params, scored[3][2])
+    assert [r.get("val_loss_raw") for r in m.history_] == [None, 12.0, None, 6.0]
+    assert [r["val_loss"] for r in m.history_] == [11.0, 12.0, 5.0, 14.0]
 
 
 def test_speed_iwae_quick(tmp_path):
