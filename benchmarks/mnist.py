@@ -148,6 +148,8 @@ def parse_args(argv=None):
     args.models = [name for name in MODELS if getattr(args, name.replace("-", "_"))]
     if not args.models and not args.level_stats:
         p.error("choose at least one of " + ", ".join(f"--{name}" for name in MODELS))
+    if args.average is not None and not 0 <= args.average < 1:
+        p.error(f"--average: expected a decay in [0, 1), got {args.average:g}")
     if args.quick:
         args.max_examples, args.max_epochs, args.k = 1000, 2, 20
         args.eval_examples, args.warmup_epochs, args.warmup_delay = 100, 1, 0.5

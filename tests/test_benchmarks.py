@@ -104,6 +104,9 @@ def test_mnist_benchmark_averages_parameters(monkeypatch):
     np.testing.assert_array_equal(m.params, scored[3][2])
     assert [r.get("val_loss_raw") for r in m.history_] == [None, 12.0, None, 6.0]
     assert [r["val_loss"] for r in m.history_] == [11.0, 12.0, 5.0, 14.0]
+    for bad in ("1", "-0.1", "nan"):
+        with pytest.raises(SystemExit):
+            mnist.parse_args(["--vae1", "--average", bad])
 
 
 def test_speed_iwae_quick(tmp_path):
