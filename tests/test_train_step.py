@@ -32,10 +32,18 @@ CONFIGS = [
     dict(x_dim=50, latent_dims=[64, 32], hidden_dims=[[64], [32]], deterministic=True),
 ]
 # Adam's step is about lr whatever the gradient's size, so a gradient near zero that rounds
-# differently moves a parameter differently (by up to 2 lr when its sign flips): float32
-# parameters get an absolute tolerance of 3% of lr (lr = 3e-3), met by the 1024-wide model's
-# largest difference (1.7%, one parameter of 157776); a wrong split moves many by about lr
+# differently moves a parameter differently (by up to 2 lr a step when its sign flips): a few
+# parameters in 10 000 may differ by that much (seen: one of 126036 by 16% of lr, float32);
+# the others agree to round-off; a wrong split moves many by about lr
 TOL = {"float32": dict(rtol=1e-4, atol=1e-4), "float64": dict(rtol=1e-10, atol=1e-13)}
+
+
+def assert_params_close(got, want, dtype, steps, lr=3e-3):
+    """Parameters after `steps` Adam steps equal up to round-off, but for the few whose
+    near-zero gradient Adam's normalisation amplified (at most 2 lr a step apart)."""
+    off = ~np.isclose(got, want, **TOL[dtype])
+    assert off.sum() <= max(1, off.size // 10000), f"{off.sum()} of {off.size} parameters differ"
+    np.testing.assert_array_less(np.abs(got - want)[off], 2 * lr * steps)
 
 
 def run(cfg, dtype, steps, B, threads, *, target=False, seed=0, density=0.4):
@@ -87,7 +95,7 @@ def test_threads_match_one_thread_and_are_reproducible(cfg, dtype):
         one = run(cfg, dtype, 3, B, 1, density=density)
         for threads in (2, 3):
             got = run(cfg, dtype, 3, B, threads, density=density)
-            np.testing.assert_allclose(got[0], one[0], **TOL[dtype])
+            assert_params_close(got[0], one[0], dtype, steps=3)
             np.testing.assert_allclose(got[4], one[4], rtol=TOL[dtype]["rtol"])
             again = run(cfg, dtype, 3, B, threads, density=density)
             for a, b in zip(got[:4], again[:4]):
